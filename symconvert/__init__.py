@@ -1,0 +1,32 @@
+"""symconvert: make pretrained PyTorch networks smaller by imposing weight symmetry.
+
+    model = symconvert.create_model("timm:resnet50")
+    model, plan = symconvert.convert(model, "channel")
+    symconvert.save(model, "r50-channel")
+    dense = symconvert.fold(symconvert.load("r50-channel"))
+"""
+
+__version__ = "0.1.0"
+
+from symconvert import models  # noqa: E402,F401  (registers symconvert's timm models)
+from symconvert.checkpoint import load, read_metadata, save  # noqa: E402
+from symconvert.errors import SymconvertError  # noqa: E402
+from symconvert.plan import Plan, count_parameters  # noqa: E402
+from symconvert.schemes import get_scheme, list_schemes  # noqa: E402
+from symconvert.sources import create_model  # noqa: E402
+from symconvert.surgery import convert, fold, inspect  # noqa: E402
+
+__all__ = [
+    "Plan",
+    "SymconvertError",
+    "convert",
+    "count_parameters",
+    "create_model",
+    "fold",
+    "get_scheme",
+    "inspect",
+    "list_schemes",
+    "load",
+    "read_metadata",
+    "save",
+]

@@ -1,0 +1,3 @@
+from symconvert.cli import run
+
+run()

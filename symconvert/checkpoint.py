@@ -1,0 +1,252 @@
+"""Artifacts: the converted-model directory (``model.safetensors`` + ``symconvert.json``).
+
+The file holds the packed free parameters and the untouched tensors, nothing else: no
+pickle, no dense copy. The metadata (also inside the safetensors header) records how to
+rebuild the architecture and which tensors are symmetric, so ``load`` needs only
+symconvert and timm/torchvision.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from symconvert.errors import CheckpointError, SymconvertError
+from symconvert.parametrization import converted_tensors
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "symconvert.json"
+META_KEY = "symconvert"
+
+
+def versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    from symconvert import __version__
+
+    return {
+        "symconvert": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier key; return {alias: kept}."""
+    kept: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key in sorted(state):
+        tensor = state[key]
+        ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.device)
+        if tensor.numel() and ident in kept:
+            aliases[key] = kept[ident]
+            continue
+        kept[ident] = key
+        out[key] = tensor.detach().contiguous().cpu()
+    return out, aliases
+
+
+def layer_records(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{qualified tensor name: scheme, shape, groups} for every converted tensor; tied
+    aliases point at the record they share."""
+    records: dict[str, dict[str, Any]] = {}
+    owners: dict[int, str] = {}
+    for name, module, tensor, sym in converted_tensors(model):
+        key = f"{name}.{tensor}" if name else tensor
+        plist = module.parametrizations[tensor]
+        if id(plist) in owners:
+            records[owners[id(plist)]]["aliases"].append(key)
+            continue
+        owners[id(plist)] = key
+        records[key] = {
+            "scheme": sym.scheme.spec,
+            "shape": list(sym.shape),
+            "groups": sym.groups,
+            "aliases": [],
+        }
+    return records
+
+
+def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early (before any heavy work) if ``out`` cannot receive a model directory."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SymconvertError(f"--out {out} exists and is not a directory.")
+    if (out / WEIGHTS_NAME).exists() and not overwrite:
+        raise SymconvertError(
+            f"{out} already holds a model ({WEIGHTS_NAME}); pass --overwrite or choose another --out."
+        )
+    parent = out if out.exists() else _existing_parent(out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SymconvertError(f"cannot write to {out}: {parent} is not writable.")
+    return out
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise SymconvertError(f"cannot create a directory under {path}: it is a file.")
+    return path
+
+
+def save(
+    model: nn.Module,
+    out: str | os.PathLike,
+    source: dict | None = None,
+    extra_metadata: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``out/model.safetensors`` and ``out/symconvert.json`` atomically.
+
+    ``source`` is needed only when the model did not come from ``create_model``
+    (which records it as ``model.symconvert_source``).
+    """
+    source = source or getattr(model, "symconvert_source", None)
+    if not source:
+        raise SymconvertError(
+            "cannot save: the model does not say how to rebuild its architecture. Build it "
+            "with symconvert.create_model(...) or pass source={'library': 'timm'|'torchvision'|"
+            "'py', 'name': ..., 'num_classes': ..., 'kwargs': {...}}."
+        )
+    out = check_writable(out, overwrite=overwrite)
+    state, aliases = _dedupe(model.state_dict())
+    meta: dict[str, Any] = {}
+    meta.update(copy.deepcopy(getattr(model, "symconvert_metadata", None) or {}))
+    meta.update(copy.deepcopy(extra_metadata or {}))
+    meta.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "source": {**source, "pretrained": bool(source.get("pretrained"))},
+            "layers": layer_records(model),
+            "aliases": aliases,
+            "dtype": str(next(iter(state.values())).dtype) if state else None,
+            "versions": versions(),
+            "sha256": tensors_sha256(state),
+        }
+    )
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    header = {META_KEY: json.dumps(meta, sort_keys=True)}
+    _atomic_write(out / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata=header))
+    _atomic_write(out / META_NAME, lambda path: Path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    model.symconvert_metadata = meta
+    return out
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a converted-model directory (or of its ``model.safetensors``)."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    weights = directory / WEIGHTS_NAME
+    if not directory.is_dir() or not weights.is_file():
+        raise CheckpointError(
+            f"{directory} is not a symconvert model directory: expected {weights} "
+            f"(written by `symconvert convert`)."
+        )
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from None
+    raw = header.get(META_KEY)
+    if raw is None and (directory / META_NAME).is_file():
+        raw = (directory / META_NAME).read_text()
+    if raw is None:
+        raise CheckpointError(f"{weights} carries no symconvert metadata; was it written by symconvert?")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"the symconvert metadata of {weights} is not valid JSON: {exc}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{weights} has format version {meta.get('format_version')!r}; this symconvert "
+            f"reads version {FORMAT_VERSION}. Upgrade symconvert."
+        )
+    return meta
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a converted (or fine-tuned) model from its directory.
+
+    The architecture comes from the recorded source (timm/torchvision/py, random init),
+    the symmetric layers are re-attached from the recorded schemes, then the tensors are
+    loaded strictly and checked against the recorded SHA-256.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from symconvert.sources import create_model_from_source
+    from symconvert.surgery import attach
+
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    meta = read_metadata(directory)
+    try:
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS_NAME} is corrupt or truncated: {exc}") from None
+    if tensors_sha256(state) != meta.get("sha256"):
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME} does not match its recorded SHA-256: the file was "
+            "changed or damaged after it was written."
+        )
+    model = create_model_from_source(meta["source"], pretrained=False)
+    for key, record in meta.get("layers", {}).items():
+        module_name, _, tensor = key.rpartition(".")
+        attach(model, module_name, tensor, record["scheme"], tuple(record["shape"]),
+               record.get("groups", 1), aliases=record.get("aliases", []))
+    for alias, kept in meta.get("aliases", {}).items():
+        state[alias] = state[kept]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{directory} does not fit the architecture it records ({meta['source'].get('name')}): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    model.to(map_location)
+    model.symconvert_metadata = meta
+    model.symconvert_source = meta["source"]
+    return model
+

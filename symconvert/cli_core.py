@@ -1,0 +1,211 @@
+"""CLI commands of the core: schemes, inspect, convert, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from symconvert.cli import app, console, err_console
+
+MODEL_HELP = (
+    "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, py:package.module:function, or a bare "
+    "NAME (looked up in timm, then torchvision)."
+)
+
+
+
+def _load_model(model: str, pretrained: bool, weights: Path | None, num_classes: int | None):
+    from symconvert.sources import create_model, parse_model
+
+    library, name = parse_model(model)
+    if ":" not in model or model.split(":", 1)[0] not in ("timm", "torchvision", "py", "hf-hub"):
+        err_console.print(f"resolved [bold]{model}[/] → [bold]{library}:{name}[/]")
+    return create_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
+
+
+def _selection(include, exclude, layers, min_channels, include_head, gates):
+    return dict(include=include or None, exclude=exclude or None, layers=layers,
+                min_channels=min_channels, include_head=include_head, gates=gates)
+
+
+@app.command("schemes")
+def schemes_command(
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+) -> None:
+    """List the symmetry schemes: name, paper name, definition, layers, free fraction.
+
+    Examples:
+
+      symconvert schemes
+
+      symconvert schemes --format json
+    """
+    from symconvert.render import schemes_table
+    from symconvert.schemes import list_schemes
+
+    schemes = list_schemes()
+    if fmt == "json":
+        print(json.dumps([{"name": s.spec, "paper_name": s.paper_name, "definition": s.definition,
+                           "layers": s.layers, "free_fraction": s.fraction} for s in schemes], indent=2))
+        return
+    console.print(schemes_table(schemes))
+
+
+_SCHEME_HELP = "Symmetry scheme (see `symconvert schemes`): channel, spatial, channel+spatial, block, …"
+
+
+@app.command("inspect")
+def inspect_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    scheme: str | None = typer.Option(None, "--scheme", "-s", help=_SCHEME_HELP + " Without it: a summary of every scheme."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights (needed for the symmetrisation error)."),
+    weights: Path | None = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes."),
+    include: list[str] = typer.Option([], "--include", help="Only layers whose name matches (glob, or re:REGEX). Repeatable."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Skip layers whose name matches (glob, or re:REGEX). Repeatable."),
+    layers: str | None = typer.Option(None, "--layers", help="Layer kinds to consider: conv,linear,rnn (default all)."),
+    min_channels: int = typer.Option(0, "--min-channels", help="Skip layers with fewer channels."),
+    include_head: bool = typer.Option(False, "--include-head", help="Also convert the classifier head."),
+    gates: str | None = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih."),
+    target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    all_layers: bool = typer.Option(False, "--all", help="Show every skipped layer too (table)."),
+) -> None:
+    """Dry run: every candidate layer, eligible or skipped with the reason, params
+    before/after and symmetrisation error, with totals. Writes nothing.
+
+    Examples:
+
+      symconvert inspect timm:resnet50 --scheme channel --no-pretrained
+
+      symconvert inspect timm:vit_small_patch16_224 --scheme block --no-pretrained
+
+      symconvert inspect torchvision:resnet18 --no-pretrained      # all schemes
+    """
+    import symconvert
+    from symconvert.render import plan_table, totals_line
+    from symconvert.schemes import list_schemes
+
+    m = _load_model(model, pretrained, weights, num_classes)
+    sel = _selection(include, exclude, layers, min_channels, include_head, gates)
+    if scheme is None:
+        from rich.table import Table
+
+        table = Table(title=f"{model}: every scheme")
+        for col in ("scheme", "converted", "params after", "saved"):
+            table.add_column(col, justify="right" if col != "scheme" else "left")
+        rows = []
+        for s in list_schemes():
+            plan = symconvert.inspect(m, s, allow_empty=True, **sel)
+            rows.append({"scheme": s.spec, "converted": len(plan.converted),
+                         "params_before": plan.total_before, "params_after": plan.total_after,
+                         "saved_fraction": plan.saved_fraction})
+            table.add_row(s.spec, str(len(plan.converted)), f"{plan.total_after:,}", f"{plan.saved_fraction:.2%}")
+        if fmt == "json":
+            print(json.dumps(rows, indent=2))
+        else:
+            console.print(table)
+            console.print("Pass --scheme S for the per-layer plan.")
+        return
+    plan = symconvert.inspect(m, scheme, allow_empty=True, target_reduction=target_reduction, **sel)
+    if fmt == "json":
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    for w in plan.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    console.print(plan_table(plan, f"{model} — {plan.scheme} (dry run)", show_skipped=True,
+                             max_rows=None if all_layers else 200))
+    console.print(totals_line(plan))
+    if not plan.converted:
+        console.print("[yellow]nothing would be converted[/] — see the reasons above.")
+
+
+@app.command("convert")
+def convert_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    scheme: str = typer.Option(..., "--scheme", "-s", help=_SCHEME_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default: ./<model>-<scheme>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in --out."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights."),
+    weights: Path | None = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes."),
+    include: list[str] = typer.Option([], "--include", help="Only layers whose name matches (glob, or re:REGEX). Repeatable."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Skip layers whose name matches (glob, or re:REGEX). Repeatable."),
+    layers: str | None = typer.Option(None, "--layers", help="Layer kinds to consider: conv,linear,rnn (default all)."),
+    min_channels: int = typer.Option(0, "--min-channels", help="Skip layers with fewer channels."),
+    include_head: bool = typer.Option(False, "--include-head", help="Also convert the classifier head."),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="Write the model even if nothing is converted."),
+    gates: str | None = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih."),
+    target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
+    fmt: str = typer.Option("table", "--format", help="table or json (the plan)"),
+) -> None:
+    """Convert MODEL: replace every eligible layer by its symmetric equivalent (initialised
+    from the nearest symmetric weight) and write the converted-model directory.
+
+    Examples:
+
+      symconvert convert torchvision:resnet101 --scheme channel --out r101-channel
+
+      symconvert convert timm:resnet50 --scheme channel --target-reduction 0.2
+
+      symconvert convert my.pth --weights my.pth ...   # see --weights
+
+      symconvert convert timm:vit_small_patch16_224 --scheme block --exclude 're:blocks\\.(0|1)\\.'
+    """
+    import symconvert
+    from symconvert.checkpoint import check_writable
+    from symconvert.render import plan_table, totals_line
+
+    out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
+    check_writable(out, overwrite=overwrite)
+    m = _load_model(model, pretrained, weights, num_classes)
+    sel = _selection(include, exclude, layers, min_channels, include_head, gates)
+    m, plan = symconvert.convert(m, scheme, allow_empty=allow_empty,
+                                 target_reduction=target_reduction, **sel)
+    args = {"model": model, "scheme": scheme, "pretrained": pretrained,
+            "weights": str(weights) if weights else None, "num_classes": num_classes,
+            "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
+    symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite)
+    write_plan(out, plan)
+    if fmt == "json":
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        for w in plan.warnings:
+            err_console.print(f"[yellow]warning:[/] {w}")
+        console.print(plan_table(plan, f"{model} — {plan.scheme}", show_skipped=False))
+        console.print(totals_line(plan))
+        size = (out / "model.safetensors").stat().st_size
+        console.print(f"wrote [bold]{out}[/] (model.safetensors: {size:,} bytes)")
+
+
+def write_plan(out: Path, plan) -> None:
+    from symconvert.checkpoint import _atomic_write
+
+    text = json.dumps(plan.to_dict(), indent=2) + "\n"
+    _atomic_write(Path(out) / "plan.json", lambda p: Path(p).write_text(text))
+
+
+@app.command("export")
+def export_command(
+    directory: Path = typer.Argument(..., help="A converted (or fine-tuned) model directory."),
+    fmt: str = typer.Option("dense", "--format", help="dense (safetensors), onnx or torchscript."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+) -> None:
+    """Fold the symmetry back into plain dense weights of the ORIGINAL architecture and
+    write them: `dense` is a safetensors state_dict loadable by plain timm/torchvision.
+
+    Examples:
+
+      symconvert export r101-channel --format dense --out r101-dense.safetensors
+
+      symconvert export r101-channel --format onnx --out r101.onnx
+    """
+    import symconvert
+    from symconvert.export import export
+
+    model = symconvert.load(directory)
+    path = export(model, fmt, out, overwrite=overwrite)
+    console.print(f"wrote [bold]{path}[/] ({path.stat().st_size:,} bytes, {fmt})")

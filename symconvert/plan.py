@@ -1,0 +1,247 @@
+"""The plan: every candidate tensor, converted or skipped with the reason, and the
+parameter arithmetic. ``inspect`` returns it; ``convert`` carries it out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from symconvert.errors import NothingEligibleError, SymconvertError
+from symconvert.layers import handler_for
+from symconvert.parametrization import symmetric_of
+from symconvert.schemes import Scheme, get_scheme
+from symconvert.selection import Selection, head_names
+
+CONVERT = "convert"
+SKIP = "skip"
+
+
+@dataclass
+class LayerPlan:
+    """One candidate tensor (``module.tensor``) and what the plan does with it."""
+
+    module: str
+    tensor: str
+    kind: str
+    layer_type: str
+    shape: list[int]
+    groups: int
+    scheme: str
+    action: str
+    reason: str | None
+    params_before: int
+    params_after: int
+    #: relative Frobenius distance ||W - unpack(pack(W))|| / ||W|| on the source weight
+    symmetrization_error: float | None = None
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.module if self.tensor == "weight" else f"{self.module}.{self.tensor}"
+
+    @property
+    def saved(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def converted(self) -> bool:
+        return self.action == CONVERT
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["name"] = self.name
+        return d
+
+
+@dataclass
+class Plan:
+    scheme: str
+    selection: dict
+    total_before: int
+    layers: list[LayerPlan]
+    warnings: list[str] = field(default_factory=list)
+    target_reduction: float | None = None
+
+    @property
+    def converted(self) -> list[LayerPlan]:
+        return [entry for entry in self.layers if entry.converted]
+
+    @property
+    def skipped(self) -> list[LayerPlan]:
+        return [entry for entry in self.layers if not entry.converted]
+
+    @property
+    def saved(self) -> int:
+        return sum(entry.saved for entry in self.converted)
+
+    @property
+    def total_after(self) -> int:
+        return self.total_before - self.saved
+
+    @property
+    def saved_fraction(self) -> float:
+        return self.saved / self.total_before if self.total_before else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "selection": self.selection,
+            "target_reduction": self.target_reduction,
+            "params": {
+                "before": self.total_before,
+                "after": self.total_after,
+                "saved_fraction": self.saved_fraction,
+            },
+            "converted": len(self.converted),
+            "skipped": len(self.skipped),
+            "warnings": self.warnings,
+            "layers": [entry.to_dict() for entry in self.layers],
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Free parameters: what the optimiser trains and the checkpoint stores (a tensor
+    shared by several modules counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already yields a shared tensor once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def symmetrization_error(scheme: Scheme, weight: torch.Tensor, groups: int) -> float | None:
+    if weight.is_meta:
+        return None
+    with torch.no_grad():
+        w = weight.detach().float()
+        norm = w.norm()
+        if norm == 0:
+            return 0.0
+        return float((w - scheme.project(w, groups)).norm() / norm)
+
+
+def build_plan(
+    model: nn.Module,
+    scheme: str | Scheme,
+    selection: Selection,
+    target_reduction: float | None = None,
+    with_error: bool = True,
+) -> Plan:
+    """Every candidate tensor of ``model`` with the action ``scheme`` and ``selection``
+    call for. Nothing is changed."""
+    scheme = get_scheme(scheme)
+    head = head_names(model)
+    entries: list[LayerPlan] = []
+    by_param: dict[int, LayerPlan] = {}
+    names: list[str] = []
+    for name, module in model.named_modules():
+        handler = handler_for(module)
+        if handler is None:
+            continue
+        names.append(name)
+        module_reason = selection.module_reason(name, handler.kind, head)
+        for target in handler.targets(module, {"gates": selection.gates}):
+            existing = symmetric_of(module, target.tensor)
+            weight = getattr(module, target.tensor)
+            if existing is None and id(weight) in by_param:  # tied: converted once
+                by_param[id(weight)].aliases.append(
+                    name if target.tensor == "weight" else f"{name}.{target.tensor}"
+                )
+                continue
+            numel = weight.numel()
+            reason = module_reason or target.reason
+            if existing is not None:
+                reason = f"already converted ({existing.scheme.spec})"
+            elif reason is None and handler.kind not in scheme.kinds:
+                reason = f"{scheme.name} does not apply to {handler.kind} layers"
+            elif reason is None:
+                reason = scheme.check(target.shape, target.groups)
+            if reason is None and selection.min_channels and min(target.shape[:2]) < selection.min_channels:
+                reason = f"fewer than --min-channels {selection.min_channels} channels"
+            after = numel
+            if reason is None:
+                after = scheme.free_count(target.shape, target.groups)
+                if after >= numel:
+                    reason = "nothing to save"
+                    after = numel
+            entry = LayerPlan(
+                module=name,
+                tensor=target.tensor,
+                kind=handler.kind,
+                layer_type=type(module).__name__.replace("Parametrized", ""),
+                shape=list(target.shape),
+                groups=target.groups,
+                scheme=scheme.spec,
+                action=CONVERT if reason is None else SKIP,
+                reason=reason,
+                params_before=numel,
+                params_after=after if reason is None else numel,
+            )
+            if reason is None and with_error:
+                entry.symmetrization_error = symmetrization_error(scheme, weight, target.groups)
+            entries.append(entry)
+            by_param[id(weight)] = entry
+
+    warnings = [
+        f"--exclude {p!r} matched no layer" for p in selection.unmatched_excludes(names)
+    ]
+    plan = Plan(
+        scheme=scheme.spec,
+        selection=selection.to_dict(),
+        total_before=count_parameters(model),
+        layers=entries,
+        warnings=warnings,
+        target_reduction=target_reduction,
+    )
+    if target_reduction is not None:
+        _apply_target(plan, target_reduction)
+    return plan
+
+
+def _apply_target(plan: Plan, fraction: float) -> None:
+    """Keep the eligible layers with the lowest symmetrisation error per parameter saved
+    until the model has ``fraction`` fewer parameters."""
+    if not 0 < fraction < 1:
+        raise SymconvertError(f"--target-reduction must be in (0, 1), got {fraction}.")
+    goal = fraction * plan.total_before
+    eligible = plan.converted
+    reachable = sum(e.saved for e in eligible)
+    if reachable < goal:
+        raise SymconvertError(
+            f"--target-reduction {fraction:.1%} cannot be reached with {plan.scheme}: "
+            f"converting all {len(eligible)} eligible layers saves {reachable:,} of "
+            f"{plan.total_before:,} parameters ({reachable / plan.total_before:.1%}). "
+            "Loosen the selection (--include-head, --layers, fewer --exclude) or choose "
+            "a scheme with a smaller free fraction."
+        )
+
+    def cost(e: LayerPlan) -> float:
+        err = e.symmetrization_error if e.symmetrization_error is not None else 1.0
+        return err / e.saved
+
+    saved = 0
+    for entry in sorted(eligible, key=cost):
+        if saved >= goal:
+            entry.action, entry.reason = SKIP, "not needed for --target-reduction"
+            entry.params_after = entry.params_before
+        else:
+            saved += entry.saved
+
+
+def require_nonempty(plan: Plan, allow_empty: bool) -> None:
+    if plan.converted or allow_empty:
+        return
+    reasons: dict[str, int] = {}
+    for entry in plan.layers:
+        reasons[entry.reason or "?"] = reasons.get(entry.reason or "?", 0) + 1
+    top = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:4])
+    raise NothingEligibleError(
+        f"the selection converts no layer with scheme {plan.scheme!r} "
+        f"({len(plan.layers)} candidates: {top or 'no convertible layers'}). "
+        "Try another scheme (see `symconvert schemes`), widen the selection, or pass "
+        "--allow-empty to write the model unchanged."
+    )

@@ -1,0 +1,182 @@
+"""The scheme contract and the orbit machinery every permutation scheme shares.
+
+A scheme maps free parameters P to a full weight W = unpack(P) that is symmetric by
+construction. For schemes defined by a group G of index permutations, the admissible
+weights are those constant on every G-orbit, so
+
+    unpack(P)[x] = P[orbit(x)]          (a gather)
+    pack(W)[o]   = mean_{x in o} W[x]   (the Frobenius-nearest admissible weight)
+
+and the free-parameter count is the number of orbits, which Burnside's lemma gives in
+closed form: |orbits| = (1/|G|) * sum_{g in G} |fix(g)|.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+class Scheme:
+    """One symmetry scheme: eligibility, free-parameter count, pack and unpack.
+
+    Subclasses set the class attributes and implement the four methods. ``groups`` is
+    the number of independent square blocks along the output dimension (conv groups,
+    or RNN gates); a scheme may ignore it.
+    """
+
+    name: str = ""
+    paper_name: str = ""
+    definition: str = ""
+    layers: str = ""
+    fraction: str = ""
+    #: kinds of weight the scheme can act on
+    kinds: tuple[str, ...] = ("conv", "linear", "rnn")
+
+    def __init__(self, arg: str | None = None) -> None:
+        if arg is not None:
+            raise ValueError(f"scheme {self.name!r} takes no argument (got {arg!r})")
+
+    @property
+    def spec(self) -> str:
+        """The string that rebuilds this scheme through ``get_scheme``."""
+        return self.name
+
+    def check(self, shape: Shape, groups: int = 1) -> str | None:
+        """Why a weight of this shape cannot be converted, or None if it can."""
+        raise NotImplementedError
+
+    def free_count(self, shape: Shape, groups: int = 1) -> int:
+        """Number of free parameters for a weight of this shape (closed form)."""
+        raise NotImplementedError
+
+    def pack(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Free parameters of the Frobenius-nearest admissible weight."""
+        raise NotImplementedError
+
+    def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
+        """The full, admissible weight of ``shape`` built from the free parameters."""
+        raise NotImplementedError
+
+    def project(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """unpack(pack(W)): the nearest admissible weight."""
+        return self.unpack(self.pack(weight, groups), tuple(weight.shape), groups)
+
+    def __repr__(self) -> str:
+        return f"<scheme {self.spec}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scheme) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+
+# --- groups acting on an n x n square --------------------------------------------------
+
+IndexMap = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SquareSymmetry:
+    """A symmetry of the n x n square: its index map and its fixed-point count."""
+
+    name: str
+    apply: IndexMap
+    fixed: Callable[[int], int]
+
+
+IDENTITY = SquareSymmetry("identity", lambda i, j, n: (i, j), lambda n: n * n)
+TRANSPOSE = SquareSymmetry("transpose", lambda i, j, n: (j, i), lambda n: n)
+ANTI_TRANSPOSE = SquareSymmetry(
+    "anti-transpose", lambda i, j, n: (n - 1 - j, n - 1 - i), lambda n: n
+)
+ROT180 = SquareSymmetry("rot180", lambda i, j, n: (n - 1 - i, n - 1 - j), lambda n: n % 2)
+ROT90 = SquareSymmetry("rot90", lambda i, j, n: (j, n - 1 - i), lambda n: n % 2)
+ROT270 = SquareSymmetry("rot270", lambda i, j, n: (n - 1 - j, i), lambda n: n % 2)
+FLIP_LR = SquareSymmetry("flip-lr", lambda i, j, n: (i, n - 1 - j), lambda n: n * (n % 2))
+FLIP_UD = SquareSymmetry("flip-ud", lambda i, j, n: (n - 1 - i, j), lambda n: n * (n % 2))
+
+
+@dataclass(frozen=True)
+class SquareGroup:
+    """A finite group of symmetries of the n x n square (listed in full, closed)."""
+
+    name: str
+    elements: tuple[SquareSymmetry, ...]
+
+    def orbit_count(self, n: int) -> int:
+        """Burnside: the number of orbits on n x n indices."""
+        total = sum(g.fixed(n) for g in self.elements)
+        assert total % len(self.elements) == 0, (self.name, n)
+        return total // len(self.elements)
+
+    def orbit_index(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Long tensor of n*n entries: the orbit number of each row-major (i, j)."""
+        return _orbit_index(self, n, str(device))
+
+    def orbit_sizes(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return _orbit_sizes(self, n, str(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _orbit_index(group: SquareGroup, n: int, device: str) -> torch.Tensor:
+    if device != "cpu":
+        return _orbit_index(group, n, "cpu").to(device)
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    images = [g.apply(i, j, n) for g in group.elements]
+    rep = torch.stack([a * n + b for a, b in images]).amin(0).flatten()
+    # Orbits numbered by their smallest member in row-major order: for `channel` this is
+    # the row-major upper triangle, the paper's `tri` storage.
+    _, index = torch.unique(rep, sorted=True, return_inverse=True)
+    return index
+
+
+@functools.lru_cache(maxsize=256)
+def _orbit_sizes(group: SquareGroup, n: int, device: str) -> torch.Tensor:
+    if device != "cpu":
+        return _orbit_sizes(group, n, "cpu").to(device)
+    return torch.bincount(_orbit_index(group, n, "cpu"))
+
+
+def orbit_mean(x: torch.Tensor, dim: int, index: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Average the entries of ``x`` along ``dim`` over each orbit (scatter-mean)."""
+    shape = list(x.shape)
+    shape[dim] = sizes.numel()
+    out = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    out.index_add_(dim, index, x)
+    view = [1] * x.dim()
+    view[dim] = -1
+    return out / sizes.to(x.dtype).view(view)
+
+
+def matrix_blocks(shape: Shape, groups: int) -> tuple[int, int]:
+    """(g, n) when the weight is g square n x n blocks along its output dimension."""
+    return groups, shape[0] // groups
+
+
+def check_square_blocks(shape: Shape, groups: int) -> str | None:
+    """The eligibility rule shared by every scheme acting on the (out, in) square."""
+    if len(shape) < 2:
+        return "weight has fewer than two dimensions"
+    out, inp = shape[0], shape[1]
+    if out % groups:
+        return f"out channels {out} not divisible by {groups} groups"
+    n = out // groups
+    if n != inp:
+        if groups > 1:
+            return f"per-group channel block {n}x{inp} is not square"
+        return f"out {out} != in {inp}: the channel matrix is not square"
+    if n < 2:
+        return "1x1 channel blocks (depthwise): nothing to share"
+    return None
+
+
+def prod(values: Sequence[int]) -> int:
+    return math.prod(values) if values else 1

@@ -1,0 +1,95 @@
+"""Schemes on the k x k kernel: spatial, and its product with channel."""
+
+from __future__ import annotations
+
+import torch
+
+from symconvert.schemes.base import (
+    IDENTITY,
+    TRANSPOSE,
+    Scheme,
+    Shape,
+    SquareGroup,
+    check_square_blocks,
+    matrix_blocks,
+    orbit_mean,
+)
+from symconvert.schemes.registry import register_scheme
+
+_KERNEL = SquareGroup("kernel-transpose", (IDENTITY, TRANSPOSE))
+
+
+def _check_kernel(shape: Shape) -> str | None:
+    if len(shape) != 4:
+        return "spatial symmetry needs a 2-D kernel (Conv2d)"
+    if shape[2] != shape[3]:
+        return f"kernel {shape[2]}x{shape[3]} is not square"
+    if shape[2] < 2:
+        return "1x1 kernel: nothing to share"
+    return None
+
+
+@register_scheme
+class Spatial(Scheme):
+    """W[o,i,a,b] = P[o,i,orbit(a,b)]: each k x k kernel is symmetric, K = Kᵀ."""
+
+    name = "spatial"
+    paper_name = "spa"
+    definition = "W[o,i,a,b] = W[o,i,b,a]"
+    layers = "square kernels k >= 2, any channels, depthwise included"
+    fraction = "k(k+1)/2k²"
+    kinds = ("conv",)
+
+    def check(self, shape: Shape, groups: int = 1) -> str | None:
+        return _check_kernel(shape)
+
+    def free_count(self, shape: Shape, groups: int = 1) -> int:
+        return shape[0] * shape[1] * _KERNEL.orbit_count(shape[2])
+
+    def pack(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        o, i, k, _ = weight.shape
+        index, sizes = _KERNEL.orbit_index(k, weight.device), _KERNEL.orbit_sizes(k, weight.device)
+        return orbit_mean(weight.reshape(o, i, k * k), 2, index, sizes)
+
+    def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
+        index = _KERNEL.orbit_index(shape[2], packed.device)
+        return packed.index_select(2, index).reshape(shape)
+
+
+@register_scheme
+class ChannelSpatial(Scheme):
+    """W[g*n+o, i, a, b] = P[g, orbit(o,i), orbit(a,b)]: both symmetries at once (the
+    product group, so the nearest weight is the two averages composed)."""
+
+    name = "channel+spatial"
+    paper_name = "tri+spa"
+    definition = "W[o,i,a,b] = W[i,o,a,b] = W[o,i,b,a]"
+    layers = "channel ∩ spatial"
+    fraction = "≈ 1/3"
+    kinds = ("conv",)
+
+    def check(self, shape: Shape, groups: int = 1) -> str | None:
+        return _check_kernel(shape) or check_square_blocks(shape, groups)
+
+    def free_count(self, shape: Shape, groups: int = 1) -> int:
+        g, n = matrix_blocks(shape, groups)
+        return g * (n * (n + 1) // 2) * _KERNEL.orbit_count(shape[2])
+
+    def pack(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        from symconvert.schemes.square import Channel
+
+        g, n = matrix_blocks(tuple(weight.shape), groups)
+        k = weight.shape[2]
+        chan = Channel.group
+        blocks = weight.reshape(g, n * n, k * k)
+        dev = weight.device
+        x = orbit_mean(blocks, 1, chan.orbit_index(n, dev), chan.orbit_sizes(n, dev))
+        return orbit_mean(x, 2, _KERNEL.orbit_index(k, dev), _KERNEL.orbit_sizes(k, dev))
+
+    def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
+        from symconvert.schemes.square import Channel
+
+        g, n = matrix_blocks(shape, groups)
+        dev = packed.device
+        x = packed.index_select(2, _KERNEL.orbit_index(shape[2], dev))
+        return x.index_select(1, Channel.group.orbit_index(n, dev)).reshape(shape)

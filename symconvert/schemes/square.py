@@ -1,0 +1,95 @@
+"""Schemes that act on the (out, in) channel square of every tap: channel, quarter,
+eighth, flip. They differ only in the group acting on the square."""
+
+from __future__ import annotations
+
+import torch
+
+from symconvert.schemes.base import (
+    ANTI_TRANSPOSE,
+    FLIP_LR,
+    FLIP_UD,
+    IDENTITY,
+    ROT90,
+    ROT180,
+    ROT270,
+    TRANSPOSE,
+    Scheme,
+    Shape,
+    SquareGroup,
+    check_square_blocks,
+    matrix_blocks,
+    orbit_mean,
+    prod,
+)
+from symconvert.schemes.registry import register_scheme
+
+
+class SquareGroupScheme(Scheme):
+    """W[g*n + o, i, taps] = P[g, orbit(o, i), taps]: each of the g channel blocks is
+    invariant under ``group`` acting on its (o, i) indices, tap by tap."""
+
+    group: SquareGroup
+
+    def check(self, shape: Shape, groups: int = 1) -> str | None:
+        return check_square_blocks(shape, groups)
+
+    def free_count(self, shape: Shape, groups: int = 1) -> int:
+        g, n = matrix_blocks(shape, groups)
+        return g * self.group.orbit_count(n) * prod(shape[2:])
+
+    def pack(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        g, n = matrix_blocks(tuple(weight.shape), groups)
+        taps = tuple(weight.shape[2:])
+        blocks = weight.reshape(g, n * n, *taps)
+        index = self.group.orbit_index(n, weight.device)
+        sizes = self.group.orbit_sizes(n, weight.device)
+        return orbit_mean(blocks, 1, index, sizes)
+
+    def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
+        g, n = matrix_blocks(shape, groups)
+        index = self.group.orbit_index(n, packed.device)
+        return packed.index_select(1, index).reshape(shape)
+
+
+@register_scheme
+class Channel(SquareGroupScheme):
+    name = "channel"
+    paper_name = "tri / wwt"
+    definition = "W[o,i,a,b] = W[i,o,a,b] for every tap (a,b)"
+    layers = "out == in (per group for grouped convs); square linears"
+    fraction = "(n+1)/2n"
+    group = SquareGroup("transpose", (IDENTITY, TRANSPOSE))
+
+
+@register_scheme
+class Quarter(SquareGroupScheme):
+    name = "quarter"
+    paper_name = "quar"
+    definition = "symmetric and persymmetric: W = Wᵀ = J Wᵀ J (J: anti-diagonal flip)"
+    layers = "as channel"
+    fraction = "≈ 1/4"
+    group = SquareGroup("quarter", (IDENTITY, TRANSPOSE, ANTI_TRANSPOSE, ROT180))
+
+
+@register_scheme
+class Eighth(SquareGroupScheme):
+    name = "eighth"
+    paper_name = "eight"
+    definition = "invariant under the dihedral group D4 of the (o,i) square"
+    layers = "as channel"
+    fraction = "≈ 1/8"
+    group = SquareGroup(
+        "dihedral",
+        (IDENTITY, ROT90, ROT180, ROT270, TRANSPOSE, ANTI_TRANSPOSE, FLIP_LR, FLIP_UD),
+    )
+
+
+@register_scheme
+class Flip(SquareGroupScheme):
+    name = "flip"
+    paper_name = "block4"
+    definition = "invariant under left-right and up-down flips of the (o,i) square"
+    layers = "as channel"
+    fraction = "≈ 1/4"
+    group = SquareGroup("flips", (IDENTITY, FLIP_LR, FLIP_UD, ROT180))

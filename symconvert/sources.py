@@ -1,0 +1,331 @@
+"""Model in: the MODEL strings of the CLI and ``create_model``.
+
+``timm:NAME`` and ``torchvision:NAME`` name a library explicitly; ``hf-hub:ORG/NAME`` goes
+to timm; ``py:package.module:function`` calls a user's factory. A bare ``NAME`` is looked
+up in timm first, then torchvision (timm's registry is the larger and also covers
+pretrained tags such as ``resnet50.a1_in1k``); the library chosen is reported.
+The model remembers where it came from (``model.symconvert_source``) so that ``save``
+records it and ``load`` can rebuild the architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import inspect as _inspect
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from symconvert.errors import SymconvertError, UnknownModelError, WeightsError
+
+LIBRARIES = ("timm", "torchvision", "py")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+def parse_model(spec: str) -> tuple[str, str]:
+    """(library, name) for a MODEL string; bare names resolved timm → torchvision."""
+    spec = spec.strip()
+    if spec.startswith("hf-hub:"):
+        return "timm", spec
+    for lib in LIBRARIES:
+        if spec.startswith(lib + ":"):
+            return lib, spec[len(lib) + 1 :]
+    if ":" in spec and not spec.startswith(("timm", "torchvision")):
+        prefix = spec.split(":", 1)[0]
+        raise UnknownModelError(
+            f"unknown model source {prefix!r} in {spec!r}; use timm:NAME, torchvision:NAME, "
+            "hf-hub:ORG/NAME or py:package.module:function."
+        )
+    if _timm_has(spec):
+        return "timm", spec
+    if _torchvision_has(spec):
+        return "torchvision", spec
+    raise _unknown(spec)
+
+
+def _timm_has(name: str) -> bool:
+    import timm
+
+    import symconvert.models  # noqa: F401  (registers symconvert's own architectures)
+
+    return bool(timm.is_model(name.split(".")[0]))
+
+
+def _torchvision_has(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models()
+
+
+def _unknown(name: str, library: str | None = None) -> UnknownModelError:
+    import timm
+    import torchvision
+
+    pool: list[str] = []
+    if library in (None, "timm"):
+        pool += [f"timm:{n}" for n in timm.list_models()]
+    if library in (None, "torchvision"):
+        pool += [f"torchvision:{n}" for n in torchvision.models.list_models()]
+    bare = [p.split(":", 1)[1] for p in pool]
+    close = difflib.get_close_matches(name, bare, n=5, cutoff=0.6)
+    where = f"in {library}" if library else "in timm or torchvision"
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    return UnknownModelError(
+        f"no model named {name!r} {where}.{hint} List names with "
+        "`python -c \"import timm; print(timm.list_models('*resnet*'))\"`."
+    )
+
+
+def create_model(
+    model: str,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build MODEL (see the module docstring) with pretrained or local weights.
+
+    ``weights`` (a ``.safetensors`` or ``.pth/.pt`` file read with ``weights_only=True``)
+    replaces the pretrained download; ``module.``/``_orig_mod.`` prefixes are stripped.
+    ``num_classes`` replaces the classifier head (timm ``reset_classifier`` semantics).
+    """
+    library, name = parse_model(model)
+    source = {
+        "library": library,
+        "name": name,
+        "num_classes": num_classes,
+        "kwargs": dict(kwargs),
+        "pretrained": bool(pretrained and weights is None),
+        "weights": str(Path(weights).resolve()) if weights is not None else None,
+    }
+    return create_model_from_source(source)
+
+
+def create_model_from_source(source: dict, pretrained: bool | None = None) -> nn.Module:
+    """Rebuild a model from a recorded source dict (as ``create_model`` records it).
+
+    ``pretrained=False`` builds the bare architecture (what ``load`` does before reading
+    the checkpoint); by default the recorded pretrained weights / weights file are used.
+    """
+    library, name = source["library"], source["name"]
+    num_classes = source.get("num_classes")
+    kwargs = dict(source.get("kwargs") or {})
+    use_pretrained = source.get("pretrained", False) if pretrained is None else pretrained
+    weights = source.get("weights") if pretrained is not False else None
+
+    if library == "timm":
+        model = _build_timm(name, use_pretrained and weights is None, num_classes, weights, kwargs)
+    elif library == "torchvision":
+        model = _build_torchvision(name, use_pretrained and weights is None, num_classes, weights, kwargs)
+    elif library == "py":
+        model = _build_py(name, num_classes, kwargs)
+    else:
+        raise UnknownModelError(f"unknown model library {library!r} in the recorded source")
+
+    if weights is not None:
+        load_weights(model, weights, num_classes)
+    model.symconvert_source = copy.deepcopy(source)
+    return model
+
+
+def _build_timm(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
+    import timm
+
+    import symconvert.models  # noqa: F401
+
+    if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
+        raise _unknown(name, "timm")
+    kw = dict(kwargs)
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kw)
+    except Exception as exc:
+        if pretrained and _looks_offline(exc):
+            raise _offline_error(f"timm:{name}", exc) from None
+        if isinstance(exc, (TypeError, ValueError)):
+            raise SymconvertError(f"timm could not build {name!r}: {exc}") from None
+        raise
+
+
+def _build_torchvision(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise _unknown(name, "torchvision")
+    kw = dict(kwargs)
+    if not pretrained and num_classes is not None:
+        kw["num_classes"] = num_classes
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
+    except Exception as exc:
+        if pretrained and _looks_offline(exc):
+            raise _offline_error(f"torchvision:{name}", exc) from None
+        if isinstance(exc, (TypeError, ValueError)):
+            raise SymconvertError(f"torchvision could not build {name!r}: {exc}") from None
+        raise
+    if pretrained and num_classes is not None:
+        reset_head(model, num_classes)
+    return model
+
+
+def _build_py(name, num_classes, kwargs) -> nn.Module:
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise UnknownModelError(
+            f"py model {name!r} must look like py:package.module:function"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownModelError(f"cannot import {module_name!r} for py:{name}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UnknownModelError(f"{module_name!r} has no callable {attr!r} (py:{name})")
+    kw = dict(kwargs)
+    if num_classes is not None:
+        params = _inspect.signature(factory).parameters
+        if "num_classes" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            kw["num_classes"] = num_classes
+    model = factory(**kw)
+    if not isinstance(model, nn.Module):
+        raise UnknownModelError(f"py:{name} returned {type(model).__name__}, not an nn.Module")
+    if num_classes is not None and "num_classes" not in kw:
+        reset_head(model, num_classes)
+    return model
+
+
+def _looks_offline(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    markers = (
+        "connection", "offline", "urlopen", "name resolution", "resolve", "timed out",
+        "localentrynotfound", "hfhubhttperror", "network", "max retries", "temporary failure",
+        "cannot find the requested files", "no such host", "unreachable",
+    )
+    return any(m in text for m in markers) or isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _offline_error(model: str, exc: BaseException) -> WeightsError:
+    from huggingface_hub import constants
+
+    hf_cache = constants.HF_HUB_CACHE
+    torch_cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return WeightsError(
+        f"cannot fetch pretrained weights for {model}: no network and no cached copy "
+        f"(looked in the Hugging Face cache {hf_cache} and the torch hub cache {torch_cache}; "
+        f"{type(exc).__name__}). Either pass a local file with --weights FILE "
+        "(.safetensors, or .pth/.pt), or build the architecture with random weights "
+        "with --no-pretrained."
+    )
+
+
+# --- heads ---------------------------------------------------------------------------
+
+
+def reset_head(model: nn.Module, num_classes: int) -> None:
+    """Replace the classifier with a fresh one of ``num_classes`` outputs."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return
+    from symconvert.selection import head_names
+
+    names = sorted(head_names(model), key=len)
+    if not names:
+        raise SymconvertError("cannot find a classifier head to reset for --num-classes")
+    name = names[0]
+    old = model.get_submodule(name)
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    elif isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride,
+                        old.padding, bias=old.bias is not None)
+    else:
+        raise SymconvertError(f"cannot reset head {name!r} of type {type(old).__name__}")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# --- weights files --------------------------------------------------------------------
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or ``.pth/.pt`` file, never unpickling objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise WeightsError(
+                f"{path} holds Python objects beyond tensors, which symconvert refuses to "
+                f"unpickle (weights_only=True): {str(exc).splitlines()[0]}. Re-save it as a "
+                "plain state_dict or as .safetensors."
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise WeightsError(f"{path} is not a readable PyTorch weights file: {exc}") from None
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state_dict of tensors.")
+    return strip_prefixes(state)
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | None = None) -> None:
+    """Load a local weights file strictly. When ``num_classes`` was asked for and the
+    file's classifier has another size, the file's head is dropped (the model keeps its
+    fresh ``num_classes`` head), as timm does for pretrained weights."""
+    from symconvert.selection import head_names
+
+    state = read_state_dict(path)
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    head = head_names(model)
+    in_head = [k for k in mismatched if k.rsplit(".", 1)[0] in head]
+    if mismatched and (num_classes is None or len(in_head) != len(mismatched)):
+        hint = (" Only the classifier differs: pass --num-classes N." if in_head == mismatched
+                else "")
+        raise WeightsError(
+            f"{path} does not fit {type(model).__name__}: shape mismatch for "
+            f"{', '.join(mismatched[:4])}.{hint}"
+        )
+    for key in in_head:
+        state.pop(key)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in in_head]
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path} does not fit {type(model).__name__}: "
+            f"{len(missing)} missing keys ({', '.join(missing[:3])}), "
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})."
+        )

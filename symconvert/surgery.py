@@ -1,0 +1,139 @@
+"""Surgery: carry out a plan (``convert``) and undo it into plain dense weights (``fold``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from symconvert.layers import handler_for
+from symconvert.parametrization import Symmetric, converted_tensors
+from symconvert.plan import Plan, build_plan, require_nonempty
+from symconvert.schemes import Scheme
+from symconvert.selection import Selection
+
+
+def inspect(
+    model: nn.Module,
+    scheme: str | Scheme,
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    layers: str | list[str] | None = None,
+    min_channels: int = 0,
+    include_head: bool = False,
+    allow_empty: bool = True,
+    target_reduction: float | None = None,
+    gates: str | list[str] | None = None,
+) -> Plan:
+    """The plan ``convert`` would carry out; the model is not changed."""
+    selection = Selection.build(include, exclude, layers, min_channels, include_head, gates)
+    plan = build_plan(model, scheme, selection, target_reduction)
+    require_nonempty(plan, allow_empty)
+    return plan
+
+
+def convert(
+    model: nn.Module,
+    scheme: str | Scheme,
+    *,
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    layers: str | list[str] | None = None,
+    min_channels: int = 0,
+    include_head: bool = False,
+    allow_empty: bool = False,
+    target_reduction: float | None = None,
+    gates: str | list[str] | None = None,
+) -> tuple[nn.Module, Plan]:
+    """Replace every selected, eligible weight by its symmetric parametrization, in place.
+
+    Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
+    original is dropped: the module keeps only the packed free parameters
+    (``<layer>.parametrizations.weight.original``). Returns ``(model, plan)``.
+    """
+    plan = inspect(
+        model,
+        scheme,
+        include=include,
+        exclude=exclude,
+        layers=layers,
+        min_channels=min_channels,
+        include_head=include_head,
+        allow_empty=allow_empty,
+        target_reduction=target_reduction,
+        gates=gates,
+    )
+    apply_plan(model, plan)
+    return model, plan
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    for entry in plan.converted:
+        attach(model, entry.module, entry.tensor, entry.scheme, tuple(entry.shape), entry.groups,
+               aliases=entry.aliases)
+    return model
+
+
+def attach(
+    model: nn.Module,
+    module_name: str,
+    tensor: str,
+    scheme: str | Scheme,
+    shape: tuple[int, ...],
+    groups: int,
+    aliases: list[str] | tuple[str, ...] = (),
+) -> None:
+    """Parametrize ``model.<module_name>.<tensor>`` (and its tied aliases, which then share
+    the very same packed tensor)."""
+    module = model.get_submodule(module_name)
+    with torch.no_grad():
+        parametrize.register_parametrization(
+            module, tensor, Symmetric(scheme, shape, groups), unsafe=True
+        )
+    handler = handler_for(module)
+    if handler is not None:
+        handler.after_convert(module)
+    for alias in aliases:
+        alias_module, alias_tensor = _split_alias(model, alias, tensor)
+        with torch.no_grad():
+            parametrize.register_parametrization(
+                alias_module, alias_tensor, Symmetric(scheme, shape, groups), unsafe=True
+            )
+        # share the ParametrizationList itself: one packed tensor, converted once
+        alias_module.parametrizations[alias_tensor] = module.parametrizations[tensor]
+        alias_handler = handler_for(alias_module)
+        if alias_handler is not None:
+            alias_handler.after_convert(alias_module)
+
+
+def _split_alias(model: nn.Module, alias: str, default_tensor: str) -> tuple[nn.Module, str]:
+    try:
+        return model.get_submodule(alias), default_tensor
+    except AttributeError:
+        module_name, _, tensor = alias.rpartition(".")
+        return model.get_submodule(module_name), tensor
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Fold every symmetric parametrization back into a plain dense weight, in place.
+
+    The result has the source model's own classes and state_dict keys (loadable by plain
+    timm/torchvision), with weights equal to the unpacked symmetric ones and no runtime
+    overhead. Tied tensors stay tied. Returns ``model``.
+    """
+    entries = list(converted_tensors(model))
+    # tied tensors share one ParametrizationList: fold it once, then re-tie the aliases
+    folded: dict[int, nn.Parameter] = {}
+    for _, module, tensor, _ in entries:
+        plist = module.parametrizations[tensor]
+        shared = folded.get(id(plist))
+        parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+        if shared is None:
+            folded[id(plist)] = getattr(module, tensor)
+        else:
+            setattr(module, tensor, shared)
+        handler = handler_for(module)
+        if handler is not None:
+            handler.after_fold(module)
+    return model
