@@ -1,0 +1,866 @@
+"""``--data SPEC`` → train/eval loaders that feed a model what its pretrained config expects.
+
+A spec is ``NAME`` or ``NAME:ROOT`` (``digits``, ``fashion-mnist[:ROOT]``, ``mnist:ROOT``,
+``cifar10:ROOT``, ``cifar100:ROOT``, ``imagefolder:ROOT``). Each NAME is a ``DataSource`` in
+one registry; adding a source (e.g. ``text:ROOT`` for language models) is one class with
+``@register_data_source``.
+
+Small datasets that fit in memory (digits, (fashion-)MNIST, CIFAR) are held as one tensor and
+transformed a batch at a time with tensor ops (resize, channel conversion, normalisation,
+optional crop/flip), because PIL per image is the bottleneck on a 2-core machine.
+``imagefolder`` uses timm's ``create_transform`` per image. Every random choice of an
+augmentation is a function of (seed, epoch, sample index), so a run gives the same batches
+with any number of workers and after a resume.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from symconvert.errors import DataError
+
+FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601 luma: how an RGB dataset becomes one channel for a grey model.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` value: registry key, root folder (if any) and the text given."""
+
+    name: str
+    root: Path | None
+    text: str
+
+    @property
+    def source(self) -> DataSource:
+        return DATA_SOURCES[self.name]
+
+
+@dataclass
+class Splits:
+    """The raw (untransformed) train and eval datasets of a source."""
+
+    train: Dataset
+    eval: Dataset
+    num_classes: int
+    eval_split: str = "test"
+    classes: Sequence[str] | None = None
+
+
+@dataclass
+class LoaderOptions:
+    """How to batch a source; the CLI's data flags map one to one onto these fields."""
+
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    workers: int = 0
+    input_size: tuple[int, int] | None = None
+    subsample: int | None = None
+    seed: int = 0
+    augment: bool | None = None  # None: the source's default
+    download: bool = False
+    rank: int = 0
+    world_size: int = 1
+    train: bool = True  # build the train loader too (evaluate needs only eval)
+    pin_memory: bool = False
+
+
+@dataclass
+class Loaders:
+    """What training and evaluation consume."""
+
+    spec: DataSpec
+    train: DataLoader | None
+    eval: DataLoader
+    num_classes: int
+    eval_split: str
+    task: str = "classification"
+    image_config: ImageConfig | None = None
+    classes: Sequence[str] | None = None
+    n_train: int = 0
+    n_eval: int = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Position the train loader at ``epoch``, skipping ``start_batch`` batches (resume)."""
+        if self.train is None:
+            return
+        sampler = self.train.sampler
+        if isinstance(sampler, ShardedSampler):
+            sampler.set_epoch(epoch, start=start_batch * (self.train.batch_size or 1))
+            if self.train.generator is not None:  # worker seeds: a function of the epoch too
+                self.train.generator.manual_seed(_mix(sampler.seed, epoch, 0x10AD))
+        dataset = self.train.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+
+
+class DataSource:
+    """One ``--data`` NAME. Subclass, set the class attributes and register it."""
+
+    name: ClassVar[str]
+    task: ClassVar[str] = "classification"
+    #: Human description of the files expected under ROOT, quoted in every DataError.
+    layout: ClassVar[str] = ""
+    default_root: ClassVar[str | None] = None
+    needs_root: ClassVar[bool] = True
+    example: ClassVar[str] = ""
+
+    def loaders(self, spec: DataSpec, model: nn.Module | None, options: LoaderOptions) -> Loaders:
+        raise NotImplementedError
+
+    def missing(self, path: Path | str, what: str = "") -> DataError:
+        """The one error shape for absent or malformed data: the path, then the layout."""
+        detail = f" ({what})" if what else ""
+        return DataError(
+            f"{self.name}: cannot read data at {path}{detail}. Expected layout: {self.layout}"
+        )
+
+
+DATA_SOURCES: dict[str, DataSource] = {}
+
+
+def register_data_source(cls: type[DataSource]) -> type[DataSource]:
+    """Class decorator: make ``cls.name`` usable as ``--data NAME[:ROOT]``."""
+    DATA_SOURCES[cls.name] = cls()
+    return cls
+
+
+def list_data_sources() -> list[DataSource]:
+    return [DATA_SOURCES[k] for k in sorted(DATA_SOURCES)]
+
+
+def parse_data_spec(spec: str | DataSpec) -> DataSpec:
+    """``"fashion-mnist:/data/fm"`` → ``DataSpec("fashion-mnist", Path("/data/fm"), ...)``."""
+    if isinstance(spec, DataSpec):
+        return spec
+    text = str(spec).strip()
+    name, sep, root = text.partition(":")
+    name = name.strip().lower()
+    if name not in DATA_SOURCES:
+        known = ", ".join(
+            f"{s.name}:ROOT" if s.needs_root else s.name for s in list_data_sources()
+        )
+        raise DataError(f"unknown --data source {name!r} in {text!r}. Known: {known}.")
+    source = DATA_SOURCES[name]
+    root_text = root.strip() if sep else ""
+    if not root_text:
+        if source.default_root is not None:
+            root_text = source.default_root
+        elif source.needs_root:
+            raise DataError(
+                f"--data {name} needs a root folder: --data {name}:ROOT, e.g. {source.example}. "
+                f"Expected layout: {source.layout}"
+            )
+    return DataSpec(name=name, root=Path(root_text).expanduser() if root_text else None,
+                    text=text)
+
+
+def create_loaders(spec: str | DataSpec, model: nn.Module | None = None,
+                   **options: Any) -> Loaders:
+    """Train/eval loaders for ``spec`` with the transforms ``model`` expects.
+
+    ``options`` are the fields of ``LoaderOptions`` (batch_size, workers, input_size, subsample,
+    seed, augment, download, rank, world_size, train, ...).
+    """
+    parsed = parse_data_spec(spec)
+    opts = LoaderOptions(**options)
+    if opts.input_size is not None:
+        opts.input_size = parse_input_size(opts.input_size)
+    return parsed.source.loaders(parsed, model, opts)
+
+
+def parse_input_size(value: int | str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``224`` / ``"224"`` / ``"160,128"`` / ``(3,160,128)`` → ``(H, W)``."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        parts = [value]
+    elif isinstance(value, str):
+        try:
+            parts = [int(p) for p in value.replace("x", ",").split(",") if p.strip()]
+        except ValueError:
+            parts = []
+    else:
+        parts = [int(p) for p in value]
+        if len(parts) == 3:
+            parts = parts[1:]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise DataError(f"--input-size {value!r}: expected H or H,W (positive integers), "
+                        "e.g. --input-size 224 or --input-size 160,128")
+    return parts[0], parts[1]
+
+
+# ---------------------------------------------------------------------- model config
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The input a model expects (from its timm ``pretrained_cfg`` where it has one)."""
+
+    in_chans: int
+    size: tuple[int, int]  # (H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    from_model: bool = True  # False: the model has no pretrained config; native data size
+
+
+def _pretrained_cfg(model: nn.Module) -> dict | None:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg:
+            return cfg
+    return None
+
+
+def model_in_chans(model: nn.Module, cfg: dict | None = None) -> int | None:
+    """Input channels of the first convolution (what the weights really take)."""
+    first = (cfg or {}).get("first_conv")
+    if isinstance(first, str):
+        try:
+            module = model.get_submodule(first)
+            if hasattr(module, "in_channels"):
+                return int(module.in_channels)
+        except AttributeError:
+            pass
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    return None
+
+
+def _fit_channels(values: Sequence[float], in_chans: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    if len(values) == 1:
+        return values * in_chans
+    # e.g. an ImageNet config on a 1-channel model: the grey image's statistic is the average.
+    return (float(np.mean(values)),) * in_chans
+
+
+def resolve_image_config(model: nn.Module | None, input_size: tuple[int, int] | None = None,
+                         native_size: tuple[int, int] | None = None,
+                         native_chans: int = 3) -> ImageConfig:
+    """What to feed ``model``: timm's ``resolve_data_config`` when the model carries a
+    ``pretrained_cfg`` (timm models, or a dict set on a ``py:`` model); else the data's
+    native size with ImageNet statistics. ``input_size`` overrides the size either way."""
+    from timm.data import resolve_data_config
+
+    cfg = _pretrained_cfg(model) if model is not None else None
+    library = (getattr(model, "symconvert_source", None) or {}).get("library")
+    if cfg is not None or library == "torchvision":
+        # torchvision models carry no config but are trained with timm's defaults (224, ImageNet).
+        data_cfg = resolve_data_config(model=model) if cfg is not None else \
+            resolve_data_config(pretrained_cfg={"input_size": (3, 224, 224)})
+        in_chans = (model_in_chans(model, cfg) if model is not None else None) \
+            or int(data_cfg["input_size"][0])
+        size = tuple(int(s) for s in data_cfg["input_size"][1:])
+        return ImageConfig(
+            in_chans=in_chans, size=input_size or size,  # type: ignore[arg-type]
+            mean=_fit_channels(data_cfg["mean"], in_chans),
+            std=_fit_channels(data_cfg["std"], in_chans),
+            interpolation=str(data_cfg.get("interpolation", "bilinear")),
+            crop_pct=float(data_cfg.get("crop_pct", 1.0)), from_model=True,
+        )
+    in_chans = (model_in_chans(model) if model is not None else None) or native_chans
+    return ImageConfig(
+        in_chans=in_chans, size=input_size or native_size or (224, 224),
+        mean=_fit_channels(IMAGENET_MEAN, in_chans), std=_fit_channels(IMAGENET_STD, in_chans),
+        from_model=False,
+    )
+
+
+@torch.no_grad()
+def model_num_outputs(model: nn.Module, image_config: ImageConfig | None = None) -> int | None:
+    """Width of the classifier head: timm's ``num_classes``, the last Linear, or a probe."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, nn.Linear):
+            return head.out_features
+    if image_config is not None:
+        # A forward pass answers for any architecture; one tiny input, in eval mode.
+        was_training = model.training
+        model.eval()
+        try:
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            out = model(torch.zeros(1, image_config.in_chans, *image_config.size, device=device))
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            return int(out.shape[-1])
+        except Exception:  # an unusual model: fall back to the last Linear below
+            pass
+        finally:
+            model.train(was_training)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def check_num_classes(model: nn.Module, loaders: Loaders) -> None:
+    """A head that does not match the data's classes is a user error, not a crash later."""
+    outputs = model_num_outputs(model, loaders.image_config)
+    if outputs is not None and outputs != loaders.num_classes:
+        raise DataError(
+            f"the model's classifier head has {outputs} outputs but --data {loaders.spec.text} "
+            f"has {loaders.num_classes} classes. Fine-tune with --num-classes "
+            f"{loaders.num_classes} to replace the head, or evaluate a model trained on "
+            "these classes."
+        )
+
+
+# ------------------------------------------------------------------ sampling helpers
+
+
+def stratified_subset(targets: Sequence[int] | np.ndarray, limit: int | None,
+                      seed: int = 0) -> np.ndarray | None:
+    """Indices of at most ``limit`` items keeping class proportions; deterministic in seed.
+
+    Each item's key is its quantile inside its own class (in a seeded random order), so taking
+    the smallest keys takes every class in proportion. ``None`` when no subsampling is needed.
+    """
+    targets = np.asarray(targets)
+    n = len(targets)
+    if limit is None or limit >= n:
+        return None
+    if limit < 1:
+        raise DataError(f"--subsample {limit}: expected a positive number of items per split")
+    order = np.random.default_rng(seed).permutation(n)
+    key = np.empty(n, dtype=np.float64)
+    for cls in np.unique(targets):
+        members = order[targets[order] == cls]  # this class, in random order
+        key[members] = (np.arange(len(members)) + 0.5) / len(members)
+    chosen = np.lexsort((np.argsort(order), key))[:limit]
+    return np.sort(chosen)
+
+
+class ShardedSampler(Sampler[int]):
+    """Epoch-seeded shuffle split across ranks, resumable at any item.
+
+    Rank r takes items r, r+W, r+2W, ... of one permutation, so the union of every rank's
+    k-th batch is exactly the k-th batch of a single process with W times the batch size: DDP
+    and single-process runs see the same data. ``drop_last`` trims the permutation to a
+    multiple of W so that every rank runs the same number of steps.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D))
+            perm = torch.randperm(self.n, generator=gen).tolist()
+        else:
+            perm = list(range(self.n))
+        if self.drop_last:
+            perm = perm[: (self.n // self.world_size) * self.world_size]
+        return perm[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.start)
+
+
+def _mix(*values: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextmanager
+def _seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch and Python RNGs for one item, restoring the caller's streams afterwards."""
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+# --------------------------------------------------------------- in-memory images
+
+
+class ImageTensors(Dataset):
+    """Images held as one ``N×C×H×W`` tensor (uint8 0..255 or float 0..1) plus labels."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        self.images, self.targets = images, targets.long()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, indices: np.ndarray | None) -> ImageTensors:
+        if indices is None:
+            return self
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageTensors(self.images[idx], self.targets[idx])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+@dataclass
+class TensorTransform:
+    """Batched tensor pipeline: [0,1] → channels → crop/flip (train) → resize → normalise."""
+
+    config: ImageConfig
+    augment: bool = False
+    flip: bool = False
+    pad: int = 0  # random-crop padding, in source pixels
+
+    def __call__(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        x = _convert_channels(x, self.config.in_chans)
+        if self.augment and seeds is not None:
+            x = self._augment(x, seeds)
+        if tuple(x.shape[-2:]) != tuple(self.config.size):
+            down = x.shape[-2] > self.config.size[0] or x.shape[-1] > self.config.size[1]
+            mode = "bicubic" if self.config.interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(x, size=self.config.size, mode=mode, align_corners=False,
+                              antialias=down)
+        mean = torch.tensor(self.config.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.config.std).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def _augment(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.pad
+        padded = F.pad(x, (p, p, p, p), mode="constant", value=0.0) if p else x
+        out = torch.empty_like(x)
+        for i, seed in enumerate(seeds):
+            gen = torch.Generator().manual_seed(seed)
+            r = torch.randint(0, 2 * p + 1, (3,), generator=gen).tolist() if p else [0, 0, 0]
+            crop = padded[i, :, r[0]:r[0] + h, r[1]:r[1] + w]
+            if self.flip and bool(torch.rand((), generator=gen) < 0.5):
+                crop = crop.flip(-1)
+            out[i] = crop
+        return out
+
+
+def _convert_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    c = x.shape[1]
+    if c == in_chans:
+        return x
+    if c == 1:
+        return x.expand(-1, in_chans, -1, -1)
+    if c == 3 and in_chans == 1:
+        return (x * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    raise DataError(f"the data has {c}-channel images but the model takes {in_chans} channels; "
+                    "only grey→N and RGB→grey conversions are automatic.")
+
+
+class TransformedTensors(Dataset):
+    """``ImageTensors`` seen through a ``TensorTransform``; fetched a batch at a time."""
+
+    def __init__(self, base: ImageTensors, transform: TensorTransform, seed: int = 0) -> None:
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.base.targets
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        # DataLoader calls this with a whole batch of indices: one vectorised transform.
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        seeds = [_mix(self.seed, self.epoch, int(i)) for i in indices] \
+            if self.transform.augment else None
+        x = self.transform(self.base.images[idx], seeds)
+        return list(zip(x.unbind(0), self.base.targets[idx].tolist(), strict=True))
+
+
+# ------------------------------------------------------------------ image folders
+
+
+class TransformedFolder(Dataset):
+    """A torchvision ``ImageFolder`` with a per-image timm transform seeded by (epoch, index)."""
+
+    def __init__(self, folder: Any, indices: np.ndarray | None, transform: Callable,
+                 in_chans: int, seed: int = 0, random: bool = False) -> None:
+        self.folder, self.transform, self.in_chans = folder, transform, in_chans
+        self.indices = np.arange(len(folder.samples)) if indices is None else indices
+        self.seed, self.epoch, self.random = seed, 0, random
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.asarray(self.folder.targets)[self.indices]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, target = self.folder.samples[int(self.indices[index])]
+        try:
+            with open(path, "rb") as fh:
+                image = Image.open(fh)
+                image = image.convert("L" if self.in_chans == 1 else "RGB")
+        except OSError as exc:
+            raise DataError(f"imagefolder: cannot read image {path}: {exc}") from exc
+        if self.random:
+            with _seeded_rng(_mix(self.seed, self.epoch, int(index))):
+                x = self.transform(image)
+        else:
+            x = self.transform(image)
+        if x.shape[0] != self.in_chans:
+            x = _convert_channels(x.unsqueeze(0), self.in_chans).squeeze(0)
+        return x, int(target)
+
+
+# ------------------------------------------------------------------------ sources
+
+
+class ImageSource(DataSource):
+    """A classification source whose splits are datasets of images."""
+
+    #: Random crop/flip for training when the user does not say; off where they hurt.
+    default_augment: ClassVar[bool] = False
+    flip_ok: ClassVar[bool] = True
+    native_size: ClassVar[tuple[int, int] | None] = None
+    native_chans: ClassVar[int] = 3
+
+    def splits(self, root: Path | None, download: bool) -> Splits:
+        raise NotImplementedError
+
+    def loaders(self, spec: DataSpec, model: nn.Module | None, options: LoaderOptions) -> Loaders:
+        splits = self.splits(spec.root, options.download)
+        config = resolve_image_config(model, options.input_size, self.native_size,
+                                      self.native_chans)
+        augment = self.default_augment if options.augment is None else options.augment
+        train_ds, eval_ds = self._transformed(splits, config, augment, options)
+        eval_bs = options.eval_batch_size or max(options.batch_size, 64)
+        eval_loader = DataLoader(
+            eval_ds, batch_size=eval_bs, num_workers=options.workers,
+            sampler=ShardedSampler(len(eval_ds), shuffle=False, rank=options.rank,
+                                   world_size=options.world_size, drop_last=False),
+            pin_memory=options.pin_memory, persistent_workers=False,
+            # An own generator: iterating never draws from the global RNG, which the
+            # training loop checkpoints and must find unchanged on resume.
+            generator=torch.Generator().manual_seed(0),
+        )
+        train_loader = None
+        if options.train:
+            if len(train_ds) < options.batch_size * options.world_size:
+                raise DataError(
+                    f"--data {spec.text}: the train split has {len(train_ds)} items, fewer than "
+                    f"one batch ({options.batch_size} × {options.world_size} processes); "
+                    "lower --batch-size or raise --subsample."
+                )
+            train_loader = DataLoader(
+                train_ds, batch_size=options.batch_size, num_workers=options.workers,
+                sampler=ShardedSampler(len(train_ds), shuffle=True, seed=options.seed,
+                                       rank=options.rank, world_size=options.world_size),
+                drop_last=True, pin_memory=options.pin_memory,
+                persistent_workers=False,  # workers must see set_epoch() each epoch
+                generator=torch.Generator().manual_seed(_mix(options.seed, 0, 0x10AD)),
+            )
+        return Loaders(spec=spec, train=train_loader, eval=eval_loader,
+                       num_classes=splits.num_classes, eval_split=splits.eval_split,
+                       image_config=config, classes=splits.classes,
+                       n_train=len(train_ds), n_eval=len(eval_ds))
+
+    def _transformed(self, splits: Splits, config: ImageConfig, augment: bool,
+                     options: LoaderOptions) -> tuple[Dataset, Dataset]:
+        train, test = splits.train, splits.eval
+        if not isinstance(train, ImageTensors) or not isinstance(test, ImageTensors):
+            raise NotImplementedError("override _transformed for non-tensor splits")
+        train = train.subset(stratified_subset(train.targets.numpy(), options.subsample,
+                                               options.seed))
+        # The eval subset does not depend on --seed: the same n images for every run.
+        test = test.subset(stratified_subset(test.targets.numpy(), options.subsample, 0))
+        pad = max(1, round(min(train.images.shape[-2:]) / 8)) if augment else 0
+        train_tf = TensorTransform(config, augment=augment, flip=augment and self.flip_ok, pad=pad)
+        return (TransformedTensors(train, train_tf, options.seed),
+                TransformedTensors(test, TensorTransform(config)))
+
+
+@register_data_source
+class DigitsSource(ImageSource):
+    """scikit-learn's bundled 8×8 digits: 1437 train / 360 test, stratified with seed 0."""
+
+    name = "digits"
+    layout = "none (bundled with scikit-learn)"
+    needs_root = False
+    native_size = (8, 8)
+    native_chans = 1
+    flip_ok = False  # a mirrored 2 is not a 2
+    example = "--data digits"
+
+    def splits(self, root: Path | None, download: bool) -> Splits:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        bunch = load_digits()
+        images = bunch.images.astype(np.float32) / 16.0  # 0..16 grey levels → [0, 1]
+        tr_x, te_x, tr_y, te_y = train_test_split(images, bunch.target, test_size=360,
+                                                  stratify=bunch.target, random_state=0)
+        return Splits(
+            train=ImageTensors(torch.from_numpy(tr_x), torch.from_numpy(tr_y)),
+            eval=ImageTensors(torch.from_numpy(te_x), torch.from_numpy(te_y)),
+            num_classes=10, classes=[str(i) for i in range(10)],
+        )
+
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_CACHE: dict[tuple[str, float, int], np.ndarray] = {}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST format), gzipped or not, as a numpy array; cached per file."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime, stat.st_size)
+    if key in _IDX_CACHE:
+        return _IDX_CACHE[key]
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+        magic = int.from_bytes(data[0:4], "big")
+        if magic >> 8 != 0x08 or not 1 <= magic & 0xFF <= 4:  # unsigned-byte tensors only
+            raise ValueError(f"bad magic number {magic:#x}")
+        ndim = magic & 0xFF
+        shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        offset = 4 + 4 * ndim
+        array = np.frombuffer(data, dtype=np.uint8, count=int(np.prod(shape)), offset=offset)
+    except (OSError, EOFError, ValueError) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}. It should be an MNIST-format "
+                        "idx file (optionally gzipped); re-download it.") from exc
+    array = array.reshape(shape)
+    _IDX_CACHE[key] = array
+    return array
+
+
+class IdxSource(ImageSource):
+    """MNIST-format idx files (gzipped or not) in ROOT, ROOT/raw or torchvision's ROOT/<Cls>/raw."""
+
+    native_size = (28, 28)
+    native_chans = 1
+    flip_ok = False
+    torchvision_class: ClassVar[str] = "MNIST"
+    classes: ClassVar[Sequence[str]] = tuple(str(i) for i in range(10))
+
+    @property
+    def layout(self) -> str:  # type: ignore[override]
+        return ("ROOT/{train-images-idx3-ubyte,train-labels-idx1-ubyte,t10k-images-idx3-ubyte,"
+                "t10k-labels-idx1-ubyte}[.gz] (also accepted under ROOT/raw/ or torchvision's "
+                f"ROOT/{self.torchvision_class}/raw/)")
+
+    def _find(self, root: Path, stem: str) -> Path | None:
+        for folder in (root, root / "raw", root / self.torchvision_class / "raw"):
+            for name in (stem + ".gz", stem):
+                if (folder / name).is_file():
+                    return folder / name
+        return None
+
+    def splits(self, root: Path | None, download: bool) -> Splits:
+        assert root is not None
+        if download:
+            import torchvision.datasets as tvd
+
+            getattr(tvd, self.torchvision_class)(str(root), train=True, download=True)
+            getattr(tvd, self.torchvision_class)(str(root), train=False, download=True)
+        if not root.is_dir():
+            raise self.missing(root, "no such directory")
+        arrays = {}
+        for split, stems in _IDX_FILES.items():
+            for stem, kind in zip(stems, ("images", "labels"), strict=True):
+                path = self._find(root, stem)
+                if path is None:
+                    raise self.missing(root, f"{stem}[.gz] not found")
+                arrays[split, kind] = read_idx(path)
+        data = {}
+        for split in _IDX_FILES:
+            images, labels = arrays[split, "images"], arrays[split, "labels"]
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise self.missing(root, f"{split} images {images.shape} and labels "
+                                   f"{labels.shape} do not match")
+            data[split] = ImageTensors(torch.from_numpy(images.copy()),
+                                       torch.from_numpy(labels.astype(np.int64)))
+        num_classes = int(max(data["train"].targets.max(), data["test"].targets.max())) + 1
+        return Splits(train=data["train"], eval=data["test"], num_classes=num_classes,
+                      classes=list(self.classes)[:num_classes])
+
+
+@register_data_source
+class FashionMnistSource(IdxSource):
+    name = "fashion-mnist"
+    default_root = FASHION_MNIST_DEFAULT_ROOT
+    torchvision_class = "FashionMNIST"
+    classes = FASHION_MNIST_CLASSES
+    example = "--data fashion-mnist (Debian package dataset-fashion-mnist)"
+
+
+@register_data_source
+class MnistSource(IdxSource):
+    name = "mnist"
+    example = "--data mnist:/data/mnist"
+
+
+class CifarSource(ImageSource):
+    """torchvision's CIFAR python batches; held in memory; crop+flip augmentation by default."""
+
+    native_size = (32, 32)
+    default_augment = True
+    torchvision_class: ClassVar[str] = "CIFAR10"
+    folder: ClassVar[str] = "cifar-10-batches-py"
+
+    @property
+    def layout(self) -> str:  # type: ignore[override]
+        return (f"ROOT/{self.folder}/ as extracted from torchvision's {self.torchvision_class} "
+                "archive (pass --download to fetch it)")
+
+    def splits(self, root: Path | None, download: bool) -> Splits:
+        import torchvision.datasets as tvd
+
+        assert root is not None
+        if not download and not (root / self.folder).is_dir():
+            raise self.missing(root / self.folder, "no such directory")
+        cls = getattr(tvd, self.torchvision_class)
+        try:
+            train = cls(str(root), train=True, download=download)
+            test = cls(str(root), train=False, download=download)
+        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+            raise self.missing(root / self.folder, str(exc)) from exc
+
+        def tensors(ds: Any) -> ImageTensors:
+            images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
+            return ImageTensors(images.contiguous(), torch.as_tensor(ds.targets))
+
+        return Splits(train=tensors(train), eval=tensors(test), num_classes=len(train.classes),
+                      classes=list(train.classes))
+
+
+@register_data_source
+class Cifar10Source(CifarSource):
+    name = "cifar10"
+    example = "--data cifar10:/data/cifar"
+
+
+@register_data_source
+class Cifar100Source(CifarSource):
+    name = "cifar100"
+    torchvision_class = "CIFAR100"
+    folder = "cifar-100-python"
+    example = "--data cifar100:/data/cifar"
+
+
+@register_data_source
+class ImageFolderSource(ImageSource):
+    """ImageNet layout: ROOT/train/CLASS/*.jpg and ROOT/val/CLASS/*.jpg, same class folders."""
+
+    name = "imagefolder"
+    layout = "ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE (the same CLASS folders in both)"
+    default_augment = True
+    example = "--data imagefolder:/data/imagenet"
+
+    def splits(self, root: Path | None, download: bool) -> Splits:
+        from torchvision.datasets import ImageFolder
+
+        assert root is not None
+        if not root.is_dir():
+            raise self.missing(root, "no such directory")
+        folders = {}
+        for split in ("train", "val"):
+            path = root / split
+            if not path.is_dir():
+                raise self.missing(path, "no such directory")
+            try:
+                folders[split] = ImageFolder(str(path))
+            except (FileNotFoundError, RuntimeError) as exc:  # no class dirs / no images
+                raise self.missing(path, str(exc).splitlines()[0]) from exc
+        if folders["train"].classes != folders["val"].classes:
+            raise self.missing(root, "train/ and val/ have different class folders")
+        return Splits(train=folders["train"], eval=folders["val"],
+                      num_classes=len(folders["train"].classes), eval_split="val",
+                      classes=folders["train"].classes)
+
+    def _transformed(self, splits: Splits, config: ImageConfig, augment: bool,
+                     options: LoaderOptions) -> tuple[Dataset, Dataset]:
+        from timm.data import create_transform
+
+        common = dict(input_size=(config.in_chans, *config.size), mean=config.mean,
+                      std=config.std, interpolation=config.interpolation)
+        eval_tf = create_transform(**common, is_training=False, crop_pct=config.crop_pct)
+        # Recovery fine-tuning, not training from scratch: milder crops, no colour jitter.
+        train_tf = create_transform(**common, is_training=True, scale=(0.25, 1.0),
+                                    color_jitter=None) if augment else eval_tf
+        train_idx = stratified_subset(splits.train.targets, options.subsample, options.seed)
+        eval_idx = stratified_subset(splits.eval.targets, options.subsample, 0)
+        return (TransformedFolder(splits.train, train_idx, train_tf, config.in_chans,
+                                  options.seed, random=augment),
+                TransformedFolder(splits.eval, eval_idx, eval_tf, config.in_chans))
+
+
+def describe(loaders: Loaders) -> dict[str, Any]:
+    """A small JSON-able summary for logs and metadata."""
+    cfg = loaders.image_config
+    return {
+        "data": loaders.spec.text, "num_classes": loaders.num_classes,
+        "train_items": loaders.n_train, "eval_items": loaders.n_eval,
+        "eval_split": loaders.eval_split,
+        **({"input": [cfg.in_chans, *cfg.size]} if cfg is not None else {}),
+    }
+
+
+__all__ = [
+    "DATA_SOURCES", "DataSource", "DataSpec", "ImageConfig", "ImageSource", "LoaderOptions",
+    "Loaders", "ShardedSampler", "Splits", "check_num_classes", "create_loaders", "describe",
+    "list_data_sources", "model_num_outputs", "parse_data_spec", "parse_input_size",
+    "register_data_source", "resolve_image_config", "stratified_subset",
+]

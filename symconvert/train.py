@@ -1,0 +1,802 @@
+"""Fine-tuning that recovers a converted model's accuracy (SPEC §6).
+
+``finetune(DIR, data)`` loads a converted directory, rebuilds the unconverted source as the
+distillation teacher, trains with ``fit`` and writes ``DIR/finetuned`` (a model directory
+again, plus ``metrics.jsonl`` and the resumable ``checkpoint.pt``).
+
+``fit(model, data, out, config)`` is the loop itself, for any ``nn.Module``:
+timm's optimiser and scheduler factories, AMP, gradient clipping, distillation, DDP under
+``torchrun``, atomic checkpoints every epoch / every N steps / on SIGINT and SIGTERM, and exact
+resume. Exactness rests on three things: the sampler and every augmentation are functions of
+(seed, epoch, index), the data loaders never draw from the global RNG, and the global RNG
+state is checkpointed at step boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from symconvert.data import DataSpec, Loaders, check_num_classes, create_loaders, describe
+from symconvert.errors import DataError, SymconvertError, TrainingError
+from symconvert.evaluate import evaluate_loaders, resolve_device
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_FORMAT = "symconvert-train"
+CHECKPOINT_VERSION = 1
+
+err_console = Console(stderr=True)
+
+
+@dataclass
+class FinetuneConfig:
+    """Training flags. Defaults recover a converted model (short, gentle, distilled);
+    they are not a recipe for training from scratch."""
+
+    epochs: int = 2
+    lr: float | None = None  # None: 0.01 for sgd, 3e-4 for adamw
+    batch_size: int = 64  # per process (torchrun: global batch = batch_size × processes)
+    opt: str = "sgd"
+    momentum: float = 0.9
+    sched: str = "cosine"
+    weight_decay: float = 5e-5
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    clip_grad: float | None = 5.0  # max global gradient norm; None/0 disables
+    amp: bool | None = None  # None: on for CUDA, off for CPU
+    amp_dtype: str | None = None  # bfloat16 | float16; None: bf16 on CPU, bf16/fp16 on CUDA
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    distill: bool = True
+    distill_alpha: float = 0.7  # weight of the KL term; 1 - alpha on cross-entropy
+    distill_temperature: float = 2.0
+    checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: epochs only)
+    input_size: str | None = None
+    subsample: int | None = None
+    augment: bool | None = None  # None: the data source's default
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        self.opt = self.opt.lower()
+        self.sched = self.sched.lower()
+        if self.opt not in ("sgd", "adamw"):
+            raise SymconvertError(f"--opt {self.opt!r}: choose sgd or adamw")
+        if self.sched not in ("cosine", "step", "none"):
+            raise SymconvertError(f"--sched {self.sched!r}: choose cosine, step or none")
+        if self.epochs < 1:
+            raise SymconvertError(f"--epochs {self.epochs}: need at least 1")
+        if self.batch_size < 1:
+            raise SymconvertError(f"--batch-size {self.batch_size}: need at least 1")
+        if self.lr is None:
+            self.lr = 0.01 if self.opt == "sgd" else 3e-4
+        if not self.lr > 0:
+            raise SymconvertError(f"--lr {self.lr}: must be positive")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise SymconvertError(f"--distill-alpha {self.distill_alpha}: must be in [0, 1]")
+        if not self.distill_temperature > 0:
+            raise SymconvertError(
+                f"--distill-temperature {self.distill_temperature}: must be positive")
+        if self.amp_dtype not in (None, "bfloat16", "float16"):
+            raise SymconvertError(f"amp dtype {self.amp_dtype!r}: choose bfloat16 or float16")
+        if self.input_size is not None and not isinstance(self.input_size, str):
+            self.input_size = ",".join(str(int(v)) for v in np.atleast_1d(self.input_size))
+
+    # Flags that change the trajectory: a resume with other values would not continue the run.
+    TRAJECTORY = ("epochs", "lr", "batch_size", "opt", "momentum", "sched", "weight_decay",
+                  "warmup_epochs", "min_lr", "clip_grad", "amp", "amp_dtype", "seed", "distill",
+                  "distill_alpha", "distill_temperature", "input_size", "subsample", "augment")
+
+
+@dataclass
+class FitResult:
+    """What a finished ``fit`` leaves behind."""
+
+    out: Path
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint used
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM: the run stopped at a step boundary after writing its checkpoint."""
+
+
+# ---------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we called init_process_group, so we tear it down
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun group if launched by torchrun (RANK/WORLD_SIZE/LOCAL_RANK set)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), device
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    owns = False
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, init_method="env://")
+        owns = True
+    return Dist(rank=rank, world_size=world, local_rank=local, owns_group=owns), device
+
+
+def _any_rank(dist: Dist, *flags: bool) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
+    if not dist.enabled:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG as tensors and plain types (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_s = state["numpy"]
+    np.random.set_state(("MT19937", np_s["keys"].numpy().astype(np.uint32), np_s["pos"],
+                         np_s["has_gauss"], np_s["cached_gaussian"]))
+    py_s = state["python"]
+    random.setstate((py_s["version"], tuple(int(v) for v in py_s["state"].tolist()),
+                     py_s["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint, read with ``weights_only=True``; damage → ``TrainingError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no training checkpoint at {path}: nothing to resume. Run without "
+                            "--resume to start, or point --out at the run to continue.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, foreign object: all unusable
+        raise TrainingError(
+            f"training checkpoint {path} is corrupt or truncated ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}). Delete it to start the "
+            "run over, or restore a good copy."
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not a symconvert training checkpoint; delete it or "
+                            "choose another --out.")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise TrainingError(f"{path} has checkpoint version {ckpt.get('version')}; this "
+                            f"symconvert reads version {CHECKPOINT_VERSION}.")
+    missing = [k for k in ("model", "optimizer", "epoch", "step", "rng") if k not in ckpt]
+    if missing:
+        raise TrainingError(f"training checkpoint {path} lacks {', '.join(missing)}; it is "
+                            "damaged. Delete it to start over.")
+    return ckpt
+
+
+# --------------------------------------------------------------- optimiser, schedule
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                               nn.LocalResponseNorm)) or "Norm" in type(module).__name__
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights only: not on norm layers, biases, or timm's no_weight_decay().
+
+    Decided by owning module and name, not by ``ndim`` (timm's filter), because a converted
+    layer's packed weight may well be 1-D and must still be decayed.
+    """
+    skip = set()
+    no_wd = getattr(model, "no_weight_decay", None)
+    if callable(no_wd):
+        skip = set(no_wd())
+    decay, no_decay, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{module_name}.{name}" if module_name else name
+            packed = ".parametrizations." in f".{full}" and name == "original"
+            if (full in skip or _is_norm(module) or name.endswith("bias")
+                    or (param.ndim <= 1 and not packed)):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay}]
+
+
+def create_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    kwargs: dict[str, Any] = {}
+    if config.opt == "sgd":
+        kwargs["momentum"] = config.momentum
+    return create_optimizer_v2(param_groups(model, config.weight_decay), opt=config.opt,
+                               lr=config.lr, weight_decay=config.weight_decay, **kwargs)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig,
+                     steps_per_epoch: int) -> Any:
+    """timm scheduler stepped per optimiser update (short runs need intra-epoch decay)."""
+    from timm.scheduler import create_scheduler_v2
+
+    sched = {"none": "constant"}.get(config.sched, config.sched)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=config.epochs,
+        decay_epochs=max(1, math.ceil(config.epochs / 3)), decay_rate=0.1,
+        warmup_epochs=config.warmup_epochs, warmup_lr=config.lr * 0.01,  # type: ignore[arg-type]
+        min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Hinton's KL(teacher_T ‖ student_T) · T², on temperature-softened logits."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, dim=1),
+                    F.log_softmax(teacher.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+# ---------------------------------------------------------------------------- loop
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM → a flag the loop checks at each step; a second SIGINT aborts now."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _amp_setup(config: FinetuneConfig, device: torch.device
+               ) -> tuple[Callable[[], contextlib.AbstractContextManager], Any, bool]:
+    use_amp = (device.type == "cuda") if config.amp is None else config.amp
+    if not use_amp:
+        return contextlib.nullcontext, None, False
+    if config.amp_dtype:
+        dtype = getattr(torch, config.amp_dtype)
+    elif device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16
+    scaler = None
+    if dtype == torch.float16 and device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler, True
+
+
+def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
+    """Rewrite metrics.jsonl atomically (a resumed run drops lines past its checkpoint)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_NAME}.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as fh:
+        for row in metrics:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / METRICS_NAME)
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: metrics.jsonl is enough
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}  "
+                          "{task.fields[ips]:.0f} img/s"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        yield progress
+
+
+def fit(model: nn.Module, data: str | DataSpec | Loaders, out: str | os.PathLike,
+        config: FinetuneConfig | None = None, *, teacher: nn.Module | None = None,
+        resume: bool = False, progress: bool = True,
+        on_step: Callable[[int, int, float], None] | None = None) -> FitResult:
+    """Train ``model`` in place on ``data``; write ``out/checkpoint.pt`` and ``out/metrics.jsonl``.
+
+    ``teacher`` (when ``config.distill``) supplies soft targets. ``resume`` continues from
+    ``out/checkpoint.pt``. ``on_step(epoch, step, loss)`` is called after every optimiser
+    step (tests use it to interrupt a run). Under torchrun every rank calls ``fit``.
+    """
+    config = config or FinetuneConfig()
+    out = Path(out)
+    device = resolve_device(config.device)
+    dist, device = setup_distributed(device)
+    try:
+        return _fit(model, data, out, config, teacher, resume, progress, on_step, dist, device)
+    finally:
+        if dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _fit(model: nn.Module, data: Any, out: Path, config: FinetuneConfig,
+         teacher: nn.Module | None, resume: bool, progress: bool,
+         on_step: Callable | None, dist: Dist, device: torch.device) -> FitResult:
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_NAME
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    if ckpt is not None:
+        _check_same_run(ckpt, config, dist, ckpt_path)
+    seed_everything(config.seed + dist.rank)
+
+    loaders = data if isinstance(data, Loaders) else create_loaders(
+        data, model, batch_size=config.batch_size, workers=config.workers,
+        input_size=config.input_size, subsample=config.subsample, seed=config.seed,
+        augment=config.augment, download=config.download, rank=dist.rank,
+        world_size=dist.world_size, pin_memory=device.type == "cuda")
+    if loaders.train is None:
+        raise SymconvertError("fit needs a train loader (create_loaders(..., train=True))")
+    if loaders.task == "classification":
+        check_num_classes(model, loaders)
+    steps_per_epoch = len(loaders.train)
+
+    channels_last = device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None and config.distill:
+        teacher.to(device).eval()
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    else:
+        teacher = None
+
+    optimizer = create_optimizer(model, config)
+    scheduler = create_scheduler(optimizer, config, steps_per_epoch)
+    autocast, scaler, amp_on = _amp_setup(config, device)
+    metrics: list[dict[str, Any]] = []
+    start_epoch, start_step, global_step = 0, 0, 0
+    stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
+        global_step = int(ckpt.get("global_step", start_epoch * steps_per_epoch + start_step))
+        stats = dict(ckpt.get("epoch_stats") or stats)
+        metrics = [dict(m) for m in ckpt.get("metrics", [])]
+        rng = ckpt["rng"]
+        set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+        if dist.main:
+            _write_metrics(out, metrics)
+            err_console.print(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}",
+                              highlight=False)
+    scheduler.step_update(global_step)
+
+    train_model: nn.Module = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    writer = _tensorboard(out) if dist.main else None
+    result = FitResult(out=out, checkpoint=ckpt_path,
+                       resumed_from=(start_epoch, start_step) if ckpt is not None else None)
+
+    def checkpoint(epoch: int, step: int, rng: dict[str, Any]) -> None:
+        # Gather every rank's RNG so that each resumes its own stream.
+        rngs: Any = rng
+        if dist.enabled:
+            gathered: list[Any] = [None] * dist.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rngs = gathered
+        if dist.main:
+            atomic_torch_save({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch, "step": step, "global_step": global_step,
+                "epoch_stats": dict(stats), "metrics": metrics, "rng": rngs,
+                "config": _plain(asdict(config)), "world_size": dist.world_size,
+                "steps_per_epoch": steps_per_epoch,
+            }, ckpt_path)
+        if dist.enabled:
+            torch.distributed.barrier()
+
+    bar_enabled = progress and dist.main
+    with _StopSignals() as stop, _progress(bar_enabled) as bar:
+        for epoch in range(start_epoch, config.epochs):
+            first = start_step if epoch == start_epoch else 0
+            if first == 0:
+                stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+            loaders.set_epoch(epoch, first)
+            train_model.train()
+            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch,
+                                completed=first, loss=0.0, acc=0.0, ips=0.0) if bar else None
+            t_epoch = time.perf_counter()
+            step = first
+            for images, targets in loaders.train:
+                state_before = rng_state()  # a stop discards this step; resume replays it
+                images = images.to(device, non_blocking=True)
+                if channels_last and images.ndim == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                targets = targets.to(device, non_blocking=True)
+                with autocast():
+                    logits = train_model(images)
+                    ce = F.cross_entropy(logits.float(), targets)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            soft = teacher(images)
+                        kd = distillation_loss(logits, soft, config.distill_temperature)
+                        loss = config.distill_alpha * kd + (1 - config.distill_alpha) * ce
+                    else:
+                        loss = ce
+                bad, stopping = _any_rank(dist, not bool(torch.isfinite(loss.detach())),
+                                          stop.requested is not None)
+                if bad:
+                    raise TrainingError(
+                        f"the loss became non-finite ({loss.item()}) at epoch {epoch + 1}, step "
+                        f"{step + 1}; training stopped before the update. The last good "
+                        f"checkpoint ({ckpt_path}) is kept. Lower --lr, keep gradient clipping "
+                        "on, or try --no-amp, then resume with --resume or start over.")
+                if stopping:
+                    checkpoint(epoch, step, state_before)
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.requested or 'a signal'} at epoch {epoch + 1}, step "
+                        f"{step}; checkpoint {ckpt_path} written. Continue with the same "
+                        "command plus --resume.")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    if config.clip_grad:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    if config.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                    optimizer.step()
+                global_step += 1
+                step += 1
+                scheduler.step_update(global_step)
+
+                loss_value = float(loss.detach())
+                stats["loss_sum"] += loss_value * targets.numel()
+                stats["correct"] += int((logits.detach().argmax(1) == targets).sum())
+                stats["seen"] += targets.numel()
+                if bar is not None:
+                    elapsed = stats["time"] + time.perf_counter() - t_epoch
+                    bar.update(task, advance=1, loss=stats["loss_sum"] / stats["seen"],
+                               acc=stats["correct"] / stats["seen"],
+                               ips=stats["seen"] * dist.world_size / max(elapsed, 1e-9))
+                if on_step is not None:
+                    on_step(epoch, step, loss_value)
+                if config.checkpoint_every and global_step % config.checkpoint_every == 0 \
+                        and step < steps_per_epoch:
+                    stats["time"] += time.perf_counter() - t_epoch
+                    t_epoch = time.perf_counter()
+                    checkpoint(epoch, step, rng_state())
+
+            stats["time"] += time.perf_counter() - t_epoch
+            train_time = stats["time"]
+            totals = _sum_over_ranks(dist, stats)
+            t_eval = time.perf_counter()
+            scores = evaluate_loaders(model, loaders, device, autocast() if amp_on else None)
+            eval_time = time.perf_counter() - t_eval
+            row = {
+                "epoch": epoch + 1, "step": global_step,
+                "train_loss": totals["loss_sum"] / max(totals["seen"], 1),
+                "train_top1": totals["correct"] / max(totals["seen"], 1),
+                "eval_top1": scores.get("top1"), "eval_top5": scores.get("top5"),
+                "eval_n": scores.get("n"), "split": scores.get("split"),
+                "lr": optimizer.param_groups[-1]["lr"],
+                "images_per_s": totals["seen"] / max(train_time, 1e-9),
+                "time": train_time + eval_time, "eval_time": eval_time,
+            }
+            metrics.append(row)
+            result.eval = scores
+            if dist.main:
+                _write_metrics(out, metrics)
+                if writer is not None:
+                    for key in ("train_loss", "train_top1", "eval_top1", "eval_top5", "lr",
+                                "images_per_s"):
+                        if row.get(key) is not None:
+                            writer.add_scalar(key, row[key], epoch + 1)
+                    writer.flush()
+                err_console.print(
+                    f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}  "
+                    f"train top-1 {row['train_top1']:.2%}  eval top-1 {scores.get('top1', 0):.2%}"
+                    f"  ({row['images_per_s']:.0f} img/s)", highlight=False)
+            stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+            checkpoint(epoch + 1, 0, rng_state())
+    if writer is not None:
+        writer.close()
+    result.metrics = metrics
+    if not result.eval and metrics:  # resumed a finished run: nothing left to train
+        result.eval = {k: metrics[-1][f"eval_{k}"] for k in ("top1", "top5")
+                       if metrics[-1].get(f"eval_{k}") is not None}
+    return result
+
+
+def _sum_over_ranks(dist: Dist, stats: dict[str, Any]) -> dict[str, Any]:
+    if not dist.enabled:
+        return dict(stats)
+    t = torch.tensor([stats["loss_sum"], float(stats["correct"]), float(stats["seen"])],
+                     dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return {"loss_sum": float(t[0]), "correct": int(t[1]), "seen": int(t[2]),
+            "time": stats["time"]}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy (tuples → lists, paths → str) for checkpoints and metadata."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _check_same_run(ckpt: dict[str, Any], config: FinetuneConfig, dist: Dist,
+                    path: Path) -> None:
+    saved = ckpt.get("config") or {}
+    now = _plain(asdict(config))
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {now.get(k)!r}"
+               for k in FinetuneConfig.TRAJECTORY if k in saved and saved.get(k) != now.get(k)]
+    if ckpt.get("world_size", 1) != dist.world_size:
+        changed.append(f"processes {ckpt.get('world_size', 1)} → {dist.world_size}")
+    if changed:
+        raise TrainingError(
+            f"--resume: {path} was written by a run with other settings ({'; '.join(changed)}). "
+            "Resume with the original flags, or start a new run in another --out.")
+
+
+# -------------------------------------------------------------------- the command
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    metrics: list[dict[str, Any]]
+    eval: dict[str, Any]
+    params: int
+
+
+def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.PathLike | None = None,
+             *, teacher: str | nn.Module | None = None, num_classes: int | None = None,
+             resume: bool = False, overwrite: bool = False, progress: bool = True,
+             **config: Any) -> FinetuneResult:
+    """Fine-tune the converted model in ``model_dir`` on ``data``; write ``out``
+    (default ``model_dir/finetuned``) as a model directory plus metrics and checkpoint.
+
+    ``config`` takes the fields of ``FinetuneConfig`` (epochs, lr, batch_size, opt, sched, ...).
+    The teacher is the unconverted source model recorded in ``model_dir`` unless ``teacher``
+    names another MODEL or model directory.
+    """
+    import symconvert
+    from symconvert.checkpoint import check_writable
+    from symconvert.sources import reset_head
+
+    cfg = FinetuneConfig(**config)
+    model_dir = Path(model_dir)
+    out = Path(out) if out is not None else model_dir / "finetuned"
+    rank = int(os.environ.get("RANK", "0"))
+    _check_output(out, resume, overwrite)
+    if rank == 0:
+        check_writable(out, overwrite=True)
+        out.mkdir(parents=True, exist_ok=True)
+    student = symconvert.load(model_dir)
+    source = dict(student.symconvert_source)
+    loaders_probe = create_loaders(data, student, batch_size=cfg.batch_size, train=False,
+                                   input_size=cfg.input_size, subsample=1,
+                                   download=cfg.download and rank == 0)
+    torch.manual_seed(cfg.seed)  # a new head is initialised identically on every rank
+    if num_classes is not None and num_classes != loaders_probe.num_classes:
+        raise DataError(f"--num-classes {num_classes} but --data {loaders_probe.spec.text} has "
+                        f"{loaders_probe.num_classes} classes; use --num-classes "
+                        f"{loaders_probe.num_classes}.")
+    head_reset = False
+    if num_classes is not None:
+        from symconvert.data import model_num_outputs
+
+        if model_num_outputs(student, loaders_probe.image_config) != num_classes:
+            reset_head(student, num_classes)
+            student.symconvert_source = {**source, "num_classes": num_classes}
+            head_reset = True
+
+    teacher_model: nn.Module | None = None
+    if cfg.distill:
+        teacher_model = _build_teacher(teacher, source)
+        from symconvert.data import model_num_outputs
+
+        t_out = model_num_outputs(teacher_model, loaders_probe.image_config)
+        if t_out != loaders_probe.num_classes:
+            err_console.print(
+                f"[yellow]warning:[/] the teacher has {t_out} outputs but the data has "
+                f"{loaders_probe.num_classes} classes"
+                f"{' (the head was reset)' if head_reset else ''}; distillation is off for "
+                "this run. Pass --teacher with a model trained on these classes to distil.",
+                highlight=False)
+            teacher_model = None
+            cfg = dataclasses.replace(cfg, distill=False)
+
+    result = fit(student, data, out, cfg, teacher=teacher_model, resume=resume,
+                 progress=progress)
+    if rank == 0:
+        args = {k: v for k, v in _plain(asdict(cfg)).items()}
+        args.update({"data": str(data), "num_classes": num_classes,
+                     "teacher": teacher if isinstance(teacher, str) else
+                     ("source" if teacher_model is not None else None)})
+        student.to("cpu", memory_format=torch.contiguous_format)
+        symconvert.save(student, out, extra_metadata={
+            "finetune": {"args": args, "eval": result.eval,
+                         "epochs_run": len(result.metrics)},
+            "parent": str(model_dir.resolve()),
+        })
+    return FinetuneResult(out=out, metrics=result.metrics, eval=result.eval,
+                          params=symconvert.count_parameters(student))
+
+
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """A finished or half-finished run in ``out`` is never silently overwritten."""
+    if out.exists() and not out.is_dir():
+        raise SymconvertError(f"--out {out} exists and is not a directory; choose another --out.")
+    if resume or overwrite:
+        return
+    for name in (CHECKPOINT_NAME, "model.safetensors"):
+        if (out / name).exists():
+            raise SymconvertError(
+                f"{out} already holds a fine-tuning run ({name}). Pass --resume to continue it, "
+                "--overwrite to start over in place, or choose another --out.")
+
+
+def _build_teacher(teacher: str | nn.Module | None, source: dict[str, Any]) -> nn.Module:
+    import symconvert
+    from symconvert.sources import create_model_from_source
+
+    if isinstance(teacher, nn.Module):
+        return teacher
+    if teacher is None:
+        if not source.get("pretrained") and not source.get("weights"):
+            raise SymconvertError(
+                "distillation needs the unconverted source model as teacher, but the converted "
+                f"model's source ({source.get('library')}:{source.get('name')}) has neither "
+                "pretrained weights nor a weights file. Pass --teacher MODEL_OR_DIR, or "
+                "--no-distill.")
+        return create_model_from_source(source)
+    if Path(teacher).is_dir():
+        return symconvert.load(teacher)
+    return symconvert.create_model(teacher)
+
+
+__all__ = ["CHECKPOINT_NAME", "METRICS_NAME", "FinetuneConfig", "FinetuneResult", "FitResult",
+           "TrainingInterrupted", "atomic_torch_save", "distillation_loss", "describe",
+           "finetune", "fit", "load_checkpoint", "param_groups", "rng_state", "set_rng_state"]
