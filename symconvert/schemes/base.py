@@ -121,8 +121,11 @@ class SquareGroup:
         """Long tensor of n*n entries: the orbit number of each row-major (i, j)."""
         return _orbit_index(self, n, str(device))
 
-    def orbit_sizes(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        return _orbit_sizes(self, n, str(device))
+    def orbit_images(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(|G|, orbits) long tensor: the images of each orbit's first member under every
+        element of the group. Every orbit member appears equally often in a column, so
+        the orbit mean is the mean of a gather (cheaper than a scatter)."""
+        return _orbit_images(self, n, str(device))
 
 
 @functools.lru_cache(maxsize=256)
@@ -139,21 +142,26 @@ def _orbit_index(group: SquareGroup, n: int, device: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _orbit_sizes(group: SquareGroup, n: int, device: str) -> torch.Tensor:
+def _orbit_images(group: SquareGroup, n: int, device: str) -> torch.Tensor:
     if device != "cpu":
-        return _orbit_sizes(group, n, "cpu").to(device)
-    return torch.bincount(_orbit_index(group, n, "cpu"))
+        return _orbit_images(group, n, "cpu").to(device)
+    index = _orbit_index(group, n, "cpu")
+    count = int(index.max()) + 1 if index.numel() else 0
+    # first (smallest row-major) member of every orbit
+    first = torch.full((count,), n * n, dtype=torch.long).scatter_reduce(
+        0, index, torch.arange(n * n), reduce="amin"
+    )
+    i, j = first // n, first % n
+    return torch.stack([a * n + b for a, b in (g.apply(i, j, n) for g in group.elements)])
 
 
-def orbit_mean(x: torch.Tensor, dim: int, index: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Average the entries of ``x`` along ``dim`` over each orbit (scatter-mean)."""
-    shape = list(x.shape)
-    shape[dim] = sizes.numel()
-    out = torch.zeros(shape, dtype=x.dtype, device=x.device)
-    out.index_add_(dim, index, x)
-    view = [1] * x.dim()
-    view[dim] = -1
-    return out / sizes.to(x.dtype).view(view)
+def orbit_mean(x: torch.Tensor, dim: int, images: torch.Tensor) -> torch.Tensor:
+    """Average the entries of ``x`` along ``dim`` over each orbit, given the orbit images
+    of ``SquareGroup.orbit_images``: the mean over the group of a gather."""
+    total = x.index_select(dim, images[0])
+    for row in images[1:]:
+        total = total + x.index_select(dim, row)
+    return total / images.shape[0]
 
 
 def matrix_blocks(shape: Shape, groups: int) -> tuple[int, int]:

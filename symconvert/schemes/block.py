@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from symconvert.schemes.base import Scheme, Shape, orbit_mean, prod
+from symconvert.schemes.base import Scheme, Shape, prod
 from symconvert.schemes.registry import register_scheme
 from symconvert.schemes.square import Channel
 
@@ -112,5 +112,3 @@ class Repeat(Scheme):
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
         return packed.repeat(self.r, *([1] * (packed.dim() - 1)))
 
-
-__all__ = ["Block", "Repeat", "orbit_mean"]

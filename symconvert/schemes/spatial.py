@@ -48,8 +48,7 @@ class Spatial(Scheme):
 
     def pack(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         o, i, k, _ = weight.shape
-        index, sizes = _KERNEL.orbit_index(k, weight.device), _KERNEL.orbit_sizes(k, weight.device)
-        return orbit_mean(weight.reshape(o, i, k * k), 2, index, sizes)
+        return orbit_mean(weight.reshape(o, i, k * k), 2, _KERNEL.orbit_images(k, weight.device))
 
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
         index = _KERNEL.orbit_index(shape[2], packed.device)
@@ -83,8 +82,8 @@ class ChannelSpatial(Scheme):
         chan = Channel.group
         blocks = weight.reshape(g, n * n, k * k)
         dev = weight.device
-        x = orbit_mean(blocks, 1, chan.orbit_index(n, dev), chan.orbit_sizes(n, dev))
-        return orbit_mean(x, 2, _KERNEL.orbit_index(k, dev), _KERNEL.orbit_sizes(k, dev))
+        x = orbit_mean(blocks, 1, chan.orbit_images(n, dev))
+        return orbit_mean(x, 2, _KERNEL.orbit_images(k, dev))
 
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
         from symconvert.schemes.square import Channel

@@ -42,9 +42,7 @@ class SquareGroupScheme(Scheme):
         g, n = matrix_blocks(tuple(weight.shape), groups)
         taps = tuple(weight.shape[2:])
         blocks = weight.reshape(g, n * n, *taps)
-        index = self.group.orbit_index(n, weight.device)
-        sizes = self.group.orbit_sizes(n, weight.device)
-        return orbit_mean(blocks, 1, index, sizes)
+        return orbit_mean(blocks, 1, self.group.orbit_images(n, weight.device))
 
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
         g, n = matrix_blocks(shape, groups)
