@@ -4,7 +4,7 @@ Each scheme lives in one file with its eligibility rule, free-parameter count, p
 unpack; the planner, the report and the checkpoint all ask the scheme.
 """
 
-from symconvert.schemes import block, spatial, square  # noqa: F401  (registration)
+from symconvert.schemes import block, eigen, spatial, square  # noqa: F401  (registration)
 from symconvert.schemes.base import Scheme
 from symconvert.schemes.registry import get_scheme, list_schemes, register_scheme, scheme_names
 

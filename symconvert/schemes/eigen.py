@@ -76,11 +76,14 @@ class Eigen(Scheme):
         v = evecs.gather(-1, order.unsqueeze(-2).expand(*evecs.shape[:-1], self.k))
         # Deterministic signs: each eigenvector's largest-magnitude entry is positive.
         peak = v.gather(-2, v.abs().argmax(dim=-2, keepdim=True))
-        v = v * torch.where(peak < 0, -1.0, 1.0)
+        v = torch.where(peak < 0, -v, v)
         return torch.cat([v, e.unsqueeze(-2)], dim=-2).to(weight.dtype)
 
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
         g, n = matrix_blocks(shape, groups)
         v, e = packed[..., :n, :], packed[..., n, :]
         a = (v * e.unsqueeze(-2)) @ v.transpose(-1, -2)  # [g, t, n, n]
+        # V diag(e) Vᵀ is symmetric only up to rounding; averaging with its transpose makes
+        # it exactly symmetric (IEEE addition commutes), as every other scheme's weight is.
+        a = (a + a.transpose(-1, -2)) / 2
         return a.permute(0, 2, 3, 1).reshape(shape)
