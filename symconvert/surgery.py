@@ -97,6 +97,13 @@ def attach(
     for alias in aliases:
         alias_module, alias_tensor = _split_alias(model, alias, tensor)
         with torch.no_grad():
+            # The first registration turned the shared Parameter into the packed tensor
+            # in place (parametrize's `set_`), so the alias now holds the packed shape:
+            # give it a dense stand-in to register over; its ParametrizationList is
+            # replaced by the shared one just below.
+            dense = getattr(module, tensor).detach().clone()
+            delattr(alias_module, alias_tensor)
+            alias_module.register_parameter(alias_tensor, nn.Parameter(dense))
             parametrize.register_parametrization(
                 alias_module, alias_tensor, Symmetric(scheme, shape, groups), unsafe=True
             )
@@ -128,7 +135,10 @@ def fold(model: nn.Module) -> nn.Module:
     for _, module, tensor, _ in entries:
         plist = module.parametrizations[tensor]
         shared = folded.get(id(plist))
-        parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+        # Folding the first user turns the shared packed Parameter into the dense one in
+        # place (parametrize's `set_`); unpacking it again for an alias would read a dense
+        # tensor as packed, so an alias just takes that Parameter back unparametrized.
+        parametrize.remove_parametrizations(module, tensor, leave_parametrized=shared is None)
         if shared is None:
             folded[id(plist)] = getattr(module, tensor)
         else:
