@@ -28,7 +28,10 @@ class Symmetric(nn.Module):
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and packed.requires_grad):
             return self.scheme.unpack(packed, self.shape, self.groups)
-        key = (packed.data_ptr(), packed._version, packed.dtype, packed.device)
+        # inference mode is in the key: a weight built there is an inference tensor,
+        # which autograd refuses later (e.g. input gradients through a frozen model)
+        key = (packed.data_ptr(), packed._version, packed.dtype, packed.device,
+               torch.is_inference_mode_enabled())
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         weight = self.scheme.unpack(packed, self.shape, self.groups)
