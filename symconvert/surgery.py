@@ -25,10 +25,11 @@ def inspect(
     allow_empty: bool = True,
     target_reduction: float | None = None,
     gates: str | list[str] | None = None,
+    _with_error: bool = True,
 ) -> Plan:
     """The plan ``convert`` would carry out; the model is not changed."""
     selection = Selection.build(include, exclude, layers, min_channels, include_head, gates)
-    plan = build_plan(model, scheme, selection, target_reduction)
+    plan = build_plan(model, scheme, selection, target_reduction, with_error=_with_error)
     require_nonempty(plan, allow_empty)
     return plan
 
@@ -63,6 +64,9 @@ def convert(
         allow_empty=allow_empty,
         target_reduction=target_reduction,
         gates=gates,
+        # the error is measured while attaching (one pack per layer instead of two),
+        # unless --target-reduction needs it to choose the layers
+        _with_error=target_reduction is not None,
     )
     apply_plan(model, plan)
     return model, plan
@@ -70,8 +74,15 @@ def convert(
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     for entry in plan.converted:
+        module = model.get_submodule(entry.module)
+        weight = getattr(module, entry.tensor).detach()
         attach(model, entry.module, entry.tensor, entry.scheme, tuple(entry.shape), entry.groups,
                aliases=entry.aliases)
+        if entry.symmetrization_error is None and not weight.is_meta:
+            with torch.no_grad():
+                norm = weight.float().norm()
+                rebuilt = getattr(module, entry.tensor).float()
+                entry.symmetrization_error = float((weight.float() - rebuilt).norm() / norm) if norm > 0 else 0.0
     return model
 
 

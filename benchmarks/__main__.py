@@ -1,0 +1,241 @@
+"""Run the benchmarks of SPEC section 9 and write benchmarks/results.json.
+
+Each figure is a ratio of two measurements taken in the same run, interleaved (A, B,
+A, B, ...) and reduced by the median, so that machine load shifts both sides alike.
+Peak memory is measured in a fresh subprocess per variant: the kernel's high-water mark
+of resident memory (VmHWM, reset through /proc/self/clear_refs just before the step)
+minus the resident memory of the process before the model was built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def _median_pair(fa, fb, repeats: int) -> tuple[float, float]:
+    a, b = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fa()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fb()
+        b.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b)
+
+
+def bench_surgery(name: str, repeats: int) -> dict:
+    import torchvision
+
+    import symconvert
+
+    def build():
+        return torchvision.models.get_model(name)
+
+    models = []
+
+    def b():
+        models.append(build())
+
+    def c():
+        symconvert.convert(models.pop(), "channel")
+
+    build_t, surgery_t = _median_pair(b, c, repeats)
+    return {"model": name, "build_s": build_t, "surgery_s": surgery_t,
+            "surgery/build": surgery_t / build_t}
+
+
+def bench_eval(name: str, batch: int, size: int, repeats: int) -> dict:
+    import torchvision
+
+    import symconvert
+
+    torch.manual_seed(0)
+    source = torchvision.models.get_model(name).eval()
+    converted = torchvision.models.get_model(name).eval()
+    converted.load_state_dict(source.state_dict())
+    symconvert.convert(converted, "channel")
+    folded = torchvision.models.get_model(name).eval()
+    tmp = torchvision.models.get_model(name)
+    tmp.load_state_dict(source.state_dict())
+    symconvert.convert(tmp, "channel")
+    folded.load_state_dict(symconvert.fold(tmp).state_dict())
+    x = torch.randn(batch, 3, size, size)
+
+    def run(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    for m in (source, converted, folded):  # warm-up (and fill the dense-weight cache)
+        run(m)()
+    src_t, conv_t = _median_pair(run(source), run(converted), repeats)
+    src_t2, fold_t = _median_pair(run(source), run(folded), repeats)
+    return {"model": name, "batch": batch, "size": size,
+            "converted/original": conv_t / src_t, "folded/original": fold_t / src_t2,
+            "original_s": src_t}
+
+
+def bench_checkpoint(name: str) -> dict:
+    import torchvision
+
+    import symconvert
+
+    model = symconvert.create_model(f"torchvision:{name}", pretrained=False)
+    symconvert.convert(model, "channel")
+    free = symconvert.count_parameters(model)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    with tempfile.TemporaryDirectory() as tmp:
+        symconvert.save(model, tmp)
+        size = (Path(tmp) / "model.safetensors").stat().st_size
+    del torchvision
+    return {"model": name, "bytes": size, "free_params": free, "buffer_bytes": buffers,
+            "bytes/(free params x 4)": size / (free * 4),
+            "bytes/(free params x 4 + buffers)": size / (free * 4 + buffers)}
+
+
+def _train_setup(name: str, variant: str, batch: int, size: int):
+    import torchvision
+
+    import symconvert
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name)
+    if variant == "converted":
+        symconvert.convert(model, "channel")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_train_step(name: str, batch: int, size: int, repeats: int) -> dict:
+    original = _train_setup(name, "original", batch, size)
+    converted = _train_setup(name, "converted", batch, size)
+    original(), converted()  # warm-up: optimiser state, allocator
+    o, c = _median_pair(original, converted, repeats)
+    return {"model": name, "batch": batch, "size": size, "original_s": o, "converted_s": c,
+            "converted/original": c / o}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _peak_memory_child(name: str, variant: str, batch: int, size: int) -> None:
+    import symconvert  # noqa: F401  (imports counted in the baseline)
+    import torchvision  # noqa: F401
+
+    base = _rss_kib("VmRSS")
+    step = _train_setup(name, variant, batch, size)
+    step()  # first step allocates optimiser state: part of fine-tuning memory
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current resident size
+    step()
+    step()
+    print(json.dumps({"peak_kib": _rss_kib("VmHWM") - base}))
+
+
+def bench_peak_memory(name: str, batch: int, size: int) -> dict:
+    out = {}
+    for variant in ("original", "converted"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--child-memory", name, variant, str(batch), str(size)],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+        )
+        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"]
+    return {"model": name, "batch": batch, "size": size, "original_mib": out["original"] / 1024,
+            "converted_mib": out["converted"] / 1024,
+            "converted/original": out["converted"] / out["original"]}
+
+
+TARGETS = {
+    "surgery/build": 1.0,
+    "eval converted/original": 1.05,
+    "eval folded/original": 1.02,
+    "bytes/(free params x 4)": 1.001,
+    "train step converted/original": 1.05,
+    "peak memory converted/original": 1.0,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller inputs")
+    parser.add_argument("--child-memory", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "SIZE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_memory:
+        name, variant, batch, size = args.child_memory
+        _peak_memory_child(name, variant, int(batch), int(size))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    reps = 3 if args.quick else 7
+    console = Console()
+    results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "cpu_count": os.cpu_count(), "quick": args.quick}
+    with console.status("surgery vs build (resnet101)"):
+        results["surgery"] = bench_surgery("resnet101", reps)
+    with console.status("eval forward (resnet101)"):
+        results["eval"] = bench_eval("resnet101", 8, 128 if args.quick else 160, reps)
+    with console.status("checkpoint bytes (resnet101)"):
+        results["checkpoint"] = bench_checkpoint("resnet101")
+    with console.status("train step (resnet50, batch 8, 128 px)"):
+        results["train_step"] = bench_train_step("resnet50", 8, 128, reps)
+    with console.status("peak memory of a fine-tuning step (resnet50, batch 8, 128 px)"):
+        results["peak_memory"] = bench_peak_memory("resnet50", 8, 128)
+
+    rows = [
+        ("surgery/build", "resnet101", results["surgery"]["surgery/build"]),
+        ("eval converted/original", "resnet101 b8", results["eval"]["converted/original"]),
+        ("eval folded/original", "resnet101 b8", results["eval"]["folded/original"]),
+        ("bytes/(free params x 4)", "resnet101", results["checkpoint"]["bytes/(free params x 4)"]),
+        ("bytes/(free params x 4 + buffers)", "resnet101",
+         results["checkpoint"]["bytes/(free params x 4 + buffers)"]),
+        ("train step converted/original", "resnet50 b8 128px", results["train_step"]["converted/original"]),
+        ("peak memory converted/original", "resnet50 b8 128px", results["peak_memory"]["converted/original"]),
+    ]
+    table = Table(title=f"symconvert benchmarks (CPU, {results['threads']} threads, torch {torch.__version__})")
+    for col in ("ratio", "setting", "value", "target"):
+        table.add_column(col, justify="right" if col in ("value", "target") else "left")
+    for label, setting, value in rows:
+        target = TARGETS.get(label)
+        mark = "" if target is None else (" ✓" if value <= target else " ✗")
+        table.add_row(label, setting, f"{value:.4f}{mark}", "—" if target is None else f"≤ {target}")
+    results["table"] = [{"ratio": r, "setting": s, "value": v, "target": TARGETS.get(r)} for r, s, v in rows]
+    console.print(table)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    console.print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
