@@ -712,7 +712,7 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.P
     _check_output(out, resume, overwrite)
     if rank == 0:
         check_writable(out, overwrite=True)
-        out.mkdir(parents=True, exist_ok=True)
+        _ensure_writable(out)
     student = symconvert.load(model_dir)
     source = dict(student.symconvert_source)
     loaders_probe = create_loaders(data, student, batch_size=cfg.batch_size, train=False,
@@ -776,6 +776,19 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
             raise SymconvertError(
                 f"{out} already holds a fine-tuning run ({name}). Pass --resume to continue it, "
                 "--overwrite to start over in place, or choose another --out.")
+
+
+def _ensure_writable(out: Path) -> None:
+    # os.access() says yes to root everywhere; only a real write proves the directory usable.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".symconvert-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SymconvertError(
+            f"cannot write the fine-tuned model to {out}: {exc.strerror or exc}. Choose a "
+            "writable directory with --out.") from None
 
 
 def _build_teacher(teacher: str | nn.Module | None, source: dict[str, Any]) -> nn.Module:
