@@ -1,0 +1,138 @@
+"""Shared fixtures: a CLI runner (in-process, and a real `python -m symconvert` process
+where the process boundary matters), small models, and converted-model directories
+shared by the tests that only read them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# toy_models.py is imported by `py:toy_models:...` MODEL strings, in-process and in
+# subprocesses alike
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+# rich wraps at 80 columns when stdout is not a terminal; wide output keeps layer names
+# and one-paragraph errors on one line, so tests can read them
+WIDTH = 400
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    @property
+    def flat(self) -> str:
+        """stdout + stderr with runs of whitespace collapsed (robust to wrapping)."""
+        return re.sub(r"\s+", " ", self.output)
+
+    def __str__(self) -> str:  # shown by pytest when an assertion on the result fails
+        return f"exit {self.code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str] | None):
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None) -> CliResult:
+    """`symconvert ARGS` in this process: ``symconvert.cli.main`` with stdout/stderr
+    captured and the exit code it returns."""
+    from symconvert import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    widths = (cli.console.width, cli.err_console.width)
+    cli.console.width = cli.err_console.width = WIDTH
+    try:
+        with _environ(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in args])
+    finally:
+        cli.console.width, cli.err_console.width = widths
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_process(
+    *args: str | os.PathLike,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = 240,
+) -> CliResult:
+    """`python -m symconvert ARGS` as a real process (fresh imports, real exit code)."""
+    full_env = {**os.environ, "COLUMNS": str(WIDTH), **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(TESTS), str(REPO), full_env.get("PYTHONPATH", "")) if p
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "symconvert", *[str(a) for a in args]],
+        capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: ``cli("convert", MODEL, "--scheme", "channel", ...)``."""
+    return run_cli
+
+
+@pytest.fixture
+def cli_process():
+    """Run the CLI as ``python -m symconvert`` in a subprocess."""
+    return run_process
+
+
+def assert_clean_error(result: CliResult, *needles: str) -> None:
+    """Exit 2, a one-paragraph message naming what went wrong, no traceback."""
+    assert result.code == 2, result
+    assert "Traceback" not in result.output, result
+    assert "internal error" not in result.output, result
+    message = result.stderr.strip()
+    assert message.startswith("error:"), result
+    assert "\n\n" not in message, result  # one paragraph
+    flat = re.sub(r"\s+", " ", message)
+    for needle in needles:
+        assert needle in flat, f"{needle!r} not in: {flat}"
+
+
+@pytest.fixture
+def small_cnn():
+    """A tiny CNN with every conv flavour (built by toy_models, so `py:` can rebuild it)."""
+    import symconvert
+
+    return symconvert.create_model("py:toy_models:small_cnn", pretrained=False)
+
+
+@pytest.fixture(scope="session")
+def resnet101_channel_dir(tmp_path_factory):
+    """`symconvert convert torchvision:resnet101 --scheme channel --no-pretrained --out X`,
+    run once per test session (worker) and shared by the tests that only read X."""
+    out = tmp_path_factory.mktemp("r101") / "X"
+    result = run_cli("convert", "torchvision:resnet101", "--scheme", "channel",
+                     "--no-pretrained", "--out", out)
+    assert result.code == 0, result
+    return out, result
