@@ -36,6 +36,8 @@ class LayerPlan:
     #: relative Frobenius distance ||W - unpack(pack(W))|| / ||W|| on the source weight
     symmetrization_error: float | None = None
     aliases: list[str] = field(default_factory=list)
+    #: how the scheme splits the weight, e.g. "3 blocks 384×384 (stacked)" for `block`
+    note: str | None = None
 
     @property
     def name(self) -> str:
@@ -181,6 +183,8 @@ def build_plan(
                 params_before=numel,
                 params_after=after if reason is None else numel,
             )
+            if reason is None:
+                entry.note = scheme.describe(target.shape, target.groups)
             if reason is None and with_error:
                 entry.symmetrization_error = symmetrization_error(scheme, weight, target.groups)
             entries.append(entry)

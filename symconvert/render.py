@@ -37,7 +37,7 @@ def plan_table(plan: Plan, title: str, show_skipped: bool = True, max_rows: int 
     shown = rows if max_rows is None else rows[:max_rows]
     for e in shown:
         shape = "×".join(str(s) for s in e.shape) + (f" g={e.groups}" if e.groups != 1 else "")
-        note = e.reason or ""
+        note = e.reason or e.note or ""
         if e.aliases:
             note = (note + " " if note else "") + f"tied with {', '.join(e.aliases)}"
         action = "[green]convert[/]" if e.converted else "[dim]skip[/]"

@@ -68,6 +68,10 @@ class Scheme:
         """unpack(pack(W)): the nearest admissible weight."""
         return self.unpack(self.pack(weight, groups), tuple(weight.shape), groups)
 
+    def describe(self, shape: Shape, groups: int = 1) -> str | None:
+        """A short note on how the scheme splits this weight (shown in the plan)."""
+        return None
+
     def __repr__(self) -> str:
         return f"<scheme {self.spec}>"
 

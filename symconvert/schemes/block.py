@@ -48,6 +48,12 @@ class Block(Scheme):
         r, n, _ = _blocks(shape)  # type: ignore[misc]
         return r * (n * (n + 1) // 2) * prod(shape[2:])
 
+    def describe(self, shape: Shape, groups: int = 1) -> str | None:
+        r, n, along_out = _blocks(shape)  # type: ignore[misc]
+        if r == 1:
+            return f"1 block {n}×{n}"
+        return f"{r} blocks {n}×{n} ({'stacked' if along_out else 'side by side'})"
+
     def _to_blocks(self, weight: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
         r, n, along_out = _blocks(tuple(weight.shape))  # type: ignore[misc]
         taps = tuple(weight.shape[2:])
