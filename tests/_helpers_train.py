@@ -3,9 +3,11 @@ MODEL strings (conftest.py puts tests/ on sys.path; ``cli_env`` does it for chil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -70,6 +72,17 @@ def tiny_cnn(num_classes: int = 10) -> nn.Module:
         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
     )
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Intra-op threads fight the other xdist worker for 2 cores; one thread is much faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cli_env(threads: int = 1) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers_train import FASHION_MNIST
+from _helpers_train import FASHION_MNIST, one_thread
 from torch import nn
 
 from symconvert.data import (
@@ -26,6 +26,12 @@ from symconvert.data import (
     stratified_subset,
 )
 from symconvert.errors import DataError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
 
 
 def _grey_model(num_classes: int = 10, in_chans: int = 1, cfg: dict | None = None) -> nn.Module:
