@@ -80,9 +80,15 @@ def _layer_kinds() -> list[str]:
 
 
 def _check_model(name: str) -> None:
-    from symconvert.sources import parse_model
+    # parse_model only splits an explicit `timm:NAME`; ask the registry too, so that a typo
+    # fails at validation rather than at the start of the run.
+    from symconvert.sources import _timm_has, _torchvision_has, _unknown, parse_model
 
-    parse_model(name)
+    library, bare = parse_model(name)
+    if library == "timm" and not bare.startswith("hf-hub:") and not _timm_has(bare):
+        raise _unknown(bare, "timm")
+    if library == "torchvision" and not _torchvision_has(bare):
+        raise _unknown(bare, "torchvision")
 
 
 def _check_scheme(name: str) -> None:
