@@ -16,6 +16,7 @@ import importlib
 import inspect as _inspect
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,19 @@ def _unknown(name: str, library: str | None = None) -> UnknownModelError:
         pool += [f"timm:{n}" for n in timm.list_models()]
     if library in (None, "torchvision"):
         pool += [f"torchvision:{n}" for n in torchvision.models.list_models()]
-    bare = [p.split(":", 1)[1] for p in pool]
+    # a name both libraries have (resnet50) is one suggestion, not two
+    bare = list(dict.fromkeys(p.split(":", 1)[1] for p in pool))
     close = difflib.get_close_matches(name, bare, n=5, cutoff=0.6)
     where = f"in {library}" if library else "in timm or torchvision"
     hint = f" Close matches: {', '.join(close)}." if close else ""
+    # the listing command searches for the name's own family, not always '*resnet*'
+    stem = re.match(r"[A-Za-z]+", name.rsplit("/", 1)[-1])
+    if library == "torchvision":
+        listing = "import torchvision; print(torchvision.models.list_models())"
+    else:
+        listing = f"import timm; print(timm.list_models('*{stem.group(0).lower() if stem else ''}*'))"
     return UnknownModelError(
-        f"no model named {name!r} {where}.{hint} List names with "
-        "`python -c \"import timm; print(timm.list_models('*resnet*'))\"`."
+        f"no model named {name!r} {where}.{hint} List names with `python -c \"{listing}\"`."
     )
 
 
