@@ -279,10 +279,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            # torch's first line advises weights_only=False (running the pickle); the
+            # useful part is the line naming the refused global
+            detail = next((ln.strip() for ln in str(exc).splitlines()
+                           if "GLOBAL" in ln or "Unsupported" in ln), "")
             raise WeightsError(
                 f"{path} holds Python objects beyond tensors, which symconvert refuses to "
-                f"unpickle (weights_only=True): {str(exc).splitlines()[0]}. Re-save it as a "
-                "plain state_dict or as .safetensors."
+                f"unpickle (weights_only=True){': ' + detail if detail else ''} Re-save it "
+                "as a plain state_dict or as .safetensors."
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise WeightsError(f"{path} is not a readable PyTorch weights file: {exc}") from None
