@@ -17,6 +17,7 @@ import inspect as _inspect
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +189,18 @@ def _build_py(name, num_classes, kwargs) -> nn.Module:
         raise UnknownModelError(
             f"py model {name!r} must look like py:package.module:function"
         )
+    # The `symconvert` console script, unlike `python -m symconvert`, does not search the
+    # current directory; a user's model module usually lives there (as for uvicorn's
+    # app strings). Appended, so it never shadows an installed package.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UnknownModelError(f"cannot import {module_name!r} for py:{name}: {exc}") from None
+        raise UnknownModelError(
+            f"cannot import {module_name!r} for py:{name}: {exc}. Run from the directory "
+            "that holds it, or add that directory to PYTHONPATH."
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UnknownModelError(f"{module_name!r} has no callable {attr!r} (py:{name})")
