@@ -512,6 +512,7 @@ def _finetune_config(meta: dict[str, Any], options: ReportOptions, device: torch
 
 def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
              options: ReportOptions, device: torch.device, say: Log) -> dict[str, Any]:
+    import symconvert
     from symconvert.export import export as export_model
     from symconvert.plan import count_parameters
     from symconvert.prune import count_nonzero, make_permanent, prune_global_l1
@@ -525,6 +526,8 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
     removed = report["params"]["saved"]
     acc = report["accuracy"]
     sym_scores = acc.get("finetuned") if report["kind"] == "finetuned" else acc.get("converted")
+    # "before fine-tuning": what each compression alone costs, before any training
+    sym_before = acc.get("converted") if report["kind"] == "finetuned" else None
     out: dict[str, Any] = {
         "budget": ({"fine_tuned": True, "data": train_data, "epochs": config.epochs,
                     "distill": config.distill, "lr": config.lr, "opt": config.opt,
@@ -536,9 +539,10 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
         "symmetric": {
             "label": f"symmetric ({report['scheme']})",
             "params_stored": report["params"]["after"],
-            "params_nonzero": None,
+            "params_nonzero": count_nonzero(symconvert.load(report["directory"])),
             "bytes": report["bytes"]["symconvert"],
             **_scores(sym_scores or {}),
+            "before_finetune": _scores(sym_before or {}),
         },
     }
     for kind in options.compare:
@@ -550,9 +554,12 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
             entry.update(label="global L1 magnitude pruning", pool=pool,
                          note="unstructured zeros do not shrink a dense file: the pruned "
                               "model is stored with its zeros, as large as the source")
+            say("baseline prune: evaluating before fine-tuning")
+            entry["before_finetune"] = _scores(_eval(model, options, device))
         else:
             entry.update(label="dense (source, fine-tuned)",
-                         note="the control: same fine-tuning, no compression")
+                         note="the control: same fine-tuning, no compression",
+                         before_finetune=_scores(acc.get("source") or {}))
         if config is not None:
             say(f"baseline {kind}: fine-tuning {config.epochs} epoch(s) on {train_data}")
             teacher = sources.fresh() if config.distill else None
@@ -611,7 +618,7 @@ def _provenance(directory: Path, meta: dict[str, Any], parent: Path | None,
         device_name += f" ({torch.cuda.get_device_name(device)})"
     else:
         device_name += f" ({platform.processor() or platform.machine()}, " \
-                       f"{torch.get_num_threads()} threads)"
+                       f"torch threads: {torch.get_num_threads()})"
     return {
         "data": options.data,
         "split": acc.get("split"),
@@ -714,18 +721,21 @@ def sections(report: Report) -> list[Section]:
             if not e:
                 continue
             rows.append([e["label"], fmt_int(e["params_stored"]), fmt_int(e["params_nonzero"]),
-                         fmt_int(e["bytes"]), fmt_pct(e.get("top1")), fmt_pct(e.get("top5"))])
+                         fmt_int(e["bytes"]),
+                         fmt_pct((e.get("before_finetune") or {}).get("top1")),
+                         fmt_pct(e.get("top1")), fmt_pct(e.get("top5"))])
         budget = cmp_["budget"]
         budget_text = (f"budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
                        f"{'on' if budget['distill'] else 'off'}, seed {budget['seed']}"
                        if budget.get("fine_tuned") else f"budget: {budget['note']}")
-        notes = [cmp_["summary"], budget_text] + [
+        notes = [cmp_["summary"], budget_text + "."] + [
             f"{cmp_[k]['label']}: {cmp_[k]['note']}." for k in COMPARE_KINDS if k in cmp_]
         out.append(Section(
             title=f"side by side, {fmt_int(cmp_['removed'])} parameters removed",
-            columns=["model", "params stored", "params non-zero", "file bytes", "top-1",
-                     "top-5"],
-            right=[False, True, True, True, True, True], rows=rows, note=" ".join(notes)))
+            columns=["model", "params stored", "params non-zero", "file bytes",
+                     "top-1 before FT", "top-1", "top-5"],
+            right=[False, True, True, True, True, True, True], rows=rows,
+            note=" ".join(notes)))
 
     layer_rows = [[e["name"], "×".join(str(s) for s in e["shape"]), e["scheme"],
                    fmt_int(e["params_before"]), fmt_int(e["params_after"]),
@@ -788,7 +798,7 @@ def render_table(report: Report) -> list[Any]:
     from rich.table import Table
     from rich.text import Text
 
-    out: list[Any] = []
+    out: list[Any] = [Text(f"symconvert report: {report['model']}", style="bold")]
     for sec in sections(report):
         table = Table(title=escape(sec.title), title_justify="left", show_header=any(sec.columns))
         for i, col in enumerate(sec.columns):
@@ -894,32 +904,42 @@ def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path
 
 
 def _plot_curves(ax: Any, report: Report) -> None:
+    # epoch 0 = before fine-tuning (the converted / pruned / source model), when measured
+    acc = report.get("accuracy") or {}
+    start = {"symmetric": (acc.get("converted") or {}).get("top1")}
     curves = {"symmetric": (report.get("curves") or {}).get("finetuned") or []}
     for key in COMPARE_KINDS:
         entry = (report.get("compare") or {}).get(key) or {}
         if entry.get("curve"):
             curves[key] = entry["curve"]
+            start[key] = (entry.get("before_finetune") or {}).get("top1")
     drawn = False
     loss_ax = None
     for (label, rows), color in zip(curves.items(), ("#2b6cb0", "#c05621", "#2f855a"), strict=False):
-        pts = [(r.get("epoch", i + 1), r["eval_top1"]) for i, r in enumerate(rows)
+        pts = [(r.get("epoch", i + 1), 100 * r["eval_top1"]) for i, r in enumerate(rows)
                if isinstance(r.get("eval_top1"), (int, float))]
+        if pts and start.get(label) is not None:
+            pts.insert(0, (0, 100 * start[label]))
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"{label}: eval top-1")
+            ax.plot(*zip(*pts, strict=True), marker="o", color=color,
+                    label=f"{label}: eval top-1")
             drawn = True
         loss = [(r.get("epoch", i + 1), r["train_loss"]) for i, r in enumerate(rows)
                 if isinstance(r.get("train_loss"), (int, float))]
         if loss:
             loss_ax = loss_ax or ax.twinx()
-            loss_ax.plot(*zip(*loss, strict=True), linestyle="--", color=color,
+            loss_ax.plot(*zip(*loss, strict=True), linestyle="--", marker="x", color=color,
                          label=f"{label}: train loss")
             drawn = True
     if not drawn:
         ax.text(0.5, 0.5, "no fine-tuning metrics (metrics.jsonl)", ha="center", va="center",
                 fontsize=13)
     else:
-        ax.set_xlabel("epoch", fontsize=12)
-        ax.set_ylabel("eval top-1", fontsize=12)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (0 = before fine-tuning)", fontsize=12)
+        ax.set_ylabel("eval top-1 (%)", fontsize=12)
         handles, labels = ax.get_legend_handles_labels()
         if loss_ax is not None:
             loss_ax.set_ylabel("train loss", fontsize=12)
@@ -932,12 +952,13 @@ def _plot_curves(ax: Any, report: Report) -> None:
 def _plot_accuracy(ax: Any, report: Report) -> None:
     acc = report["accuracy"]
     bars = [(label, acc[key]["top1"]) for key, label in
-            (("source", "source"), ("converted", "converted"), ("finetuned", "fine-tuned"))
+            (("source", "source"), ("converted", "converted\n(before FT)"),
+             ("finetuned", "fine-tuned"))
             if isinstance(acc.get(key), dict) and "top1" in acc[key]]
     for key in COMPARE_KINDS:
         entry = (report.get("compare") or {}).get(key) or {}
         if "top1" in entry:
-            bars.append((f"{key} baseline", entry["top1"]))
+            bars.append((f"{key}\nbaseline", entry["top1"]))
     if not bars:
         ax.text(0.5, 0.5, f"accuracy not measured:\n{acc.get('reason', '')[:60]}",
                 ha="center", va="center", fontsize=13)
@@ -948,7 +969,7 @@ def _plot_accuracy(ax: Any, report: Report) -> None:
             ax.text(i, v * 100, f"{v * 100:.2f}", ha="center", va="bottom", fontsize=11)
         ax.set_ylabel("top-1 (%)", fontsize=12)
         low = min(values) * 100
-        ax.set_ylim(max(0.0, low - 10), 101)
+        ax.set_ylim(max(0.0, low - 10), 108)  # headroom for the value labels
         ax.tick_params(axis="x", labelsize=11)
     ax.set_title(f"top-1 on the {acc.get('split', 'eval')} split", fontsize=13)
 
