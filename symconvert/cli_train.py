@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from symconvert.cli import app, console
+from symconvert.cli import app, console, err_console
 
 DATA_HELP = (
     "digits | fashion-mnist[:ROOT] | mnist:ROOT | cifar10:ROOT | cifar100:ROOT | "
@@ -67,17 +67,22 @@ def finetune_command(
 
       symconvert finetune r18-channel --data digits --resume     # after an interruption
     """
-    from symconvert.train import finetune
+    from symconvert.train import TrainingInterrupted, finetune
 
-    result = finetune(
-        model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
-        overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad or None,
-        amp=amp, device=device, workers=workers, seed=seed, distill=distill,
-        distill_alpha=distill_alpha, distill_temperature=distill_temperature,
-        checkpoint_every=checkpoint_every, input_size=input_size, subsample=subsample,
-        augment=augment, download=download,
-    )
+    try:
+        result = finetune(
+            model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
+            overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
+            weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad or None,
+            amp=amp, device=device, workers=workers, seed=seed, distill=distill,
+            distill_alpha=distill_alpha, distill_temperature=distill_temperature,
+            checkpoint_every=checkpoint_every, input_size=input_size, subsample=subsample,
+            augment=augment, download=download,
+        )
+    except TrainingInterrupted as exc:
+        err_console.print(f"[yellow]interrupted:[/] {exc}", highlight=False)
+        # SystemExit, not typer.Exit: cli.main returns SystemExit codes as the exit status.
+        raise SystemExit(130) from None
     import os
 
     if os.environ.get("RANK", "0") != "0":
