@@ -279,7 +279,10 @@ def _layers(directory: Path, meta: dict[str, Any], parent: Path | None,
                 by_key[k]["scheme"] == r["scheme"] and list(by_key[k]["shape"]) == r["shape"]
                 for k, r in records.items()):
             return [_layer_entry(by_key[k]) for k in records], str(where / PLAN_NAME)
-    return _recompute_layers(records, sources), "recomputed on the source weights"
+    layers = _recompute_layers(records, sources)
+    if any(e["symmetrization_error"] is None for e in layers):
+        return layers, "recomputed from the metadata (no source weights: no error)"
+    return layers, "recomputed on the source weights"
 
 
 def _layer_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -332,12 +335,19 @@ def _recompute_layers(records: dict[str, Any], sources: _SourceCache) -> list[di
 # ------------------------------------------------------------------ FLOPs, latency
 
 
+#: what a model with an embedding (a language model) is timed on: tokens[T, B]
+LM_SEQUENCE = 35
+
+
 def _example(model: nn.Module, options: ReportOptions, batch: int) -> torch.Tensor:
     """A zero image batch as the model's config expects (``export.example_input``), with
     the channels its first conv really takes (a timm config does not follow ``in_chans=``)
-    and ``--input-size`` applied."""
+    and ``--input-size`` applied; token ids ``[35, batch]`` for a model with an embedding."""
     from symconvert.data import model_in_chans, parse_input_size
     from symconvert.export import example_input
+
+    if any(isinstance(m, nn.Embedding) for m in model.modules()):
+        return torch.zeros(LM_SEQUENCE, batch, dtype=torch.long)
 
     x = example_input(model, batch_size=batch)
     chans = model_in_chans(model, getattr(model, "pretrained_cfg", None)) or x.shape[1]
@@ -362,11 +372,16 @@ def _flops(directory: Path, sources: _SourceCache, options: ReportOptions) -> di
 
     folded = symconvert.fold(symconvert.load(directory)).eval()
     example = _example(folded, options, 1)
-    source = count_flops(sources.architecture(), example)
-    after = count_flops(folded, example)
+    try:
+        source = count_flops(sources.architecture(), example)
+        after = count_flops(folded, example)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return {"reason": f"the model does not run on an example input of shape "
+                          f"{list(example.shape)} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}); pass --input-size"}
     return {"source": source, "folded": after, "input": list(example.shape),
             "note": "symmetry stores fewer weights but the folded model runs the same dense "
-                    "layers, so FLOPs per image do not change"}
+                    "layers, so FLOPs per input do not change"}
 
 
 def median_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: int,
@@ -404,11 +419,19 @@ def _latency(directory: Path, sources: _SourceCache, options: ReportOptions,
             source = sources.weighted()
         except SymconvertError:  # offline without cached weights: the architecture times the same
             pass
-    shape = _example(folded, options, options.latency_batch).shape
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    ms = median_latency({"source": source, "folded": folded, "converted": converted},
-                        example, options.latency_runs, device)
-    source.to("cpu")
+    example = _example(folded, options, options.latency_batch)
+    if example.is_floating_point():
+        example = torch.randn(example.shape, generator=torch.Generator().manual_seed(0))
+    try:
+        ms = median_latency({"source": source, "folded": folded, "converted": converted},
+                            example, options.latency_runs, device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return {"reason": f"the model does not run on an example input of shape "
+                          f"{list(example.shape)} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}); pass --input-size",
+                "batch": options.latency_batch, "device": str(device)}
+    finally:
+        source.to("cpu")
     return {
         "source_ms": ms["source"], "folded_ms": ms["folded"], "converted_ms": ms["converted"],
         "folded_vs_source": ms["folded"] / ms["source"] if ms["source"] else None,
@@ -674,12 +697,21 @@ def _acc_cells(entry: dict[str, Any] | None) -> list[str]:
     if not entry or "reason" in entry:
         reason = (entry or {}).get("reason", "not measured")
         return ["—", "—", f"not measured: {reason}"]
-    return [fmt_pct(entry.get("top1")), fmt_pct(entry.get("top5")), ""]
+    note = f"perplexity {entry['perplexity']:.2f}" if "perplexity" in entry else ""
+    return [fmt_pct(entry.get("top1")), fmt_pct(entry.get("top5")), note]
 
 
 def sections(report: Report) -> list[Section]:
     """The report as tables of strings: what ``render_table`` and ``render_markdown`` show."""
     p, b, f, lat = report["params"], report["bytes"], report["flops"], report["latency"]
+    notes = ["bytes: dense = the folded export (`symconvert export --format dense`)."]
+    if "reason" in lat:
+        notes.append(f"latency not measured: {lat['reason']}.")
+    else:
+        notes.append(f"latency: median of {lat.get('runs')} runs, the symmetric model folded; "
+                     f"unfolded it takes {fmt_ms(lat['converted_ms'])}.")
+    if "reason" in f:
+        notes.append(f"FLOPs not counted: {f['reason']}.")
     out = [Section(
         title=f"{report['model']} — {report['scheme']} ({report['kind']})",
         columns=["quantity", "source / dense", "symmetric", "change"],
@@ -689,14 +721,12 @@ def sections(report: Report) -> list[Section]:
              f"−{fmt_int(p['saved'])} (−{fmt_pct(p['saved_fraction'])})"],
             ["bytes on disk", fmt_int(b["dense"]), fmt_int(b["symconvert"]),
              f"−{fmt_pct(b['saved_fraction'])}"],
-            ["FLOPs per image", fmt_int(f["source"]), fmt_int(f["folded"]),
-             fmt_ratio(f["folded"] / f["source"] if f["source"] else None)],
-            [f"latency, batch {lat['batch']} ({lat['device']})", fmt_ms(lat["source_ms"]),
-             fmt_ms(lat["folded_ms"]), fmt_ratio(lat["folded_vs_source"])],
+            ["FLOPs per input", fmt_int(f.get("source")), fmt_int(f.get("folded")),
+             fmt_ratio(f["folded"] / f["source"] if f.get("source") else None)],
+            [f"latency, batch {lat['batch']} ({lat['device']})", fmt_ms(lat.get("source_ms")),
+             fmt_ms(lat.get("folded_ms")), fmt_ratio(lat.get("folded_vs_source"))],
         ],
-        note="bytes: dense = the folded export (`symconvert export --format dense`); "
-             "latency: median of the runs, the symmetric model folded; "
-             f"unfolded it takes {fmt_ms(lat['converted_ms'])}.",
+        note=" ".join(notes),
     )]
 
     acc = report["accuracy"]
@@ -744,8 +774,8 @@ def sections(report: Report) -> list[Section]:
         title=f"per layer ({len(layer_rows)} converted)",
         columns=["layer", "shape", "scheme", "params before", "params after", "sym. error"],
         right=[False, False, False, True, True, True], rows=layer_rows,
-        note=f"sym. error = ‖W − unpack(pack(W))‖ / ‖W‖ on the source weights "
-             f"(from {report.get('layers_from')})."))
+        note="sym. error = ‖W − unpack(pack(W))‖ / ‖W‖ on the source weights; rows from "
+             f"{report.get('layers_from')}."))
 
     prov = report["provenance"]
     v = prov["versions"]
