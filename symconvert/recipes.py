@@ -856,16 +856,6 @@ def _init_group(device: str | None) -> bool:
     return True
 
 
-def _barrier() -> None:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            torch.distributed.barrier()
-
-
 def _broadcast_error(failed: bool) -> bool:
     """True on every rank if any rank failed (so no rank waits forever at a barrier)."""
     import torch
@@ -977,8 +967,8 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
 
         t0 = time.perf_counter()
         ft = recipe.finetune
-        echo(f"finetune: on {recipe.data.spec} → {finetuned}")
         if main:
+            echo(f"finetune: on {recipe.data.spec} → {finetuned}")
             log(f"finetune: start ({', '.join(f'{k}={v}' for k, v in finetune_settings(recipe).items())})")
         try:
             result = finetune(converted, recipe.data.spec, out=finetuned, teacher=ft.teacher,
@@ -988,6 +978,9 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
         except BaseException as exc:
             if main:
                 log(f"finetune stopped: {type(exc).__name__}: {exc}")
+                if isinstance(exc, KeyboardInterrupt):
+                    echo("the last checkpoint is kept: rerun the same command with --resume "
+                         "to continue")
             raise
         seconds["finetune"] = time.perf_counter() - t0
         if main:
@@ -1005,7 +998,8 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
         seconds["report"] = time.perf_counter() - t0
         log(f"report: wrote {', '.join(str(p.name) for p in files.values())}")
         log("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    _barrier()
+    # No barrier here: the other ranks are done once fine-tuning is (a long report, or the
+    # --compare baselines, would otherwise outlast the process group's timeout).
     return RunResult(out=out, converted=converted,
                      finetuned=finetuned if recipe.finetune.enabled else None,
                      report=report, files=files, seconds=seconds)
