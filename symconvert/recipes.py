@@ -908,17 +908,26 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     check_data(recipe)
     resolved = resolve(recipe)  # the trainer's own checks run here, before any work
     owns_group = _init_group(recipe.finetune.device)
-    try:
-        return _run(recipe, resolved, overwrite, resume, progress, echo, main)
-    finally:
+
+    def leave_group() -> None:
+        # After fine-tuning rank 0 works alone: the report's evaluation must not all-reduce
+        # with ranks that have finished.
+        nonlocal owns_group
         if owns_group:
             import torch
 
             torch.distributed.destroy_process_group()
+            owns_group = False
+
+    try:
+        return _run(recipe, resolved, overwrite, resume, progress, echo, main, leave_group)
+    finally:
+        leave_group()
 
 
 def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool,
-         progress: bool, echo: Callable[[str], None], main: bool) -> RunResult:
+         progress: bool, echo: Callable[[str], None], main: bool,
+         leave_group: Callable[[], None]) -> RunResult:
     out = recipe.run_dir
     seconds: dict[str, float] = {}
     failed: BaseException | None = None
@@ -939,7 +948,7 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
             f"# resolved by symconvert run from {_origin(recipe)}\n" + dump_yaml(resolved))
         log(f"run {_origin(recipe)} → {out}" + (" (resume)" if resume else ""))
 
-    # 1. convert (rank 0; the others wait at the barrier)
+    # 1. convert (rank 0; the others wait in _broadcast_error)
     t0 = time.perf_counter()
     if main:
         try:
@@ -987,7 +996,8 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
             log(f"finetune: done in {seconds['finetune']:.1f}s; eval {result.eval}")
         report_dir = finetuned
 
-    # 3. report (rank 0)
+    # 3. report (rank 0, alone)
+    leave_group()
     report: dict[str, Any] = {}
     files: dict[str, Path] = {}
     if main:
@@ -998,8 +1008,6 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
         seconds["report"] = time.perf_counter() - t0
         log(f"report: wrote {', '.join(str(p.name) for p in files.values())}")
         log("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    # No barrier here: the other ranks are done once fine-tuning is (a long report, or the
-    # --compare baselines, would otherwise outlast the process group's timeout).
     return RunResult(out=out, converted=converted,
                      finetuned=finetuned if recipe.finetune.enabled else None,
                      report=report, files=files, seconds=seconds)
