@@ -764,15 +764,16 @@ def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     if build_model:
         import symconvert
 
-        m, sel = recipe.model, recipe.selection
+        sel = recipe.selection
         try:
-            model = symconvert.create_model(m.name, pretrained=m.pretrained, weights=m.weights,
-                                            num_classes=m.num_classes, **m.kwargs)
+            model = build_source(recipe)
             plan = symconvert.inspect(
                 model, recipe.scheme, include=sel.include or None, exclude=sel.exclude or None,
                 layers=sel.layers, min_channels=sel.min_channels, include_head=sel.include_head,
                 allow_empty=sel.allow_empty, target_reduction=sel.target_reduction,
                 gates=sel.gates)
+        except RecipeError as exc:
+            problems.append(str(exc))
         except SymconvertError as exc:
             problems.append(f"model: {exc}")
     return DryRun(resolved=resolved, stages=stages(recipe), plan=plan, problems=problems)
@@ -869,6 +870,20 @@ def _broadcast_error(failed: bool) -> bool:
     return bool(t.item())
 
 
+def build_source(recipe: Recipe) -> Any:
+    """The source model the recipe names (``symconvert.create_model``)."""
+    import symconvert
+    from symconvert.errors import WeightsError
+
+    m = recipe.model
+    try:
+        return symconvert.create_model(m.name, pretrained=m.pretrained, weights=m.weights,
+                                       num_classes=m.num_classes, **m.kwargs)
+    except WeightsError as exc:  # its hint names CLI flags; say the recipe keys too
+        raise RecipeError(f"model: {exc} In a recipe: --set model.weights=FILE, or "
+                          "--set model.pretrained=false.") from None
+
+
 def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
     """Build the source model, convert it and write ``out`` (model, metadata, plan.json)."""
     import json
@@ -877,8 +892,7 @@ def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
     from symconvert.checkpoint import _atomic_write
 
     m, sel = recipe.model, recipe.selection
-    model = symconvert.create_model(m.name, pretrained=m.pretrained, weights=m.weights,
-                                    num_classes=m.num_classes, **m.kwargs)
+    model = build_source(recipe)
     selection = dict(include=sel.include or None, exclude=sel.exclude or None,
                      layers=sel.layers, min_channels=sel.min_channels,
                      include_head=sel.include_head, gates=sel.gates)

@@ -327,3 +327,33 @@ def test_run_quickstart_pipeline_writes_the_run_directory(tmp_path):
     again = run_cli("run", "quickstart", "--no-progress", "--dry-run", "--set", f"out={out}")
     assert_clean_error(again, "already holds a run")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("recipes")
+def test_run_under_torchrun_converts_and_reports_once(tmp_path):
+    """`torchrun -m symconvert run`: two CPU processes (gloo) fine-tune together; rank 0
+    alone converts, writes the log and prints the report."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TESTS, WIDTH
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "COLUMNS": str(WIDTH), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "symconvert", "run", "quickstart", "--no-progress", "--set", f"out={out}",
+         "--set", "finetune.epochs=1", "--set", "data.subsample=256",
+         "--set", "finetune.batch_size=32", "--set", "report.latency_runs=1"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("accuracy on the test split") == 1, proc.stdout
+    log = (out / "run.log").read_text()
+    assert log.count("convert: ") == 1 and log.count("finetune: done") == 1, log
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["n"] == 256
+    meta = json.loads((out / "finetuned" / "symconvert.json").read_text())
+    assert meta["finetune"]["args"]["epochs"] == 1
