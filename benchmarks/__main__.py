@@ -148,8 +148,9 @@ def _rss_kib(field: str) -> int:
 
 
 def _peak_memory_child(name: str, variant: str, batch: int, size: int) -> None:
-    import symconvert  # noqa: F401  (imports counted in the baseline)
     import torchvision  # noqa: F401
+
+    import symconvert  # noqa: F401  (imports counted in the baseline)
 
     base = _rss_kib("VmRSS")
     step = _train_setup(name, variant, batch, size)
