@@ -201,8 +201,8 @@ class _SourceCache:
         return self._arch
 
     def weighted(self) -> nn.Module:
-        """The source with its recorded pretrained weights / weights file (a fresh copy each
-        call would cost a download check; callers that train get ``fresh()``)."""
+        """The source with its recorded pretrained weights / weights file, shared by the
+        measurements that only read it (callers that train get their own ``fresh()``)."""
         if self._weighted is None:
             self._weighted = self.fresh().eval()
         return self._weighted
