@@ -6,13 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from _helpers_threads import one_thread_per_worker  # noqa: F401  (fixture)
+from _helpers_train import one_thread
 from safetensors.torch import load_file
 
 import symconvert
 from symconvert.schemes import list_schemes
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_worker")
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # two xdist workers with 2 MKL threads each on 2 cores spin against each other: the
+    # float64 eigh of eigen:16 on layer4 took 12x the CPU time it takes with one thread
+    with one_thread():
+        yield
+
 
 SCHEMES = [s.spec for s in list_schemes()]
 
