@@ -559,6 +559,7 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
                    {"fine_tuned": False, "note": "the directory was not fine-tuned, so neither "
                                                  "are the baselines"}),
         "removed": removed,
+        "n": acc.get("n"),
         "symmetric": {
             "label": f"symmetric ({report['scheme']})",
             "params_stored": report["params"]["after"],
@@ -608,18 +609,26 @@ def compare_sentence(compare: dict[str, Any]) -> str:
     parts = []
     if "top1" not in sym:
         return "The symmetric model has no top-1 to compare."
+    n = compare.get("n")
+
+    def images(diff_pt: float) -> str:
+        # on a small eval split a point is a handful of images: say how many
+        return f" = {round(abs(diff_pt) * n / 100)} of {n:,} images" if n else ""
+
     if "prune" in compare and "top1" in compare["prune"]:
         diff = (sym["top1"] - compare["prune"]["top1"]) * 100
         verdict = ("symmetry wins" if diff > 0 else "pruning wins" if diff < 0 else "a tie")
+        margin = f" by {abs(diff):.2f} pt{images(diff)}" if diff else ""
         parts.append(
             f"with {compare['removed']:,} parameters removed from each, {sym['label']} reaches "
             f"{fmt_pct(sym['top1'])} top-1 and magnitude pruning {fmt_pct(compare['prune']['top1'])}"
-            f" ({verdict}{'' if diff == 0 else f' by {abs(diff):.2f} pt'}), but only the "
-            f"symmetric file is smaller ({sym['bytes']:,} vs {compare['prune']['bytes']:,} bytes)")
+            f" ({verdict}{margin}), but only the symmetric file is smaller "
+            f"({sym['bytes']:,} vs {compare['prune']['bytes']:,} bytes)")
     if "dense" in compare and "top1" in compare["dense"]:
         diff = (compare["dense"]["top1"] - sym["top1"]) * 100
-        cost = (f"symmetry costs {diff:.2f} pt" if diff > 0 else
-                f"symmetry is {-diff:.2f} pt ahead" if diff < 0 else "no difference")
+        cost = (f"symmetry costs {diff:.2f} pt{images(diff)}" if diff > 0 else
+                f"symmetry is {-diff:.2f} pt ahead{images(diff)}" if diff < 0 else
+                "no difference")
         parts.append(f"the dense control fine-tuned with the same budget reaches "
                      f"{fmt_pct(compare['dense']['top1'])} ({cost})")
     text = "; ".join(parts)
@@ -755,11 +764,12 @@ def sections(report: Report) -> list[Section]:
                          fmt_pct((e.get("before_finetune") or {}).get("top1")),
                          fmt_pct(e.get("top1")), fmt_pct(e.get("top5"))])
         budget = cmp_["budget"]
-        budget_text = (f"budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
+        budget_text = (f"Budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
                        f"{'on' if budget['distill'] else 'off'}, seed {budget['seed']}"
-                       if budget.get("fine_tuned") else f"budget: {budget['note']}")
+                       if budget.get("fine_tuned") else f"Budget: {budget['note']}")
         notes = [cmp_["summary"], budget_text + "."] + [
-            f"{cmp_[k]['label']}: {cmp_[k]['note']}." for k in COMPARE_KINDS if k in cmp_]
+            f"{cmp_[k]['label'][0].upper()}{cmp_[k]['label'][1:]}: {cmp_[k]['note']}."
+            for k in COMPARE_KINDS if k in cmp_]
         out.append(Section(
             title=f"side by side, {fmt_int(cmp_['removed'])} parameters removed",
             columns=["model", "params stored", "params non-zero", "file bytes",

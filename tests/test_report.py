@@ -465,6 +465,10 @@ def test_compare_sentence_names_the_winner():
     assert "symmetry wins by 5.00 pt" in text and "symmetry costs 2.00 pt" in text
     cmp_["prune"]["top1"] = 0.96
     assert "pruning wins by 1.00 pt" in compare_sentence(cmp_)
+    cmp_["n"] = 200
+    assert "pruning wins by 1.00 pt = 2 of 200 images" in compare_sentence(cmp_)
+    cmp_["prune"]["top1"] = 0.95
+    assert "(a tie)" in compare_sentence(cmp_)
 
 
 def test_sections_mark_unmeasured_entries():
