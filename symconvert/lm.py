@@ -83,14 +83,14 @@ def build_vocab(tokens: list[str], max_vocab: int | None = None) -> list[str]:
     for i, word in enumerate(tokens):
         first.setdefault(word, i)
     words = sorted(counts, key=lambda w: (-counts[w], first[w]))
+    specials = (EOS, UNK)
     if max_vocab is not None:
-        if max_vocab < 2:
+        if max_vocab < len(specials):
             raise DataError(f"max_vocab must be at least 2 (for {EOS} and {UNK}), got {max_vocab}")
-        reserved = [w for w in (EOS, UNK) if w not in words[:max_vocab]]
-        words = words[: max_vocab - len(reserved)] + reserved
-    for special in (EOS, UNK):
-        if special not in words:
-            words.append(special)
+        kept = {w for w in words if w not in specials}
+        kept = set([w for w in words if w in kept][: max_vocab - len(specials)])
+        words = [w for w in words if w in kept or w in specials]
+    words += [s for s in specials if s not in words]
     return words
 
 
