@@ -27,6 +27,20 @@ if str(TESTS) not in sys.path:
 WIDTH = 400
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    # pytest-xdist (<= 3.8) sends `xdist_group` tests to one worker by tagging their id,
+    # `item._nodeid = "...@group"`; pytest 9.2 keeps the id in `item._id` and ignores
+    # `_nodeid`, so without this `--dist loadgroup` silently spread every group (each
+    # worker rebuilt the shared resnet101 directory). Runs after xdist's hook.
+    for item in items:
+        tagged = item.__dict__.get("_nodeid")
+        if tagged and tagged != item.nodeid and hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(tagged)
+
+
 @dataclass
 class CliResult:
     code: int
