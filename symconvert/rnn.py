@@ -5,7 +5,7 @@ Targets, per layer ``k`` and direction (``_reverse``):
 
 * ``weight_hh_l{k}``: ``[G*H, H]``, seen as G square H x H gate blocks (``groups = G``,
   LSTM i,f,g,o: G = 4; GRU r,z,n: G = 3; plain RNN: G = 1), so ``channel`` makes each
-  gate block symmetric, as in the paper;
+  gate block symmetric, as in the paper (selected by default: ``--gates hh``);
 * ``weight_ih_l{k}``: ``[G*H, I]``, only when the selection's gates include ``ih``
   (``--gates hh,ih``) and the gate blocks are square (I == H).
 
@@ -63,17 +63,20 @@ class RNNHandler(LayerHandler):
         gates = GATES[module.mode]
         hidden = module.hidden_size
         proj = getattr(module, "proj_size", 0)
-        want_ih = "ih" in (options.get("gates") or ["hh"])
+        gate_choice = options.get("gates") or ["hh"]
+        want_hh, want_ih = "hh" in gate_choice, "ih" in gate_choice
         directions = ("", "_reverse") if module.bidirectional else ("",)
         for layer in range(module.num_layers):
             for suffix in directions:
                 hh = f"weight_hh_l{layer}{suffix}"
                 shape = tuple(getattr(module, hh).shape)
-                if proj:
-                    yield TensorTarget(hh, shape, gates, f"LSTM with proj_size={proj}: "
-                                       f"recurrent gate blocks {hidden}x{proj} are not square")
-                else:
-                    yield TensorTarget(hh, shape, gates)
+                reason = None
+                if not want_hh:
+                    reason = "hidden-to-hidden weights not selected (--gates without hh)"
+                elif proj:
+                    reason = (f"LSTM with proj_size={proj}: recurrent gate blocks "
+                              f"{hidden}x{proj} are not square")
+                yield TensorTarget(hh, shape, gates, reason)
 
                 ih = f"weight_ih_l{layer}{suffix}"
                 shape = tuple(getattr(module, ih).shape)

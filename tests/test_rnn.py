@@ -59,6 +59,9 @@ def test_lstm_hh_gate_blocks_are_converted_and_ih_waits_for_gates_ih():
     rows = plan_rows(plan)
     assert rows["rnn.weight_ih_l1"] == ("convert", None)  # 16 -> 16: square gate blocks
     assert rows["rnn.weight_ih_l0"][0] == "skip" and "not square" in rows["rnn.weight_ih_l0"][1]
+    rows = plan_rows(symconvert.inspect(model, "channel", layers="rnn", gates="ih"))
+    assert rows["rnn.weight_ih_l1"] == ("convert", None)
+    assert "not selected" in rows["rnn.weight_hh_l1"][1]
     hh = next(e for e in plan.layers if e.name == "rnn.weight_hh_l0")
     # four 16x16 gate blocks, each symmetric: 4 * 16*17/2 free parameters
     assert (hh.shape, hh.groups, hh.params_before, hh.params_after) == ([64, 16], 4, 1024, 544)
