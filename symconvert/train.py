@@ -444,11 +444,8 @@ def _fit(model: nn.Module, data: Any, out: Path, config: FinetuneConfig,
         _check_same_run(ckpt, config, dist, ckpt_path)
     seed_everything(config.seed + dist.rank)
 
-    loaders = data if isinstance(data, Loaders) else create_loaders(
-        data, model, batch_size=config.batch_size, workers=config.workers,
-        input_size=config.input_size, subsample=config.subsample, seed=config.seed,
-        augment=config.augment, download=config.download, rank=dist.rank,
-        world_size=dist.world_size, pin_memory=device.type == "cuda")
+    loaders = data if isinstance(data, Loaders) else build_loaders(data, model, config, dist,
+                                                                    device)
     if loaders.train is None:
         raise SymconvertError("fit needs a train loader (create_loaders(..., train=True))")
     if loaders.task == "classification":
@@ -642,6 +639,24 @@ def _fit(model: nn.Module, data: Any, out: Path, config: FinetuneConfig,
     return result
 
 
+def build_loaders(data: str | DataSpec, model: nn.Module, config: FinetuneConfig, dist: Dist,
+                  device: torch.device) -> Loaders:
+    """This rank's loaders. With ``--download`` rank 0 fetches first, the others wait."""
+
+    def build(download: bool) -> Loaders:
+        return create_loaders(
+            data, model, batch_size=config.batch_size, workers=config.workers,
+            input_size=config.input_size, subsample=config.subsample, seed=config.seed,
+            augment=config.augment, download=download, rank=dist.rank,
+            world_size=dist.world_size, pin_memory=device.type == "cuda")
+
+    if not (dist.enabled and config.download):
+        return build(config.download)
+    loaders = build(True) if dist.main else None
+    torch.distributed.barrier()
+    return loaders if loaders is not None else build(False)
+
+
 def _sum_over_ranks(dist: Dist, stats: dict[str, Any]) -> dict[str, Any]:
     if not dist.enabled:
         return dict(stats)
@@ -701,57 +716,64 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.P
     The teacher is the unconverted source model recorded in ``model_dir`` unless ``teacher``
     names another MODEL or model directory.
     """
-    import symconvert
-    from symconvert.checkpoint import check_writable
-    from symconvert.sources import reset_head
 
     cfg = FinetuneConfig(**config)
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / "finetuned"
-    rank = int(os.environ.get("RANK", "0"))
     _check_output(out, resume, overwrite)
-    if rank == 0:
+    dist, device = setup_distributed(resolve_device(cfg.device))
+    try:
+        return _finetune(model_dir, data, out, cfg, teacher, num_classes, resume, progress,
+                         dist, device)
+    finally:
+        if dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneConfig,
+              teacher: str | nn.Module | None, num_classes: int | None, resume: bool,
+              progress: bool, dist: Dist, device: torch.device) -> FinetuneResult:
+    import symconvert
+    from symconvert.checkpoint import check_writable
+    from symconvert.data import model_num_outputs
+    from symconvert.sources import reset_head
+
+    if dist.main:
         check_writable(out, overwrite=True)
         _ensure_writable(out)
     student = symconvert.load(model_dir)
     source = dict(student.symconvert_source)
-    loaders_probe = create_loaders(data, student, batch_size=cfg.batch_size, train=False,
-                                   input_size=cfg.input_size, subsample=1,
-                                   download=cfg.download and rank == 0)
-    torch.manual_seed(cfg.seed)  # a new head is initialised identically on every rank
-    if num_classes is not None and num_classes != loaders_probe.num_classes:
-        raise DataError(f"--num-classes {num_classes} but --data {loaders_probe.spec.text} has "
-                        f"{loaders_probe.num_classes} classes; use --num-classes "
-                        f"{loaders_probe.num_classes}.")
+    loaders = build_loaders(data, student, cfg, dist, device)
+    if num_classes is not None and num_classes != loaders.num_classes:
+        raise DataError(f"--num-classes {num_classes} but --data {loaders.spec.text} has "
+                        f"{loaders.num_classes} classes; use --num-classes "
+                        f"{loaders.num_classes}.")
     head_reset = False
-    if num_classes is not None:
-        from symconvert.data import model_num_outputs
-
-        if model_num_outputs(student, loaders_probe.image_config) != num_classes:
-            reset_head(student, num_classes)
-            student.symconvert_source = {**source, "num_classes": num_classes}
-            head_reset = True
+    if num_classes is not None and model_num_outputs(student, loaders.image_config) != num_classes:
+        torch.manual_seed(cfg.seed)  # the new head is initialised identically on every rank
+        reset_head(student, num_classes)
+        student.symconvert_source = {**source, "num_classes": num_classes}
+        head_reset = True
 
     teacher_model: nn.Module | None = None
     if cfg.distill:
         teacher_model = _build_teacher(teacher, source)
-        from symconvert.data import model_num_outputs
-
-        t_out = model_num_outputs(teacher_model, loaders_probe.image_config)
-        if t_out != loaders_probe.num_classes:
-            err_console.print(
-                f"[yellow]warning:[/] the teacher has {t_out} outputs but the data has "
-                f"{loaders_probe.num_classes} classes"
-                f"{' (the head was reset)' if head_reset else ''}; distillation is off for "
-                "this run. Pass --teacher with a model trained on these classes to distil.",
-                highlight=False)
+        t_out = model_num_outputs(teacher_model, loaders.image_config)
+        if t_out != loaders.num_classes:
+            if dist.main:
+                err_console.print(
+                    f"[yellow]warning:[/] the teacher has {t_out} outputs but the data has "
+                    f"{loaders.num_classes} classes"
+                    f"{' (the head was reset)' if head_reset else ''}; distillation is off "
+                    "for this run. Pass --teacher with a model trained on these classes to "
+                    "distil.", highlight=False)
             teacher_model = None
             cfg = dataclasses.replace(cfg, distill=False)
 
-    result = fit(student, data, out, cfg, teacher=teacher_model, resume=resume,
+    result = fit(student, loaders, out, cfg, teacher=teacher_model, resume=resume,
                  progress=progress)
-    if rank == 0:
-        args = {k: v for k, v in _plain(asdict(cfg)).items()}
+    if dist.main:
+        args = dict(_plain(asdict(cfg)))
         args.update({"data": str(data), "num_classes": num_classes,
                      "teacher": teacher if isinstance(teacher, str) else
                      ("source" if teacher_model is not None else None)})
