@@ -209,35 +209,80 @@ def test_finetune_settings_map_to_the_trainer():
 
 
 def test_extra_reaches_trainer_settings_it_knows(monkeypatch):
-    """A language-model setting (bptt) goes through finetune.extra once the trainer has it,
-    and `data: text:ROOT` validates once a `text` source is registered: no schema change."""
-    import symconvert.data as data_mod
+    """finetune.extra passes any FinetuneConfig field the trainer gains, with no schema change."""
     import symconvert.train as train_mod
 
-    with pytest.raises(RecipeError, match=r"finetune\.extra\.bptt.*no such setting"):
-        parse_recipe({**MINIMAL, "finetune": {"extra": {"bptt": 35}}})
+    with pytest.raises(RecipeError, match=r"finetune\.extra\.label_smoothing.*no such setting"):
+        parse_recipe({**MINIMAL, "finetune": {"extra": {"label_smoothing": 0.1}}})
 
     @dataclasses.dataclass
-    class WithBptt(train_mod.FinetuneConfig):
-        bptt: int = 35
+    class WithSmoothing(train_mod.FinetuneConfig):
+        label_smoothing: float = 0.0
 
-    monkeypatch.setattr(train_mod, "FinetuneConfig", WithBptt)
-    if "text" not in data_mod.DATA_SOURCES:
-        class Text(data_mod.DataSource):
-            name = "text"
-            task = "language-model"
-            layout = "ROOT/train.txt, ROOT/valid.txt, ROOT/test.txt"
-
-        monkeypatch.setitem(data_mod.DATA_SOURCES, "text", Text())
-    recipe = parse_recipe({"model": "py:symconvert.models.lstm_lm:lstm_lm", "scheme": "block",
-                           "data": "text:/data/ptb", "selection": {"layers": "rnn"},
-                           "finetune": {"lr": 20, "clip_grad": 0.25, "batch_size": 20,
-                                        "extra": {"bptt": 35}}})
-    assert finetune_settings(recipe)["bptt"] == 35
-    assert finetune_settings(recipe)["clip_grad"] == 0.25
-    assert resolve(recipe)["finetune"]["extra"] == {"bptt": 35}
+    monkeypatch.setattr(train_mod, "FinetuneConfig", WithSmoothing)
+    recipe = parse_recipe({**MINIMAL, "finetune": {"extra": {"label_smoothing": 0.1}}})
+    assert finetune_settings(recipe)["label_smoothing"] == 0.1
+    assert resolve(recipe)["finetune"]["extra"] == {"label_smoothing": 0.1}
     with pytest.raises(RecipeError, match="set it as finetune.lr"):
         parse_recipe({**MINIMAL, "finetune": {"extra": {"lr": 0.1}}})
+
+
+LM_RECIPE = {"model": {"name": "py:symconvert.models.lstm_lm:lstm_lm", "pretrained": False},
+             "scheme": "channel", "data": "text:/data/ptb", "selection": {"layers": "rnn"},
+             "finetune": {"epochs": 50, "lr": 20, "clip_grad": 0.25, "batch_size": 20,
+                          "extra": {"bptt": 35}}}
+
+
+def test_a_language_model_recipe_goes_to_the_lm_trainer():
+    """`data: text:ROOT` selects symconvert.lm.finetune_lm: the paper's LM settings (lr 20,
+    clip 0.25, batch 20, bptt 35) are expressible, and classifier-only keys are refused."""
+    from symconvert.recipes import LANGUAGE_MODEL, data_task
+
+    recipe = parse_recipe(LM_RECIPE)
+    assert data_task(recipe.data.spec) == LANGUAGE_MODEL
+    assert finetune_settings(recipe) == {"epochs": 50, "lr": 20.0, "batch_size": 20,
+                                         "clip": 0.25, "bptt": 35}
+    resolved = resolve(recipe)["finetune"]
+    assert resolved["seed"] == 0 and resolved["opt"] is None  # lm's default; not its setting
+    with pytest.raises(RecipeError, match=r"finetune\.opt: not a setting of the language-model"):
+        parse_recipe({**LM_RECIPE, "finetune": {"opt": "adamw"}})
+    with pytest.raises(RecipeError, match=r"finetune\.extra\.bpt\b.*Did you mean bptt"):
+        parse_recipe({**LM_RECIPE, "finetune": {"extra": {"bpt": 35}}})
+    with pytest.raises(RecipeError, match=r"finetune\.extra\.clip: set it as finetune.clip_grad"):
+        parse_recipe({**LM_RECIPE, "finetune": {"extra": {"clip": 0.25}}})
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("recipes")
+def test_run_a_language_model_recipe(tmp_path):
+    from symconvert.lm import load_corpus
+
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    words = "the cat sat on a mat dog ran in the park".split()
+    for name, n in (("train.txt", 200), ("valid.txt", 40), ("test.txt", 40)):
+        lines = (" ".join(words[(i + j) % len(words)] for j in range(3 + i % 5)) for i in range(n))
+        (corpus_dir / name).write_text("\n".join(lines) + "\n")
+    vocab = len(load_corpus(f"text:{corpus_dir}").vocab)
+    out = tmp_path / "lm-run"
+    path = write(tmp_path, {
+        "model": {"name": "py:symconvert.models.lstm_lm:lstm_lm_small", "pretrained": False,
+                  "kwargs": {"vocab_size": vocab, "emb": 16, "hidden": 16}},
+        "scheme": "channel", "selection": {"layers": "rnn"}, "data": f"text:{corpus_dir}",
+        "finetune": {"epochs": 2, "lr": 5, "clip_grad": 0.25, "batch_size": 4,
+                     "extra": {"bptt": 10, "schedule": "linear"}},
+        "report": {"latency_runs": 1, "plot": False}, "out": str(out)})
+    result = run_cli("run", path, "--no-progress")
+    assert result.code == 0, result
+    meta = json.loads((out / "finetuned" / "symconvert.json").read_text())
+    assert meta["finetune"]["args"]["bptt"] == 10 and meta["finetune"]["args"]["clip"] == 0.25
+    after = meta["finetune"]["eval"]["perplexity"]
+    before = meta["finetune"]["before"]["perplexity"]
+    assert after < before  # it trained
+    assert "perplexity" in (out / "run.log").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["after"] < report["params"]["before"]
+    assert {e["name"] for e in report["layers"]} == {"rnn.weight_hh_l0", "rnn.weight_hh_l1"}
 
 
 # ------------------------------------------------------------------------ dry run / out
