@@ -21,13 +21,13 @@ the packed parameters would get no gradient. ``after_convert`` therefore:
   per call (one ``unpack`` per converted tensor; under ``no_grad`` the parametrization's
   cache makes it free), and empties the graph-carrying entries again after the call, so
   the module can still be deep-copied;
-* replaces torch's own per-call refresh (``_update_flat_weights``) and ``_init_flat_weights``
-  on the instance: torch's version would call ``flatten_parameters``, which on CUDA
-  ``set_``s every tensor of the list into one cuDNN buffer — on a tensor computed from
-  the packed parameters that rewires its autograd history and corrupts the gradient. Our
-  refresh flattens only tensors that carry no graph (plain parameters, or weights
-  computed under ``no_grad``); with graph-carrying weights the fused cuDNN kernel is still
-  used and packs the weights into its buffer itself.
+* replaces torch's own per-call refresh (``_update_flat_weights``: a no-op right after the
+  pre-hook) and ``_init_flat_weights`` on the instance: torch's version would call
+  ``flatten_parameters``, which on CUDA ``set_``s every tensor of the list into one cuDNN
+  buffer — on a tensor computed from the packed parameters that rewires its autograd
+  history and corrupts the gradient. Our refresh flattens only tensors that carry no graph
+  (plain parameters, or weights computed under ``no_grad``); with graph-carrying weights
+  the fused cuDNN kernel is still used and packs the weights into its buffer itself.
 
 ``after_fold`` removes all of it once the last parametrization of the module is gone and
 rebuilds the ordinary flat-weight list, so a folded module is a plain nn.LSTM again.
@@ -48,6 +48,8 @@ from symconvert.layers import LayerHandler, TensorTarget, register_layer_handler
 #: gate blocks per recurrent mode (nn.RNNBase.mode)
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _PATCHED = ("_update_flat_weights", "_init_flat_weights")
+#: set by the pre-hook, consumed by the forward's own refresh: one unpack per call
+_FRESH = "_symconvert_flat_weights_fresh"
 
 
 class RNNHandler(LayerHandler):
@@ -93,7 +95,7 @@ class RNNHandler(LayerHandler):
             module.register_forward_pre_hook(_before_forward)
             module.register_forward_hook(_after_forward, always_call=True)
             # Instance attributes shadow the class's methods (see the module docstring).
-            module._update_flat_weights = _no_refresh_needed
+            module._update_flat_weights = types.MethodType(_update_flat_weights_once, module)
             module._init_flat_weights = types.MethodType(_init_flat_weights_no_grad, module)
         module._init_flat_weights()
 
@@ -105,7 +107,7 @@ class RNNHandler(LayerHandler):
             for key in [k for k, fn in hooks.items() if fn in (_before_forward, _after_forward)]:
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)
-        for name in _PATCHED:
+        for name in (*_PATCHED, _FRESH):
             vars(module).pop(name, None)
         module._init_flat_weights()  # the class's own again: plain Parameters, flattened
 
@@ -132,9 +134,11 @@ def refresh_flat_weights(module: nn.RNNBase) -> None:
 
 def _before_forward(module: nn.RNNBase, args: tuple) -> None:
     refresh_flat_weights(module)
+    vars(module)[_FRESH] = True
 
 
 def _after_forward(module: nn.RNNBase, args: tuple, output) -> None:
+    vars(module).pop(_FRESH, None)
     # The kernel's autograd node holds what backward needs; keeping graph-carrying tensors
     # in the module would make it un-deep-copyable (and pin the graph). None entries are
     # torch's own "partially initialised" state: flatten_parameters skips them.
@@ -143,8 +147,12 @@ def _after_forward(module: nn.RNNBase, args: tuple, output) -> None:
     ]
 
 
-def _no_refresh_needed() -> None:
-    """Stands in for nn.RNNBase._update_flat_weights: the pre-hook already refreshed."""
+def _update_flat_weights_once(module: nn.RNNBase) -> None:
+    """nn.RNNBase._update_flat_weights (called at the top of forward) for a converted
+    module: nothing to do right after the pre-hook; a direct ``module.forward(...)`` call,
+    which runs no hooks, refreshes here."""
+    if not vars(module).pop(_FRESH, False):
+        refresh_flat_weights(module)
 
 
 def _init_flat_weights_no_grad(module: nn.RNNBase) -> None:

@@ -168,6 +168,17 @@ def test_converted_lstm_trains_and_never_uses_a_stale_weight(torch_refreshes, mo
         assert torch.equal(blocks, blocks.transpose(1, 2)), name  # still symmetric, exactly
 
 
+def test_direct_forward_call_without_hooks_reads_the_current_weight():
+    torch.manual_seed(0)
+    model = Wrap(nn.LSTM(8, 8))
+    symconvert.convert(model, "channel", layers="rnn")
+    x = torch.randn(5, 2, 8)
+    y = model.rnn.forward(x)[0]  # no hooks run
+    assert torch.allclose(y, reference_lstm(model)(x)[0], atol=1e-6)
+    y.sum().backward()
+    assert model.rnn.parametrizations.weight_hh_l0.original.grad.abs().sum() > 0
+
+
 def test_packed_tensor_is_the_only_trainable_copy_of_the_weight():
     model = Wrap(nn.LSTM(8, 8))
     symconvert.convert(model, "channel", layers="rnn")
@@ -252,7 +263,9 @@ def test_lm_round_trips_and_folds_into_a_plain_recurrent_layer(rnn_type, tmp_pat
     plain = nn.LSTM if rnn_type == "lstm" else nn.GRU
     assert type(rnn) is plain
     assert not rnn._forward_pre_hooks and not rnn._forward_hooks
-    assert "_init_flat_weights" not in vars(rnn) and "_update_flat_weights" not in vars(rnn)
+    assert not {k for k in vars(rnn) if "flat_weights" in k} - {"_flat_weights",
+                                                                "_flat_weights_names",
+                                                                "_flat_weight_refs"}
     assert all(isinstance(w, nn.Parameter) for w in rnn._flat_weights)
     with torch.no_grad():
         assert torch.allclose(folded(tokens)[0], y, atol=1e-5)
