@@ -133,6 +133,11 @@ def load_model(spec: str | Path, *, pretrained: bool = True,
     path = Path(spec)
     if path.is_dir():
         return symconvert.load(path)
+    text = str(spec)
+    if not path.exists() and ":" not in text and ("/" in text or text.startswith(".")):
+        raise SymconvertError(
+            f"{spec}: no such model directory. Pass a directory written by `symconvert "
+            "convert` or `symconvert finetune`, or a MODEL string such as timm:resnet18.")
     if path.suffix in {".safetensors", ".pt", ".pth", ".bin"} and path.exists():
         raise SymconvertError(f"{spec} is a weights file; pass the MODEL it belongs to with "
                               f"--weights, or the converted directory that holds it")

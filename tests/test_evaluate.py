@@ -146,3 +146,8 @@ def test_cli_missing_data_root(cli, trained_mlp, tmp_path):
     result = cli("evaluate", "py:_helpers_train:tiny_mlp", "--weights", weights, "--data",
                  f"cifar10:{root}")
     assert_clean_error(result, str(root), "Expected layout")
+
+
+def test_cli_missing_model_directory(cli, tmp_path):
+    result = cli("evaluate", tmp_path / "not-here", "--data", "digits")
+    assert_clean_error(result, str(tmp_path / "not-here"), "no such model directory")

@@ -103,6 +103,28 @@ def test_fit_learns_digits_and_logs_every_epoch(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    from _helpers_train import tiny_mlp
+
+    torch.manual_seed(0)
+    model = tiny_mlp()
+    seen = []
+    original = model.forward
+
+    def spy(x):  # records the dtype the layers compute in under autocast
+        out = original(x)
+        seen.append(out.dtype)
+        return out
+
+    model.forward = spy
+    result = fit(model, "digits", tmp_path, FinetuneConfig(epochs=2, lr=0.1, batch_size=32,
+                                                           distill=False, amp=True),
+                 progress=False)
+    assert torch.bfloat16 in seen
+    assert result.eval["top1"] > 0.8
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights fp32
+
+
 def test_distillation_loss():
     torch.manual_seed(0)
     s = torch.randn(8, 10, requires_grad=True)
