@@ -369,3 +369,16 @@ def test_imagefolder_wrong_layout(tmp_path, broken, needle):
 def test_batch_larger_than_the_train_split_is_a_clear_error():
     with pytest.raises(DataError, match="lower --batch-size"):
         create_loaders("digits", None, batch_size=64, subsample=50)
+
+
+def test_worker_processes_give_the_same_batches():
+    """Augmentation seeds come from (seed, epoch, index), not from worker RNGs."""
+    batches = {}
+    for workers in (0, 2):
+        loaders = create_loaders("fashion-mnist", None, batch_size=16, subsample=64,
+                                 augment=True, workers=workers)
+        loaders.set_epoch(1, start_batch=1)
+        batches[workers] = [(x, y) for x, y in loaders.train]
+    assert len(batches[0]) == 3  # 64 items, batch 16, resumed after the first batch
+    for (xa, ya), (xb, yb) in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
