@@ -216,7 +216,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from symconvert.sources import create_model_from_source
+    from symconvert.sources import create_model_from_source, with_module_versions
     from symconvert.surgery import attach
 
     path = Path(path)
@@ -239,7 +239,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
     for alias, kept in meta.get("aliases", {}).items():
         state[alias] = state[kept]
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_module_versions(model, state), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{directory} does not fit the architecture it records ({meta['source'].get('name')}): "

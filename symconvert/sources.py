@@ -308,6 +308,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return strip_prefixes(state)
 
 
+def with_module_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """``state`` carrying ``model``'s own per-module ``version`` metadata.
+
+    A state_dict read from safetensors has none, and some modules' loaders require it
+    (torchvision's MNASNet raises ValueError without a version).
+    """
+    from collections import OrderedDict
+
+    out = OrderedDict(state)
+    own = getattr(model.state_dict(), "_metadata", None)
+    if own is not None:
+        out._metadata = own  # type: ignore[attr-defined]
+    return out
+
+
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
@@ -341,7 +356,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | N
         )
     for key in in_head:
         state.pop(key)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(with_module_versions(model, state), strict=False)
     missing = [k for k in missing if k not in in_head]
     if missing or unexpected:
         raise WeightsError(
