@@ -16,13 +16,33 @@ MODEL_HELP = (
 
 
 
-def _load_model(model: str, pretrained: bool, weights: Path | None, num_classes: int | None):
+def _load_model(model: str, pretrained: bool, weights: Path | None, num_classes: int | None,
+                model_kwargs: list[str] | None = None):
     from symconvert.sources import create_model, parse_model
 
     library, name = parse_model(model)
     if ":" not in model or model.split(":", 1)[0] not in ("timm", "torchvision", "py", "hf-hub"):
         err_console.print(f"resolved [bold]{model}[/] → [bold]{library}:{name}[/]")
-    return create_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
+    return create_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes,
+                        **parse_kwargs(model_kwargs or []))
+
+
+def parse_kwargs(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs, values read as YAML (``hidden=256``, ``tied=true``)."""
+    import yaml
+
+    from symconvert.errors import SymconvertError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SymconvertError(f"--model-kwarg {item!r}: expected KEY=VALUE, e.g. vocab_size=10000")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+_MODEL_KWARG_HELP = "Keyword argument for the model builder, KEY=VALUE (repeatable; recorded for load)."
 
 
 def _selection(include, exclude, layers, min_channels, include_head, gates):
@@ -63,6 +83,7 @@ def inspect_command(
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights (needed for the symmetrisation error)."),
     weights: Path | None = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download."),
     num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes."),
+    model_kwarg: list[str] = typer.Option([], "--model-kwarg", help=_MODEL_KWARG_HELP),
     include: list[str] = typer.Option([], "--include", help="Only layers whose name matches (glob, or re:REGEX). Repeatable."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip layers whose name matches (glob, or re:REGEX). Repeatable."),
     layers: str | None = typer.Option(None, "--layers", help="Layer kinds to consider: conv,linear,rnn (default all)."),
@@ -88,7 +109,7 @@ def inspect_command(
     from symconvert.render import plan_table, totals_line
     from symconvert.schemes import list_schemes
 
-    m = _load_model(model, pretrained, weights, num_classes)
+    m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     if scheme is None:
         from rich.table import Table
@@ -131,6 +152,7 @@ def convert_command(
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights."),
     weights: Path | None = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download."),
     num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes."),
+    model_kwarg: list[str] = typer.Option([], "--model-kwarg", help=_MODEL_KWARG_HELP),
     include: list[str] = typer.Option([], "--include", help="Only layers whose name matches (glob, or re:REGEX). Repeatable."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip layers whose name matches (glob, or re:REGEX). Repeatable."),
     layers: str | None = typer.Option(None, "--layers", help="Layer kinds to consider: conv,linear,rnn (default all)."),
@@ -160,11 +182,11 @@ def convert_command(
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
     check_writable(out, overwrite=overwrite)
-    m = _load_model(model, pretrained, weights, num_classes)
+    m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     m, plan = symconvert.convert(m, scheme, allow_empty=allow_empty,
                                  target_reduction=target_reduction, **sel)
-    args = {"model": model, "scheme": scheme, "pretrained": pretrained,
+    args = {"model": model, "scheme": scheme, "pretrained": pretrained, "model_kwargs": model_kwarg,
             "weights": str(weights) if weights else None, "num_classes": num_classes,
             "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
     symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite)

@@ -69,6 +69,10 @@ def finetune_command(
     """
     from symconvert.train import TrainingInterrupted, finetune
 
+    if data.startswith("text:"):
+        _finetune_text(model_dir, data, out, epochs=epochs, lr=lr, batch_size=batch_size,
+                       clip_grad=clip_grad, device=device, seed=seed, overwrite=overwrite, fmt=fmt)
+        return
     try:
         result = finetune(
             model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
@@ -131,6 +135,18 @@ def evaluate_command(
 
         raise SymconvertError(f"--format {fmt!r}: choose table or json")
     m = load_model(model, pretrained=pretrained, weights=weights)
+    if data.startswith("text:"):
+        # language models: perplexity on the corpus's eval split (test, else valid)
+        from symconvert.lm import evaluate_lm, load_corpus
+
+        recorded = (getattr(m, "symconvert_metadata", None) or {}).get("lm", {})
+        corpus = load_corpus(data, max_vocab=recorded.get("max_vocab"))
+        result = evaluate_lm(m, corpus, device=None if device == "auto" else device)
+        if fmt == "json":
+            print(json.dumps(result))
+            return
+        _eval_table(f"{model} on {data}", result)
+        return
     result = evaluate(m, data, batch_size=batch_size, device=device, input_size=input_size,
                       subsample=subsample, workers=workers, download=download)
     if fmt == "json":
@@ -149,3 +165,23 @@ def _eval_table(title: str, result: dict) -> None:
         shown = f"{value:.2%}" if key in ("top1", "top5") else str(value)
         table.add_row(key, shown)
     console.print(table)
+
+
+def _finetune_text(model_dir, data, out, *, epochs, lr, batch_size, clip_grad, device, seed,
+                   overwrite, fmt) -> None:
+    """`finetune --data text:ROOT`: BPTT fine-tuning of a language model (symconvert.lm),
+    with the paper's lr 20 and clip 0.25 unless given."""
+    from symconvert.lm import finetune_lm
+
+    result = finetune_lm(
+        model_dir, data, out, epochs=epochs, lr=lr if lr is not None else 20.0,
+        overwrite=overwrite, batch_size=batch_size,
+        clip=clip_grad if clip_grad and clip_grad != 5.0 else 0.25,
+        device=None if device == "auto" else device, seed=seed,
+    )
+    summary = {"out": str(result["out"]), "perplexity_before": result["before"]["perplexity"],
+               **result["after"], "epochs": len(result["metrics"])}
+    if fmt == "json":
+        print(json.dumps(summary))
+        return
+    _eval_table(f"fine-tuned → {result['out']}", summary)
