@@ -157,6 +157,14 @@ def test_resnet_cifar_tiny_square_convs_hold_over_80_percent(in_chans):
     assert saved / total >= 0.35
 
 
+def test_resnet_cifar_parameter_counts():
+    # 6 square 3x3 convs + stem conv + two 1x1 shortcut conv+BN + stem BN + 6 block BNs + fc.
+    tiny = 6 * 9216 + 3 * 32 * 9 + 2 * (32 * 32 + 64) + 64 + 3 * 2 * 64 + 32 * 10 + 10
+    assert n_params(timm.create_model("resnet_cifar_tiny")) == tiny == 59_114
+    assert n_params(timm.create_model("quickstart_digits")) == tiny - 2 * 32 * 9 == 58_538
+    assert n_params(timm.create_model("resnet_cifar_small")) == 454_858
+
+
 @pytest.mark.parametrize(("size", "in_chans"), [(8, 1), (28, 1), (32, 3)])
 def test_resnet_cifar_tiny_forward_shapes(size, in_chans):
     model = timm.create_model("resnet_cifar_tiny", in_chans=in_chans, num_classes=7).eval()
