@@ -27,7 +27,9 @@ def finetune_command(
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 0.01 for sgd, 3e-4 for adamw)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch size per process (torchrun: × processes)."),
     opt: str = typer.Option("sgd", "--opt", help="sgd (Nesterov momentum 0.9, timm's default) or adamw."),
-    sched: str = typer.Option("cosine", "--sched", help="cosine, step (÷10 every third of the run) or none."),
+    sched: str = typer.Option("cosine", "--sched", help="cosine, step (× --decay-rate every third of the run), multistep (at --decay-milestones) or none."),
+    decay_milestones: str | None = typer.Option(None, "--decay-milestones", help="For --sched multistep: epochs at which the lr is multiplied by --decay-rate, e.g. 60,120,160."),
+    decay_rate: float = typer.Option(0.1, "--decay-rate", help="lr factor at each step/multistep decay."),
     weight_decay: float = typer.Option(5e-5, "--weight-decay", help="Weight decay (never on norms and biases)."),
     warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up, in epochs (fractions allowed)."),
     clip_grad: float = typer.Option(5.0, "--clip-grad", help="Clip the global gradient norm (0 disables)."),
@@ -77,6 +79,7 @@ def finetune_command(
         result = finetune(
             model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
             overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
+            decay_milestones=decay_milestones, decay_rate=decay_rate,
             weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad or None,
             amp=amp, device=device, workers=workers, seed=seed, distill=distill,
             distill_alpha=distill_alpha, distill_temperature=distill_temperature,

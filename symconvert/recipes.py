@@ -189,7 +189,7 @@ class FinetuneSection:
     batch_size: int | None = _opt(None, ge=1, help="batch size per process")
     opt: str | None = _opt(None, choices=("sgd", "adamw"), help="optimiser")
     momentum: float | None = _opt(None, ge=0.0, lt=1.0, help="SGD momentum")
-    sched: str | None = _opt(None, choices=("cosine", "step", "none"), help="lr schedule")
+    sched: str | None = _opt(None, choices=("cosine", "step", "multistep", "none"), help="lr schedule")
     weight_decay: float | None = _opt(None, ge=0.0, help="weight decay")
     warmup_epochs: float | None = _opt(None, ge=0.0, help="linear warm-up epochs")
     min_lr: float | None = _opt(None, ge=0.0, help="final learning rate of the schedule")

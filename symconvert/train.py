@@ -57,6 +57,8 @@ class FinetuneConfig:
     opt: str = "sgd"
     momentum: float = 0.9
     sched: str = "cosine"
+    decay_milestones: tuple[int, ...] | None = None  # multistep: epochs at which lr *= decay_rate
+    decay_rate: float = 0.1
     weight_decay: float = 5e-5
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
@@ -80,8 +82,14 @@ class FinetuneConfig:
         self.sched = self.sched.lower()
         if self.opt not in ("sgd", "adamw"):
             raise SymconvertError(f"--opt {self.opt!r}: choose sgd or adamw")
-        if self.sched not in ("cosine", "step", "none"):
-            raise SymconvertError(f"--sched {self.sched!r}: choose cosine, step or none")
+        if self.sched not in ("cosine", "step", "multistep", "none"):
+            raise SymconvertError(f"--sched {self.sched!r}: choose cosine, step, multistep or none")
+        if isinstance(self.decay_milestones, str):
+            self.decay_milestones = tuple(int(v) for v in self.decay_milestones.split(",") if v.strip())
+        if self.decay_milestones is not None:
+            self.decay_milestones = tuple(int(v) for v in self.decay_milestones)
+        if self.sched == "multistep" and not self.decay_milestones:
+            raise SymconvertError("--sched multistep needs --decay-milestones, e.g. 60,120,160")
         if self.epochs < 1:
             raise SymconvertError(f"--epochs {self.epochs}: need at least 1")
         if self.batch_size < 1:
@@ -101,7 +109,8 @@ class FinetuneConfig:
             self.input_size = ",".join(str(int(v)) for v in np.atleast_1d(self.input_size))
 
     # Flags that change the trajectory: a resume with other values would not continue the run.
-    TRAJECTORY = ("epochs", "lr", "batch_size", "opt", "momentum", "sched", "weight_decay",
+    TRAJECTORY = ("epochs", "lr", "batch_size", "opt", "momentum", "sched", "decay_milestones",
+                  "decay_rate", "weight_decay",
                   "warmup_epochs", "min_lr", "clip_grad", "amp", "amp_dtype", "seed", "distill",
                   "distill_alpha", "distill_temperature", "input_size", "subsample", "augment")
 
@@ -308,9 +317,11 @@ def create_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig,
     from timm.scheduler import create_scheduler_v2
 
     sched = {"none": "constant"}.get(config.sched, config.sched)
+    milestones = {"decay_milestones": list(config.decay_milestones)} if config.decay_milestones else {}
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=sched, num_epochs=config.epochs,
-        decay_epochs=max(1, math.ceil(config.epochs / 3)), decay_rate=0.1,
+        decay_epochs=max(1, math.ceil(config.epochs / 3)), decay_rate=config.decay_rate,
+        **milestones,
         warmup_epochs=config.warmup_epochs, warmup_lr=config.lr * 0.01,  # type: ignore[arg-type]
         min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
     )
