@@ -537,3 +537,14 @@ def test_schemes_lists_every_scheme(cli):
     assert listed["channel"]["paper_name"] == "tri / wwt"
     table = cli("schemes")
     assert table.code == 0 and "channel+spatial" in table.stdout
+
+
+def test_inspect_without_scheme_summarises_every_scheme(cli, small_cnn):
+    result = cli("inspect", "py:toy_models:small_cnn", "--format", "json")
+    assert result.code == 0, result
+    rows = {r["scheme"]: r for r in json.loads(result.stdout)}
+    assert {"channel", "spatial", "block", "repeat:2"} <= set(rows)
+    for spec in ("channel", "spatial", "block"):
+        plan = symconvert.inspect(small_cnn, spec)
+        assert (rows[spec]["converted"], rows[spec]["params_after"]) == (
+            len(plan.converted), plan.total_after)
