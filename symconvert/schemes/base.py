@@ -164,6 +164,45 @@ def _orbit_images(group: SquareGroup, n: int, device: str) -> torch.Tensor:
     return torch.stack([a * n + b for a, b in (g.apply(i, j, n) for g in group.elements)])
 
 
+@functools.lru_cache(maxsize=256)
+def _orbit_sizes(group: SquareGroup, n: int, device: str) -> torch.Tensor:
+    """|orbit| for every orbit (float), to turn the group-mean of gathers into an orbit sum."""
+    if device != "cpu":
+        return _orbit_sizes(group, n, "cpu").to(device)
+    return torch.bincount(_orbit_index(group, n, "cpu")).to(torch.float32)
+
+
+class _OrbitGather(torch.autograd.Function):
+    """W = P.index_select(dim, index), whose gradient is gathered rather than scattered:
+    dP[o] = sum_{x in orbit o} dW[x] = |o| * mean_g dW[g(first member of o)].
+    A scatter-add (index_select's own backward) made a resnet50 training step ~15 % slower."""
+
+    @staticmethod
+    def forward(ctx, packed, dim, index, images, sizes):  # noqa: D102
+        ctx.dim = dim
+        ctx.save_for_backward(images, sizes)
+        return packed.index_select(dim, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        images, sizes = ctx.saved_tensors
+        view = [1] * grad.dim()
+        view[ctx.dim] = -1
+        packed_grad = orbit_mean(grad, ctx.dim, images) * sizes.to(grad.dtype).view(view)
+        return packed_grad, None, None, None, None
+
+
+def orbit_gather(packed: torch.Tensor, dim: int, group: SquareGroup, n: int) -> torch.Tensor:
+    """unpack along ``dim``: every entry takes its orbit's free parameter."""
+    dev = packed.device
+    index = group.orbit_index(n, dev)
+    if not packed.requires_grad or not torch.is_grad_enabled():
+        return packed.index_select(dim, index)
+    return _OrbitGather.apply(packed, dim, index, group.orbit_images(n, dev),
+                              _orbit_sizes(group, n, str(dev)))
+
+
 def orbit_mean(x: torch.Tensor, dim: int, images: torch.Tensor) -> torch.Tensor:
     """Average the entries of ``x`` along ``dim`` over each orbit, given the orbit images
     of ``SquareGroup.orbit_images``: the mean over the group of a gather."""

@@ -12,6 +12,7 @@ from symconvert.schemes.base import (
     SquareGroup,
     check_square_blocks,
     matrix_blocks,
+    orbit_gather,
     orbit_mean,
 )
 from symconvert.schemes.registry import register_scheme
@@ -51,8 +52,7 @@ class Spatial(Scheme):
         return orbit_mean(weight.reshape(o, i, k * k), 2, _KERNEL.orbit_images(k, weight.device))
 
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
-        index = _KERNEL.orbit_index(shape[2], packed.device)
-        return packed.index_select(2, index).reshape(shape)
+        return orbit_gather(packed, 2, _KERNEL, shape[2]).reshape(shape)
 
 
 @register_scheme
@@ -89,6 +89,5 @@ class ChannelSpatial(Scheme):
         from symconvert.schemes.square import Channel
 
         g, n = matrix_blocks(shape, groups)
-        dev = packed.device
-        x = packed.index_select(2, _KERNEL.orbit_index(shape[2], dev))
-        return x.index_select(1, Channel.group.orbit_index(n, dev)).reshape(shape)
+        x = orbit_gather(packed, 2, _KERNEL, shape[2])
+        return orbit_gather(x, 1, Channel.group, n).reshape(shape)

@@ -19,6 +19,7 @@ from symconvert.schemes.base import (
     SquareGroup,
     check_square_blocks,
     matrix_blocks,
+    orbit_gather,
     orbit_mean,
     prod,
 )
@@ -46,8 +47,7 @@ class SquareGroupScheme(Scheme):
 
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
         g, n = matrix_blocks(shape, groups)
-        index = self.group.orbit_index(n, packed.device)
-        return packed.index_select(1, index).reshape(shape)
+        return orbit_gather(packed, 1, self.group, n).reshape(shape)
 
 
 @register_scheme
