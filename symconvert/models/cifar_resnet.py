@@ -29,7 +29,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from symconvert.models.wrn import CIFAR10_MEAN, CIFAR10_STD
+from symconvert.models.wrn import CIFAR10_MEAN, CIFAR10_STD, LinearHeadMixin
 
 __all__ = [
     "CifarResNet",
@@ -83,7 +83,7 @@ class BasicBlock(nn.Module):
         return self.act(y + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(LinearHeadMixin, nn.Module):
     """stem conv3x3-BN-ReLU -> stages of basic blocks (stride 2 after the first) -> pool -> fc."""
 
     def __init__(
@@ -137,17 +137,6 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        """The classification head (timm API)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh ``num_classes`` Linear (timm semantics; 0 removes it)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map of the last stage, NCHW."""

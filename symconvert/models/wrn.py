@@ -28,6 +28,22 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+
+class LinearHeadMixin:
+    """timm's head API for a model whose classifier is ``self.fc`` after global avg pooling."""
+
+    def get_classifier(self) -> nn.Module:
+        """The classification head (timm API)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh ``num_classes`` Linear (timm semantics; 0 removes it)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
 __all__ = ["WideResNet", "WideBasicBlock", "WideBottleneckBlock", "CIFAR10_MEAN", "CIFAR10_STD"]
 
 # The paper's code normalises with the CIFAR-10 training-set channel statistics
@@ -96,7 +112,7 @@ class WideBottleneckBlock(nn.Module):
 _BLOCKS: dict[str, type[nn.Module]] = {"basic": WideBasicBlock, "bottleneck": WideBottleneckBlock}
 
 
-class WideResNet(nn.Module):
+class WideResNet(LinearHeadMixin, nn.Module):
     """WRN-depth-k for CIFAR: stem conv3x3 -> 3 groups (16k, 32k, 64k) -> BN-ReLU -> pool -> fc."""
 
     def __init__(
@@ -156,17 +172,6 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        """The classification head (timm API)."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh ``num_classes`` Linear (timm semantics; 0 removes it)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"only global_pool='avg' is supported, got {global_pool!r}")
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map before the final BN-ReLU-pool, NCHW."""
