@@ -21,8 +21,13 @@ def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     """A zero input of the size the model's pretrained config expects."""
     from timm.data import resolve_data_config
 
+    from symconvert.data import model_in_chans
+
     cfg = resolve_data_config(model=model)
-    return torch.zeros(batch_size, *cfg["input_size"])
+    channels, *spatial = cfg["input_size"]
+    # a model built with another in_chans than its pretrained config says (in_chans=1)
+    channels = model_in_chans(model, getattr(model, "pretrained_cfg", None)) or channels
+    return torch.zeros(batch_size, channels, *spatial)
 
 
 def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -32,7 +37,7 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool =
     out = Path(out)
     if out.exists() and not overwrite:
         raise SymconvertError(f"{out} exists; pass --overwrite or choose another --out.")
-    check_writable(out.parent)
+    check_writable(out.parent, overwrite=True)  # only "can a file be written there"
     out.parent.mkdir(parents=True, exist_ok=True)
     model = fold(model).eval()
     if fmt == "dense":

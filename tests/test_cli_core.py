@@ -548,3 +548,23 @@ def test_inspect_without_scheme_summarises_every_scheme(cli, small_cnn):
         plan = symconvert.inspect(small_cnn, spec)
         assert (rows[spec]["converted"], rows[spec]["params_after"]) == (
             len(plan.converted), plan.total_after)
+
+
+def test_export_into_the_model_directory_of_a_one_channel_model(tmp_path, cli):
+    """The example input follows the model's real in_chans (1), not its pretrained config
+    (3), and a file may be exported next to model.safetensors."""
+    import torch
+
+    import symconvert
+
+    model = symconvert.create_model("timm:resnet_cifar_tiny", pretrained=False, in_chans=1)
+    symconvert.convert(model, "channel")
+    out = tmp_path / "tiny1"
+    symconvert.save(model, out)
+    result = cli("export", str(out), "--format", "torchscript", "--out", str(out / "model.pt"))
+    assert result.code == 0, result.err
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = symconvert.load(out).eval()(x)
+        got = torch.jit.load(str(out / "model.pt"))(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
