@@ -24,7 +24,9 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-def _median_pair(fa, fb, repeats: int) -> tuple[float, float]:
+def _median_pair(fa, fb, repeats: int) -> tuple[float, float, float]:
+    """Median times of A and B, and the median of the per-pair ratios B/A (interleaved
+    pairs: a slow spell of the machine hits both sides of a pair alike)."""
     a, b = [], []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -33,7 +35,8 @@ def _median_pair(fa, fb, repeats: int) -> tuple[float, float]:
         t = time.perf_counter()
         fb()
         b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
+    ratio = statistics.median(y / x for x, y in zip(a, b, strict=True))
+    return statistics.median(a), statistics.median(b), ratio
 
 
 def bench_surgery(name: str, repeats: int) -> dict:
@@ -52,9 +55,8 @@ def bench_surgery(name: str, repeats: int) -> dict:
     def c():
         symconvert.convert(models.pop(), "channel")
 
-    build_t, surgery_t = _median_pair(b, c, repeats)
-    return {"model": name, "build_s": build_t, "surgery_s": surgery_t,
-            "surgery/build": surgery_t / build_t}
+    build_t, surgery_t, ratio = _median_pair(b, c, repeats)
+    return {"model": name, "build_s": build_t, "surgery_s": surgery_t, "surgery/build": ratio}
 
 
 def bench_eval(name: str, batch: int, size: int, repeats: int) -> dict:
@@ -82,10 +84,10 @@ def bench_eval(name: str, batch: int, size: int, repeats: int) -> dict:
 
     for m in (source, converted, folded):  # warm-up (and fill the dense-weight cache)
         run(m)()
-    src_t, conv_t = _median_pair(run(source), run(converted), repeats)
-    src_t2, fold_t = _median_pair(run(source), run(folded), repeats)
+    src_t, _, conv_ratio = _median_pair(run(source), run(converted), repeats)
+    _, _, fold_ratio = _median_pair(run(source), run(folded), repeats)
     return {"model": name, "batch": batch, "size": size,
-            "converted/original": conv_t / src_t, "folded/original": fold_t / src_t2,
+            "converted/original": conv_ratio, "folded/original": fold_ratio,
             "original_s": src_t}
 
 
@@ -134,9 +136,9 @@ def bench_train_step(name: str, batch: int, size: int, repeats: int) -> dict:
     original = _train_setup(name, "original", batch, size)
     converted = _train_setup(name, "converted", batch, size)
     original(), converted()  # warm-up: optimiser state, allocator
-    o, c = _median_pair(original, converted, repeats)
+    o, c, ratio = _median_pair(original, converted, repeats)
     return {"model": name, "batch": batch, "size": size, "original_s": o, "converted_s": c,
-            "converted/original": c / o}
+            "converted/original": ratio}
 
 
 def _rss_kib(field: str) -> int:
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    reps = 3 if args.quick else 7
+    reps = 3 if args.quick else 15
     console = Console()
     results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cpu_count": os.cpu_count(), "quick": args.quick}

@@ -189,8 +189,12 @@ class _OrbitGather(torch.autograd.Function):
         images, sizes = ctx.saved_tensors
         view = [1] * grad.dim()
         view[ctx.dim] = -1
-        packed_grad = orbit_mean(grad, ctx.dim, images) * sizes.to(grad.dtype).view(view)
-        return packed_grad, None, None, None, None
+        total = grad.index_select(ctx.dim, images[0])
+        for row in images[1:]:
+            total.add_(grad.index_select(ctx.dim, row))
+        # sum_g = |G| * mean_g, and |o| * mean_g = (|o| / |G|) * sum_g
+        total.mul_((sizes / len(images)).to(grad.dtype).view(view))
+        return total, None, None, None, None
 
 
 def orbit_gather(packed: torch.Tensor, dim: int, group: SquareGroup, n: int) -> torch.Tensor:
@@ -208,8 +212,8 @@ def orbit_mean(x: torch.Tensor, dim: int, images: torch.Tensor) -> torch.Tensor:
     of ``SquareGroup.orbit_images``: the mean over the group of a gather."""
     total = x.index_select(dim, images[0])
     for row in images[1:]:
-        total = total + x.index_select(dim, row)
-    return total / images.shape[0]
+        total.add_(x.index_select(dim, row))
+    return total.div_(images.shape[0])
 
 
 def matrix_blocks(shape: Shape, groups: int) -> tuple[int, int]:
