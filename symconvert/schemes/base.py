@@ -197,14 +197,35 @@ class _OrbitGather(torch.autograd.Function):
         return total, None, None, None, None
 
 
-def orbit_gather(packed: torch.Tensor, dim: int, group: SquareGroup, n: int) -> torch.Tensor:
-    """unpack along ``dim``: every entry takes its orbit's free parameter."""
+@functools.lru_cache(maxsize=256)
+def _block_tables(group: SquareGroup, n: int, blocks: int, device: str):
+    """index, images and sizes for ``blocks`` stacked squares, as offsets into the flat
+    (blocks * orbits) packed rows and (blocks * n * n) weight rows."""
+    if device != "cpu":
+        return tuple(t.to(device) for t in _block_tables(group, n, blocks, "cpu"))
+    index, images = _orbit_index(group, n, "cpu"), _orbit_images(group, n, "cpu")
+    count = images.shape[1]
+    offsets = torch.arange(blocks)[:, None]
+    index_b = (offsets * count + index[None, :]).reshape(-1)
+    images_b = (offsets[None] * (n * n) + images[:, None, :]).reshape(len(images), -1)
+    return index_b, images_b, _orbit_sizes(group, n, "cpu").repeat(blocks)
+
+
+def orbit_gather(packed: torch.Tensor, dim: int, group: SquareGroup, n: int,
+                 blocks: int = 1) -> torch.Tensor:
+    """unpack along ``dim``: every entry takes its orbit's free parameter. With
+    ``blocks`` > 1, ``dim`` holds ``blocks`` stacked packed squares (orbit count each)."""
     dev = packed.device
-    index = group.orbit_index(n, dev)
+    if blocks == 1:
+        index = group.orbit_index(n, dev)
+        images, sizes = None, None
+    else:
+        index, images, sizes = _block_tables(group, n, blocks, str(dev))
     if not packed.requires_grad or not torch.is_grad_enabled():
         return packed.index_select(dim, index)
-    return _OrbitGather.apply(packed, dim, index, group.orbit_images(n, dev),
-                              _orbit_sizes(group, n, str(dev)))
+    if images is None:
+        images, sizes = group.orbit_images(n, dev), _orbit_sizes(group, n, str(dev))
+    return _OrbitGather.apply(packed, dim, index, images, sizes)
 
 
 def orbit_mean(x: torch.Tensor, dim: int, images: torch.Tensor) -> torch.Tensor:
