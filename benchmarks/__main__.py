@@ -25,16 +25,16 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
 def _median_pair(fa, fb, repeats: int) -> tuple[float, float, float]:
-    """Median times of A and B, and the median of the per-pair ratios B/A (interleaved
-    pairs: a slow spell of the machine hits both sides of a pair alike)."""
+    """Median times of A and B, and the median of the per-pair ratios B/A. Pairs are
+    interleaved and alternate which side runs first (A B, B A, ...): a slow spell of the
+    machine hits both sides of a pair alike, and the second call of a pair, measured ~2.5 %
+    slower here, is not always the same side."""
     a, b = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fa()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fb()
-        b.append(time.perf_counter() - t)
+    for i in range(repeats):
+        for side in ((fa, a), (fb, b)) if i % 2 == 0 else ((fb, b), (fa, a)):
+            t = time.perf_counter()
+            side[0]()
+            side[1].append(time.perf_counter() - t)
     ratio = statistics.median(y / x for x, y in zip(a, b, strict=True))
     return statistics.median(a), statistics.median(b), ratio
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    reps = 3 if args.quick else 15
+    reps = 4 if args.quick else 16
     console = Console()
     results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cpu_count": os.cpu_count(), "quick": args.quick}
