@@ -235,7 +235,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
     for key, record in meta.get("layers", {}).items():
         module_name, _, tensor = key.rpartition(".")
         attach(model, module_name, tensor, record["scheme"], tuple(record["shape"]),
-               record.get("groups", 1), aliases=record.get("aliases", []))
+               record.get("groups", 1), aliases=record.get("aliases", []), pack=False)
     for alias, kept in meta.get("aliases", {}).items():
         state[alias] = state[kept]
     try:

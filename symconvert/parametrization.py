@@ -23,6 +23,8 @@ class Symmetric(nn.Module):
         self.scheme = get_scheme(scheme)
         self.shape = tuple(int(s) for s in shape)
         self.groups = int(groups)
+        #: set by ``attach(..., pack=False)``: the first right_inverse only shapes the tensor
+        self.shape_only = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
@@ -39,6 +41,12 @@ class Symmetric(nn.Module):
         return weight
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.shape_only:
+            # the values are about to be overwritten (``load``): only the packed shape is
+            # needed, so pack on the meta device (an eigh per layer is not free)
+            self.shape_only = False
+            meta = self.scheme.pack(weight.to("meta"), self.groups)
+            return torch.zeros(meta.shape, dtype=weight.dtype, device=weight.device)
         return self.scheme.pack(weight, self.groups)
 
     def train(self, mode: bool = True) -> Symmetric:

@@ -94,14 +94,16 @@ def attach(
     shape: tuple[int, ...],
     groups: int,
     aliases: list[str] | tuple[str, ...] = (),
+    pack: bool = True,
 ) -> None:
     """Parametrize ``model.<module_name>.<tensor>`` (and its tied aliases, which then share
-    the very same packed tensor)."""
+    the very same packed tensor). ``pack=False`` leaves the packed tensor zero, for a
+    caller that loads its values next."""
     module = model.get_submodule(module_name)
+    sym = Symmetric(scheme, shape, groups)
+    sym.shape_only = not pack
     with torch.no_grad():
-        parametrize.register_parametrization(
-            module, tensor, Symmetric(scheme, shape, groups), unsafe=True
-        )
+        parametrize.register_parametrization(module, tensor, sym, unsafe=True)
     handler = handler_for(module)
     if handler is not None:
         handler.after_convert(module)
