@@ -32,7 +32,7 @@ def finetune_command(
     decay_rate: float = typer.Option(0.1, "--decay-rate", help="lr factor at each step/multistep decay."),
     weight_decay: float = typer.Option(5e-5, "--weight-decay", help="Weight decay (never on norms and biases)."),
     warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up, in epochs (fractions allowed)."),
-    clip_grad: float = typer.Option(5.0, "--clip-grad", help="Clip the global gradient norm (0 disables)."),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", help="Clip the global gradient norm (0 disables; default 5.0, or the paper's 0.25 for text:)."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA, off for CPU; bf16 on CPU)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
@@ -80,7 +80,7 @@ def finetune_command(
             model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
             overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
             decay_milestones=decay_milestones, decay_rate=decay_rate,
-            weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad or None,
+            weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=5.0 if clip_grad is None else (clip_grad or None),
             amp=amp, device=device, workers=workers, seed=seed, distill=distill,
             distill_alpha=distill_alpha, distill_temperature=distill_temperature,
             checkpoint_every=checkpoint_every, input_size=input_size, subsample=subsample,
@@ -179,7 +179,7 @@ def _finetune_text(model_dir, data, out, *, epochs, lr, batch_size, clip_grad, d
     result = finetune_lm(
         model_dir, data, out, epochs=epochs, lr=lr if lr is not None else 20.0,
         overwrite=overwrite, batch_size=batch_size,
-        clip=clip_grad if clip_grad and clip_grad != 5.0 else 0.25,
+        clip=0.25 if clip_grad is None else clip_grad,
         device=None if device == "auto" else device, seed=seed,
     )
     summary = {"out": str(result["out"]), "perplexity_before": result["before"]["perplexity"],
