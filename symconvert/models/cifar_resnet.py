@@ -147,9 +147,6 @@ class CifarResNet(LinearHeadMixin, nn.Module):
         x = self.head_drop(self.global_pool(x).flatten(1))
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {

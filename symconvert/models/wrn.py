@@ -43,6 +43,9 @@ class LinearHeadMixin:
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
 
 __all__ = ["WideResNet", "WideBasicBlock", "WideBottleneckBlock", "CIFAR10_MEAN", "CIFAR10_STD"]
 
@@ -181,9 +184,6 @@ class WideResNet(LinearHeadMixin, nn.Module):
         """Final BN-ReLU, global average pool, and (unless ``pre_logits``) the fc layer."""
         x = self.global_pool(self.act(self.bn(x))).flatten(1)
         return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
