@@ -73,7 +73,10 @@ def schemes_command(
     console.print(schemes_table(schemes))
 
 
-_SCHEME_HELP = "Symmetry scheme (see `symconvert schemes`): channel, spatial, channel+spatial, block, …"
+_SCHEME_HELP = ("Symmetry scheme (see `symconvert schemes`): channel, spatial, channel+spatial, block, …, "
+                "or auto (per layer the cheapest scheme or none; needs --target-reduction).")
+_SCHEMES_HELP = ("With --scheme auto: the candidate schemes, comma-separated (default "
+                 "channel,block,spatial,channel+spatial,quarter; e.g. channel,block,eigen:16).")
 
 
 @app.command("inspect")
@@ -91,6 +94,7 @@ def inspect_command(
     include_head: bool = typer.Option(False, "--include-head", help="Also convert the classifier head."),
     gates: str | None = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih."),
     target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
+    schemes: str | None = typer.Option(None, "--schemes", help=_SCHEMES_HELP),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     all_layers: bool = typer.Option(False, "--all", help="Show every skipped layer too (table)."),
 ) -> None:
@@ -104,9 +108,10 @@ def inspect_command(
       symconvert inspect timm:vit_small_patch16_224 --scheme block --no-pretrained
 
       symconvert inspect torchvision:resnet18 --no-pretrained      # all schemes
+
+      symconvert inspect torchvision:resnet50 --scheme auto --target-reduction 0.4   # per layer: chosen scheme, alternatives' costs
     """
     import symconvert
-    from symconvert.render import plan_table, totals_line
     from symconvert.schemes import list_schemes
 
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
@@ -130,15 +135,16 @@ def inspect_command(
             console.print(table)
             console.print("Pass --scheme S for the per-layer plan.")
         return
-    plan = symconvert.inspect(m, scheme, allow_empty=True, target_reduction=target_reduction, **sel)
+    plan = symconvert.inspect(m, scheme, allow_empty=True, target_reduction=target_reduction,
+                              schemes=schemes, **sel)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
         return
     for w in plan.warnings:
         err_console.print(f"[yellow]warning:[/] {w}")
-    console.print(plan_table(plan, f"{model} — {plan.scheme} (dry run)", show_skipped=True,
-                             max_rows=None if all_layers else 200))
-    console.print(totals_line(plan))
+    console.print(_table(plan, f"{model} — {plan.scheme} (dry run)", show_skipped=True,
+                         max_rows=None if all_layers else 200))
+    console.print(_totals(plan))
     if not plan.converted:
         console.print("[yellow]nothing would be converted[/] — see the reasons above.")
 
@@ -161,6 +167,7 @@ def convert_command(
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Write the model even if nothing is converted."),
     gates: str | None = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih."),
     target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
+    schemes: str | None = typer.Option(None, "--schemes", help=_SCHEMES_HELP),
     fmt: str = typer.Option("table", "--format", help="table or json (the plan)"),
 ) -> None:
     """Convert MODEL: replace every eligible layer by its symmetric equivalent (initialised
@@ -172,21 +179,25 @@ def convert_command(
 
       symconvert convert timm:resnet50 --scheme channel --target-reduction 0.2
 
+      symconvert convert timm:convnext_atto --scheme auto --target-reduction 0.4
+
+      symconvert convert timm:resnet50 --scheme auto --target-reduction 0.4 --schemes channel,block,eigen:32
+
       symconvert convert my.pth --weights my.pth ...   # see --weights
 
       symconvert convert timm:vit_small_patch16_224 --scheme block --exclude 're:blocks\\.(0|1)\\.'
     """
     import symconvert
     from symconvert.checkpoint import check_writable
-    from symconvert.render import plan_table, totals_line
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
     check_writable(out, overwrite=overwrite)
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     m, plan = symconvert.convert(m, scheme, allow_empty=allow_empty,
-                                 target_reduction=target_reduction, **sel)
+                                 target_reduction=target_reduction, schemes=schemes, **sel)
     args = {"model": model, "scheme": scheme, "pretrained": pretrained, "model_kwargs": model_kwarg,
+            **({"schemes": plan.schemes} if schemes is not None or scheme == "auto" else {}),
             "weights": str(weights) if weights else None, "num_classes": num_classes,
             "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
     symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite)
@@ -196,10 +207,27 @@ def convert_command(
     else:
         for w in plan.warnings:
             err_console.print(f"[yellow]warning:[/] {w}")
-        console.print(plan_table(plan, f"{model} — {plan.scheme}", show_skipped=False))
-        console.print(totals_line(plan))
+        console.print(_table(plan, f"{model} — {plan.scheme}", show_skipped=False))
+        console.print(_totals(plan))
         size = (out / "model.safetensors").stat().st_size
         console.print(f"wrote [bold]{out}[/] (model.safetensors: {size:,} bytes)")
+
+
+def _table(plan, title: str, show_skipped: bool, max_rows: int | None = None):
+    """The plan table: per layer its own scheme and the alternatives for --scheme auto."""
+    from symconvert.auto import AutoPlan, auto_table
+    from symconvert.render import plan_table
+
+    if isinstance(plan, AutoPlan):
+        return auto_table(plan, title, show_skipped=show_skipped, max_rows=max_rows)
+    return plan_table(plan, title, show_skipped=show_skipped, max_rows=max_rows)
+
+
+def _totals(plan) -> str:
+    from symconvert.auto import AutoPlan, auto_totals
+    from symconvert.render import totals_line
+
+    return auto_totals(plan) if isinstance(plan, AutoPlan) else totals_line(plan)
 
 
 def write_plan(out: Path, plan) -> None:

@@ -38,6 +38,10 @@ class LayerPlan:
     aliases: list[str] = field(default_factory=list)
     #: how the scheme splits the weight, e.g. "3 blocks 384×384 (stacked)" for `block`
     note: str | None = None
+    #: --scheme auto: the cost the planner weighed, and every candidate scheme's
+    #: {"params_after", "saved", "cost", "symmetrization_error"}
+    cost: float | None = None
+    alternatives: dict | None = None
 
     @property
     def name(self) -> str:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from symconvert.errors import SymconvertError
 from symconvert.layers import handler_for
 from symconvert.parametrization import Symmetric, converted_tensors
 from symconvert.plan import Plan, build_plan, require_nonempty
@@ -25,11 +26,26 @@ def inspect(
     allow_empty: bool = True,
     target_reduction: float | None = None,
     gates: str | list[str] | None = None,
+    schemes: str | list[str] | None = None,
+    costs=None,
     _with_error: bool = True,
 ) -> Plan:
-    """The plan ``convert`` would carry out; the model is not changed."""
+    """The plan ``convert`` would carry out; the model is not changed.
+
+    ``scheme="auto"`` (with ``target_reduction``) chooses per layer one of ``schemes``
+    (default ``symconvert.auto.DEFAULT_SCHEMES``) or none, at the least total cost: the
+    weight error, or ``costs`` ({(layer_name, scheme): cost} or a function of the
+    candidate pairs returning it). See ``symconvert.auto``."""
+    from symconvert.auto import build_auto_plan, is_auto
+
     selection = Selection.build(include, exclude, layers, min_channels, include_head, gates)
-    plan = build_plan(model, scheme, selection, target_reduction, with_error=_with_error)
+    if is_auto(scheme):
+        plan = build_auto_plan(model, selection, target_reduction, schemes, costs)
+    elif schemes is not None or costs is not None:
+        raise SymconvertError("--schemes (and costs=) choose among candidates for --scheme auto; "
+                              f"with --scheme {scheme} leave them out.")
+    else:
+        plan = build_plan(model, scheme, selection, target_reduction, with_error=_with_error)
     require_nonempty(plan, allow_empty)
     return plan
 
@@ -46,13 +62,18 @@ def convert(
     allow_empty: bool = False,
     target_reduction: float | None = None,
     gates: str | list[str] | None = None,
+    schemes: str | list[str] | None = None,
+    costs=None,
 ) -> tuple[nn.Module, Plan]:
     """Replace every selected, eligible weight by its symmetric parametrization, in place.
 
     Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
     original is dropped: the module keeps only the packed free parameters
     (``<layer>.parametrizations.weight.original``). Returns ``(model, plan)``.
+    ``scheme="auto"``: see ``inspect``; an unreachable ``target_reduction`` is an error.
     """
+    from symconvert.auto import require_reachable
+
     plan = inspect(
         model,
         scheme,
@@ -64,10 +85,13 @@ def convert(
         allow_empty=allow_empty,
         target_reduction=target_reduction,
         gates=gates,
+        schemes=schemes,
+        costs=costs,
         # the error is measured while attaching (one pack per layer instead of two),
         # unless --target-reduction needs it to choose the layers
         _with_error=target_reduction is not None,
     )
+    require_reachable(plan)
     apply_plan(model, plan)
     return model, plan
 

@@ -1,0 +1,538 @@
+"""``--scheme auto``: choose per layer which symmetry (or none) reaches ``--target-reduction``
+at the least total cost.
+
+The choice is a multiple-choice knapsack: layer i takes at most one option j (a scheme)
+with gain g_ij (parameters saved) and cost c_ij (the damage, by default the squared relative
+symmetrisation error e² = ||W - unpack(pack(W))||² / ||W||² on the source weight: the
+fraction of the layer's weight energy the projection removes); minimise sum c subject to
+sum g >= F * total. ``solve`` does
+
+1. the Lagrangian / LP relaxation: each layer's options reduced to the lower convex hull of
+   (gain, cost) from (0, 0); the hull increments taken in order of cost per parameter
+   saved until the goal is met. The fractional LP optimum is a **lower bound** on the
+   optimum (recorded as ``lower_bound``); the integral prefix (the critical increment
+   taken whole) is feasible and costs at most lower_bound + that increment's cost;
+2. a fix-up: best-improvement local search over every option (one layer, then pairs of
+   layers) while the goal stays met, then dropping any layer the goal does not need, so
+   the reduction overshoots F by less than the smallest converted layer's gain.
+
+Why e², relative and unweighted by layer size: BatchNorm/LayerNorm make a layer's absolute
+weight scale meaningless, so the error is relative; to first order the output's relative
+perturbation is the sum of the layers' relative perturbations, and perturbations of
+different layers are close to independent, so their squares (energies) add — the sum of
+e² estimates the squared relative output error, whatever each layer's parameter count.
+Measured on the packaged digits model (uncalibrated top-1 at equal reduction, see the
+README) e² spreads the damage over many layers and beats e, which piles it on a few.
+Any other cost (e.g. calibrated output error) comes in through ``costs=``.
+
+Tied tensors are one candidate (the plan already folds aliases into their first user),
+so their saving counts once. Every sort has a total, index-based tie-break: the same
+model and arguments always give the same plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from symconvert.errors import SymconvertError
+from symconvert.plan import CONVERT, SKIP, LayerPlan, Plan, build_plan, count_parameters
+from symconvert.schemes import get_scheme
+from symconvert.selection import Selection
+
+AUTO = "auto"
+#: candidates of ``--scheme auto`` without ``--schemes``: the square (channel), rectangular
+#: (block) and kernel (spatial) symmetries plus two stronger square ones for layers where
+#: halving is cheap. ``eigen:K`` is opt-in: its saving depends on K against each width.
+DEFAULT_SCHEMES = ("channel", "block", "spatial", "channel+spatial", "quarter")
+_EPS = 1e-12
+
+CostTable = Mapping[tuple[str, str], float]
+#: ``costs=``: a table {(layer_name, scheme_spec): cost}, or a function called once with
+#: the eligible (layer_name, scheme_spec) pairs that returns such a table
+Costs = CostTable | Callable[[list[tuple[str, str]]], CostTable]
+
+
+def is_auto(scheme) -> bool:
+    return isinstance(scheme, str) and scheme.strip() == AUTO
+
+
+def parse_schemes(schemes: str | Sequence[str] | None) -> list[str]:
+    """``"channel,block,eigen:8"`` (or a list) → canonical specs, duplicates removed."""
+    if schemes is None:
+        items = list(DEFAULT_SCHEMES)
+    elif isinstance(schemes, str):
+        items = [s.strip() for s in schemes.split(",") if s.strip()]
+    else:
+        items = [str(s).strip() for s in schemes]
+    if not items:
+        raise SymconvertError("--schemes is empty; give e.g. --schemes channel,block,spatial.")
+    out: list[str] = []
+    for item in items:
+        if is_auto(item):
+            raise SymconvertError("--schemes lists the candidates of auto; 'auto' cannot be one.")
+        spec = get_scheme(item).spec
+        if spec not in out:
+            out.append(spec)
+    return out
+
+
+# ------------------------------------------------------------------ the solver
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to convert one layer: ``gain`` parameters saved at ``cost``."""
+
+    gain: int
+    cost: float
+
+
+@dataclass
+class Solution:
+    #: per layer the index of the chosen option, or None
+    choice: list[int | None]
+    gain: int
+    cost: float
+    goal: int
+    feasible: bool
+    #: the largest gain any choice reaches (every layer at its largest-gain option)
+    max_gain: int
+    #: the LP relaxation's optimum: no choice meeting the goal costs less (None if infeasible)
+    lower_bound: float | None = None
+    #: cost of the LP-greedy prefix before the fix-up (for comparison)
+    greedy_cost: float | None = None
+
+
+def _hull(opts: Sequence[Option]) -> list[tuple[int, float, int]]:
+    """Lower convex hull of {(0, 0)} ∪ {(g_j, c_j)}, left to right, as (gain, cost, j);
+    (0, 0, -1) first."""
+    pts = sorted(((o.gain, o.cost, j) for j, o in enumerate(opts) if o.gain > 0),
+                 key=lambda p: (p[0], p[1], p[2]))
+    hull: list[tuple[int, float, int]] = [(0, 0.0, -1)]
+    for p in pts:
+        if p[0] == hull[-1][0]:
+            continue  # same gain, cost not lower (sorted)
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            # drop hull[-1] if it lies on or above the segment hull[-2] -> p
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    # slopes increase along the hull; with costs >= 0 and (0, 0) first they are >= 0
+    return hull
+
+
+def solve(options: Sequence[Sequence[Option]], goal: int, *, pair_limit: int = 4000) -> Solution:
+    """Pick at most one option per layer with total gain >= ``goal`` at least total cost.
+
+    Costs must be finite and >= 0. Returns the best choice found with the LP lower bound;
+    if the goal is out of reach, ``feasible`` is False and ``choice`` is every layer at its
+    largest-gain (then cheapest) option, the largest reduction there is.
+    """
+    n = len(options)
+    for opts in options:
+        for o in opts:
+            if not (math.isfinite(o.cost) and o.cost >= 0):
+                raise SymconvertError(f"a layer cost must be a finite number >= 0, got {o.cost!r}.")
+
+    def best_gain(opts):
+        if not opts:
+            return None
+        return min(range(len(opts)), key=lambda j: (-opts[j].gain, opts[j].cost, j))
+
+    max_choice = [best_gain(opts) for opts in options]
+    max_gain = sum(options[i][j].gain for i, j in enumerate(max_choice) if j is not None)
+    if goal <= 0:
+        return Solution([None] * n, 0, 0.0, goal, True, max_gain, 0.0, 0.0)
+    if max_gain < goal:
+        cost = sum(options[i][j].cost for i, j in enumerate(max_choice) if j is not None)
+        return Solution(max_choice, max_gain, cost, goal, False, max_gain)
+
+    # 1. LP relaxation: hull increments in order of cost per parameter saved
+    increments = []
+    for i, opts in enumerate(options):
+        hull = _hull(opts)
+        for step in range(1, len(hull)):
+            (g0, c0, _), (g1, c1, j) = hull[step - 1], hull[step]
+            increments.append(((c1 - c0) / (g1 - g0), i, step, g1 - g0, c1 - c0, j))
+    increments.sort(key=lambda t: (t[0], t[1], t[2]))
+    choice: list[int | None] = [None] * n
+    gain, cost, lower = 0, 0.0, 0.0
+    for _, i, _, dg, dc, j in increments:
+        if gain + dg >= goal:  # the critical increment: the LP takes a fraction of it
+            lower = cost + dc * (goal - gain) / dg
+        choice[i], gain, cost = j, gain + dg, cost + dc
+        if gain >= goal:
+            break
+    greedy_cost = cost
+
+    # 2. fix-up: best-improvement moves of one layer, then of two layers
+    gains = [[0] + [o.gain for o in opts] for opts in options]  # slot 0 = none
+    costs = [[0.0] + [o.cost for o in opts] for opts in options]
+    slot = [0 if c is None else c + 1 for c in choice]
+
+    def improve_one() -> bool:
+        nonlocal gain, cost
+        best = None
+        for i in range(n):
+            g0, c0 = gains[i][slot[i]], costs[i][slot[i]]
+            for s in range(len(gains[i])):
+                dg, dc = gains[i][s] - g0, costs[i][s] - c0
+                if s != slot[i] and gain + dg >= goal and dc < -_EPS * max(1.0, cost):
+                    if best is None or dc < best[0]:
+                        best = (dc, dg, i, s)
+        if best is None:
+            return False
+        dc, dg, i, s = best
+        slot[i], gain, cost = s, gain + dg, cost + dc
+        return True
+
+    def improve_two() -> bool:
+        nonlocal gain, cost
+        layer, dgs, dcs, slots = [], [], [], []
+        for i in range(n):
+            g0, c0 = gains[i][slot[i]], costs[i][slot[i]]
+            for s in range(len(gains[i])):
+                if s != slot[i]:
+                    layer.append(i), slots.append(s)
+                    dgs.append(gains[i][s] - g0), dcs.append(costs[i][s] - c0)
+        m = len(layer)
+        if m < 2 or m > pair_limit:
+            return False
+        lay = torch.tensor(layer)
+        dg = torch.tensor(dgs, dtype=torch.float64)
+        dc = torch.tensor(dcs, dtype=torch.float64)
+        total_dg = dg[:, None] + dg[None, :]
+        total_dc = dc[:, None] + dc[None, :]
+        ok = (lay[:, None] < lay[None, :]) & (gain + total_dg >= goal)
+        ok &= total_dc < -_EPS * max(1.0, cost)
+        if not bool(ok.any()):
+            return False
+        masked = torch.where(ok, total_dc, torch.full_like(total_dc, math.inf))
+        flat = int(torch.argmin(masked.reshape(-1)))  # first minimum: deterministic
+        a, b = divmod(flat, m)
+        for k in (a, b):
+            slot[layer[k]] = slots[k]
+        gain = sum(gains[i][slot[i]] for i in range(n))
+        cost = sum(costs[i][slot[i]] for i in range(n))
+        return True
+
+    for _ in range(10 * n + 100):
+        if not (improve_one() or improve_two()):
+            break
+    # 3. drop what the goal does not need (zero-cost layers the moves above left in)
+    for i in range(n):
+        if slot[i] and gain - gains[i][slot[i]] >= goal and costs[i][slot[i]] <= _EPS:
+            gain -= gains[i][slot[i]]
+            cost -= costs[i][slot[i]]
+            slot[i] = 0
+    choice = [None if s == 0 else s - 1 for s in slot]
+    cost = sum(costs[i][slot[i]] for i in range(n))
+    return Solution(choice, gain, cost, goal, True, max_gain, min(lower, cost), greedy_cost)
+
+
+def solve_exact(options: Sequence[Sequence[Option]], goal: int, max_states: int = 2_000_000) -> Solution:
+    """The exact optimum by dynamic programming over Pareto-optimal (gain, cost) states
+    (gain capped at ``goal``). For tests and small cases; raises if the state set grows
+    past ``max_states``."""
+    n = len(options)
+    # states: gain -> (cost, choice tuple); keep only Pareto-optimal ones
+    states: dict[int, tuple[float, tuple]] = {0: (0.0, ())}
+    for opts in options:
+        nxt: dict[int, tuple[float, tuple]] = {}
+        for g, (c, ch) in states.items():
+            for j, o in itertools.chain([(None, Option(0, 0.0))], enumerate(opts)):
+                ng, nc = min(goal, g + o.gain), c + o.cost
+                if ng not in nxt or nc < nxt[ng][0] - 1e-15:
+                    nxt[ng] = (nc, ch + (j,))
+        # Pareto prune: a state with more gain must cost more
+        pruned, best = {}, math.inf
+        for g in sorted(nxt, reverse=True):
+            if nxt[g][0] < best - 1e-15:
+                pruned[g], best = nxt[g], nxt[g][0]
+        states = pruned
+        if len(states) > max_states:
+            raise SymconvertError(f"solve_exact: more than {max_states} states")
+    if goal not in states:
+        return Solution([None] * n, 0, math.inf, goal, False, 0)
+    cost, choice = states[goal]
+    gain = sum(options[i][j].gain for i, j in enumerate(choice) if j is not None)
+    return Solution(list(choice), gain, cost, goal, True, 0, cost)
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass
+class AutoPlan(Plan):
+    """A :class:`Plan` whose converted layers carry different schemes (``scheme == "auto"``);
+    each layer's ``alternatives`` holds every candidate's cost."""
+
+    schemes: list[str] = field(default_factory=list)
+    cost_name: str = "weight error²"
+    total_cost: float = 0.0
+    lower_bound: float | None = None
+    reachable: bool = True
+    max_reduction: float = 0.0
+
+    @property
+    def scheme_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.converted:
+            counts[e.scheme] = counts.get(e.scheme, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def unreachable_message(self) -> str:
+        return (
+            f"--target-reduction {self.target_reduction:.1%} cannot be reached with "
+            f"--scheme auto ({', '.join(self.schemes)}): the maximum reachable reduction is "
+            f"{self.max_reduction:.2%} (every eligible layer with its largest-saving scheme). "
+            "Lower the target, add candidates with --schemes (e.g. eighth, eigen:8), or "
+            "widen the selection (--include-head, --layers)."
+        )
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["auto"] = {
+            "schemes": self.schemes,
+            "cost": self.cost_name,
+            "total_cost": self.total_cost,
+            "lower_bound": self.lower_bound,
+            "reachable": self.reachable,
+            "max_reduction": self.max_reduction,
+            "scheme_counts": self.scheme_counts,
+        }
+        return d
+
+
+def weight_cost(error: float | None) -> float:
+    """The default cost of a conversion: the squared relative symmetrisation error (1.0,
+    the worst, when it cannot be measured: meta tensors)."""
+    return 1.0 if error is None else float(error) ** 2
+
+
+def _scheme_plans(model: nn.Module, schemes: list[str], selection: Selection,
+                  with_error: bool) -> list[Plan]:
+    return [build_plan(model, s, selection, None, with_error=with_error) for s in schemes]
+
+
+def candidates(
+    model: nn.Module,
+    schemes: str | Sequence[str] | None = None,
+    *,
+    include=None, exclude=None, layers=None, min_channels: int = 0,
+    include_head: bool = False, gates=None,
+) -> list[tuple[str, str]]:
+    """The (layer_name, scheme_spec) pairs ``--scheme auto`` would weigh: what a cost
+    function (e.g. calibration) must price. Layer names are the plan's (``layer1.0.conv1``,
+    ``lstm.weight_hh_l0``)."""
+    selection = Selection.build(include, exclude, layers, min_channels, include_head, gates)
+    plans = _scheme_plans(model, parse_schemes(schemes), selection, with_error=False)
+    return [(e.name, p.scheme) for p in plans for e in p.converted]
+
+
+def _resolve_costs(costs: Costs, pairs: list[tuple[str, str]],
+                   alt_names: dict[tuple[str, str], str]) -> dict[tuple[str, str], float]:
+    table = costs(list(pairs)) if callable(costs) else costs
+    if not isinstance(table, Mapping):
+        raise SymconvertError("costs= must be a mapping {(layer_name, scheme): cost} or a "
+                              "function returning one.")
+    norm: dict[tuple[str, str], float] = {}
+    for key, value in table.items():
+        try:
+            name, scheme = key
+        except (TypeError, ValueError):
+            raise SymconvertError(f"costs= key {key!r} is not a (layer_name, scheme) pair.") from None
+        norm[(str(name), get_scheme(scheme).spec)] = value
+    out, missing = {}, []
+    for pair in pairs:
+        value = norm.get(pair, norm.get((alt_names.get(pair, ""), pair[1])))
+        if value is None:
+            missing.append(pair)
+            continue
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise SymconvertError(f"costs= gives {pair[0]} with {pair[1]} the cost {value!r}; "
+                                  "costs must be finite and >= 0.")
+        out[pair] = value
+    if missing:
+        shown = ", ".join(f"({n!r}, {s!r})" for n, s in missing[:3])
+        raise SymconvertError(f"costs= has no cost for {len(missing)} eligible (layer, scheme) "
+                              f"pairs, e.g. {shown}; price every pair of symconvert.auto.candidates().")
+    return out
+
+
+def _skip_reason(entries: list[LayerPlan]) -> str:
+    reasons = []
+    for e in entries:
+        r = e.reason or "?"
+        if r not in [x[1] for x in reasons]:
+            reasons.append((e.scheme, r))
+    if len(reasons) == 1:
+        return reasons[0][1]
+    return "no candidate applies: " + "; ".join(f"{s}: {r}" for s, r in reasons)
+
+
+def build_auto_plan(
+    model: nn.Module,
+    selection: Selection,
+    target_reduction: float | None,
+    schemes: str | Sequence[str] | None = None,
+    costs: Costs | None = None,
+    cost_name: str | None = None,
+) -> AutoPlan:
+    """The ``--scheme auto`` plan: per candidate tensor the chosen scheme (or none) and
+    every candidate's cost. Nothing is changed. An unreachable target gives a plan with
+    ``reachable=False`` showing the largest reduction (``convert`` refuses it)."""
+    if target_reduction is None:
+        raise SymconvertError("--scheme auto needs --target-reduction F (e.g. 0.4): the "
+                              "planner picks per layer the cheapest schemes that reach it.")
+    if not 0 < target_reduction < 1:
+        raise SymconvertError(f"--target-reduction must be in (0, 1), got {target_reduction}.")
+    specs = parse_schemes(schemes)
+    plans = _scheme_plans(model, specs, selection, with_error=costs is None)
+    keys = [(e.module, e.tensor) for e in plans[0].layers]
+    by_scheme = [{(e.module, e.tensor): e for e in p.layers} for p in plans]
+
+    if costs is None:
+        table = None
+    else:
+        pairs = [(e.name, p.scheme) for p in plans for e in p.converted]
+        alt = {(e.name, p.scheme): f"{e.module}.{e.tensor}" for p in plans for e in p.converted}
+        table = _resolve_costs(costs, pairs, alt)
+
+    options: list[list[Option]] = []
+    option_entries: list[list[LayerPlan]] = []
+    for key in keys:
+        opts, ents = [], []
+        for by in by_scheme:
+            e = by[key]
+            if not e.converted:
+                continue
+            if table is not None:
+                c = table[(e.name, e.scheme)]
+            else:
+                c = weight_cost(e.symmetrization_error)
+            # same saving at the same cost as an earlier candidate (block on a square
+            # layer is channel): keep the earlier one
+            if any(o.gain == e.saved and o.cost == c for o in opts):
+                continue
+            opts.append(Option(e.saved, c))
+            ents.append(e)
+        options.append(opts)
+        option_entries.append(ents)
+
+    total = count_parameters(model)
+    goal = math.ceil(target_reduction * total - 1e-9)
+    sol = solve(options, goal)
+
+    entries: list[LayerPlan] = []
+    for key, opts, ents, j in zip(keys, options, option_entries, sol.choice, strict=True):
+        alternatives = {
+            e.scheme: {"params_after": e.params_after, "saved": e.saved, "cost": o.cost,
+                       "symmetrization_error": e.symmetrization_error}
+            for o, e in zip(opts, ents, strict=True)
+        }
+        if j is not None:
+            entry = copy.deepcopy(ents[j])
+        else:
+            entry = copy.deepcopy(by_scheme[0][key])
+            entry.scheme, entry.action = AUTO, SKIP
+            entry.params_after, entry.symmetrization_error, entry.note = entry.params_before, None, None
+            if opts:
+                cheapest = min(range(len(opts)), key=lambda k: (opts[k].cost / opts[k].gain, k))
+                entry.reason = (f"not needed for --target-reduction (cheapest: "
+                                f"{ents[cheapest].scheme} at {opts[cheapest].cost:.3g})")
+            else:
+                entry.reason = _skip_reason([by[key] for by in by_scheme])
+        entry.alternatives = alternatives
+        entry.cost = opts[j].cost if j is not None else None
+        assert entry.action == (CONVERT if j is not None else SKIP)
+        entries.append(entry)
+
+    warnings = list(plans[0].warnings)
+    plan = AutoPlan(
+        scheme=AUTO, selection=selection.to_dict(), total_before=total, layers=entries,
+        warnings=warnings, target_reduction=target_reduction, schemes=specs,
+        cost_name=cost_name or ("weight error²" if costs is None else getattr(costs, "name", "given costs")),
+        total_cost=sol.cost, lower_bound=sol.lower_bound, reachable=sol.feasible,
+        max_reduction=sol.max_gain / total if total else 0.0,
+    )
+    return plan
+
+
+def require_reachable(plan: Plan) -> None:
+    if isinstance(plan, AutoPlan) and not plan.reachable:
+        raise SymconvertError(plan.unreachable_message())
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _short(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.0f}k"
+    return f"{n:,}"
+
+
+def auto_table(plan: AutoPlan, title: str, show_skipped: bool = True, max_rows: int | None = None):
+    """Per layer: the chosen scheme, its cost, and the alternatives' costs (−saved)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from symconvert.render import fmt_int
+
+    table = Table(title=title, show_lines=False)
+    for col, just in (("layer", "left"), ("shape", "left"), ("scheme", "left"),
+                      ("params before", "right"), ("params after", "right"),
+                      (plan.cost_name, "right"), ("alternatives: cost (saved)", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    rows = [e for e in plan.layers if show_skipped or e.converted]
+    shown = rows if max_rows is None else rows[:max_rows]
+    for e in shown:
+        shape = "×".join(str(s) for s in e.shape) + (f" g={e.groups}" if e.groups != 1 else "")
+        alts = [f"{s} {a['cost']:.3f} (−{_short(a['saved'])})"
+                for s, a in (e.alternatives or {}).items() if not (e.converted and s == e.scheme)]
+        if e.converted:
+            scheme = f"[green]{escape(e.scheme)}[/]"
+            other = " · ".join(alts) or "—"
+        else:
+            scheme = "[dim]none[/]"
+            other = " · ".join(alts) if alts else (e.reason or "")
+        if e.aliases:
+            other += f" (tied with {', '.join(e.aliases)})"
+        cost = "—" if e.cost is None else f"{e.cost:.3f}"
+        table.add_row(escape(e.name), shape, scheme, fmt_int(e.params_before),
+                      fmt_int(e.params_after), cost, escape(other))
+    if max_rows is not None and len(rows) > max_rows:
+        table.add_row(f"… {len(rows) - max_rows} more", "", "", "", "", "", "")
+    return table
+
+
+def auto_totals(plan: AutoPlan) -> str:
+    counts = ", ".join(f"{s} {n}" for s, n in plan.scheme_counts.items()) or "none"
+    line = (
+        f"[bold]auto[/] ({', '.join(plan.schemes)}; cost: {plan.cost_name}): "
+        f"{len(plan.converted)} layers converted ({counts}), {len(plan.skipped)} skipped; "
+        f"parameters {plan.total_before:,} → {plan.total_after:,} "
+        f"([bold green]−{plan.saved_fraction:.2%}[/], target {plan.target_reduction:.2%}); "
+        f"total cost {plan.total_cost:.4f}"
+    )
+    if plan.reachable and plan.lower_bound is not None:
+        gap = plan.total_cost - plan.lower_bound
+        line += f", lower bound {plan.lower_bound:.4f} (at most {gap:.4f} above the optimum)"
+    if not plan.reachable:
+        line += (f"\n[bold red]cannot be reached[/]: {plan.unreachable_message()} Shown: the "
+                 "largest-reduction plan.")
+    return line
