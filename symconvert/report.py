@@ -225,6 +225,8 @@ def _model_name(source: dict[str, Any]) -> str:
 def _scheme_of(meta: dict[str, Any]) -> str:
     recorded = (meta.get("convert") or {}).get("scheme")
     schemes = sorted({r.get("scheme") for r in (meta.get("layers") or {}).values()})
+    if recorded == "auto":  # --scheme auto: each layer's own scheme is in the layer table
+        return "auto"
     if recorded and (not schemes or schemes == [recorded]):
         return str(recorded)
     return ",".join(schemes) if schemes else "none"
