@@ -103,8 +103,8 @@ def _print_dry_run(recipe, overwrite: bool, resume: bool) -> None:
     from rich.syntax import Syntax
     from rich.table import Table
 
+    from symconvert.cli_core import _table, _totals
     from symconvert.recipes import dry_run, dump_yaml
-    from symconvert.render import plan_table, totals_line
 
     plan = dry_run(recipe, overwrite=overwrite, resume=resume)
     console.print(f"[bold]resolved recipe[/] ({recipe.path or '<recipe>'}, with --set applied "
@@ -118,9 +118,9 @@ def _print_dry_run(recipe, overwrite: bool, resume: bool) -> None:
         table.add_row(st.name, st.does, st.writes)
     console.print(table)
     if plan.plan is not None:
-        console.print(plan_table(plan.plan, f"{recipe.model.name} — {plan.plan.scheme}",
-                                 show_skipped=False, max_rows=60))
-        console.print(totals_line(plan.plan))
+        console.print(_table(plan.plan, f"{recipe.model.name} — {plan.plan.scheme}",
+                             show_skipped=False, max_rows=60))
+        console.print(_totals(plan.plan))
     if plan.problems:
         from symconvert.errors import RecipeError
 

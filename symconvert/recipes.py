@@ -94,7 +94,15 @@ def _check_model(name: str) -> None:
 def _check_scheme(name: str) -> None:
     from symconvert.schemes import get_scheme
 
-    get_scheme(name)
+    if str(name).strip() != "auto":  # auto: per layer one of selection.schemes
+        get_scheme(name)
+
+
+def _check_schemes(names: list[str] | None) -> None:
+    from symconvert.auto import parse_schemes
+
+    if names is not None:
+        parse_schemes(names)
 
 
 def _check_data(spec: str) -> None:
@@ -159,6 +167,9 @@ class SelectionSection:
                                           "layers until the model is this fraction smaller")
     gates: list[str] | None = _opt(None, split=True, choices=("hh", "ih"),
                                    help="recurrent weights to convert: hh (default) or hh,ih")
+    schemes: list[str] | None = _opt(None, split=True, check=_check_schemes,
+                                     help="scheme: auto — the candidate schemes (default "
+                                     "channel,block,spatial,channel+spatial,quarter)")
 
 
 @dataclass
@@ -892,7 +903,7 @@ def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
                 model, recipe.scheme, include=sel.include or None, exclude=sel.exclude or None,
                 layers=sel.layers, min_channels=sel.min_channels, include_head=sel.include_head,
                 allow_empty=sel.allow_empty, target_reduction=sel.target_reduction,
-                gates=sel.gates)
+                gates=sel.gates, schemes=sel.schemes)
         except RecipeError as exc:
             problems.append(str(exc))
         except SymconvertError as exc:
@@ -1018,11 +1029,12 @@ def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
                      layers=sel.layers, min_channels=sel.min_channels,
                      include_head=sel.include_head, gates=sel.gates)
     model, plan = symconvert.convert(model, recipe.scheme, allow_empty=sel.allow_empty,
-                                     target_reduction=sel.target_reduction, **selection)
+                                     target_reduction=sel.target_reduction,
+                                     schemes=sel.schemes, **selection)
     args = {"model": m.name, "scheme": recipe.scheme, "pretrained": m.pretrained,
             "weights": m.weights, "num_classes": m.num_classes,
             "target_reduction": sel.target_reduction, "allow_empty": sel.allow_empty,
-            **selection}
+            **({"schemes": plan.schemes} if hasattr(plan, "schemes") else {}), **selection}
     symconvert.save(model, out, extra_metadata={"convert": args}, overwrite=True)
     # the same plan.json as `symconvert convert` writes
     text = json.dumps(plan.to_dict(), indent=2) + "\n"

@@ -308,3 +308,23 @@ def test_cli_unreachable(cli, tmp_path):
     bad = cli("convert", "torchvision:resnet18", "--scheme", "channel", "--schemes", "block",
               "--no-pretrained", "--out", tmp_path / "y")
     assert_clean_error(bad, "--schemes")
+
+
+def test_recipe_with_scheme_auto(tmp_path):
+    """A recipe takes `scheme: auto` with selection.target_reduction and .schemes; a bad
+    candidate names its key; the dry run shows the per-layer choice."""
+    import yaml
+    from conftest import run_cli
+
+    recipe = {"model": {"name": "timm:resnet_cifar_tiny", "pretrained": False}, "scheme": "auto",
+              "selection": {"target_reduction": 0.3, "schemes": "channel,spatial"},
+              "data": "digits", "finetune": {"distill": False}, "out": str(tmp_path / "run")}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", path, "--dry-run")
+    assert result.code == 0, result
+    assert "auto (channel, spatial; cost: weight error²)" in result.flat
+    assert "target 30.00%" in result.flat and "ready to run" in result.flat
+    recipe["selection"]["schemes"] = "channel,spatail"
+    path.write_text(yaml.safe_dump(recipe))
+    assert_clean_error(run_cli("run", path, "--dry-run"), "selection.schemes", "unknown scheme")
