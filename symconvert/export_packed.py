@@ -94,6 +94,40 @@ def gather_tables(scheme, packed_shape: tuple[int, ...], shape: tuple[int, ...],
     return width, rows_out, cols_out
 
 
+def triangle_rows(out: int, inp: int, n: int, along_out: bool,
+                  zero: torch.Tensor | int = 0) -> torch.Tensor:
+    """The ``rows`` table of the transpose group (``channel``, ``block``, RNN gate blocks)
+    by formula: (out, in) position -> block * n(n+1)/2 + its upper-triangle index. In a
+    traced graph it is a few integer ops on two ``arange`` s, which onnxruntime folds.
+    ``zero`` (an int64 0 computed from a weight) keeps the exporter's own constant
+    propagation from folding the table into a stored int64 constant."""
+    if isinstance(zero, torch.Tensor):  # traced: Range ops, not stored aranges
+        o = torch.arange(zero.reshape(()), (zero + out).reshape(())).unsqueeze(1)
+        i = torch.arange(zero.reshape(()), (zero + inp).reshape(())).unsqueeze(0)
+    else:
+        o = torch.arange(out).unsqueeze(1)
+        i = torch.arange(inp).unsqueeze(0)
+    if along_out:
+        block, a, c = o // n, o % n, i
+    else:  # [S_1 ... S_r] side by side
+        block, a, c = i // n, o, i % n
+    lo, hi = torch.minimum(a, c), torch.maximum(a, c)
+    return (block * (n * (n + 1) // 2) + lo * n - lo * (lo - 1) // 2 + hi - lo).reshape(-1)
+
+
+def _triangle_layout(rows: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[int, bool] | None:
+    """(n, along_out) when ``rows`` is the transpose group's table (then it need not be
+    stored), else None."""
+    if rows is None:
+        return None
+    out, inp = shape[0], shape[1]
+    for n, along_out in ((inp, True), (out, False)):
+        if n >= 2 and (out if along_out else inp) % n == 0 and rows.numel() == out * inp \
+                and torch.equal(rows.long(), triangle_rows(out, inp, n, along_out)):
+            return n, along_out
+    return None
+
+
 class PackedWeight(nn.Module):
     """The dense weight from the packed tensor, by traceable gathers (see the module doc).
 
@@ -102,10 +136,14 @@ class PackedWeight(nn.Module):
     ``compute`` first."""
 
     def __init__(self, sym, width: int, rows: torch.Tensor | None, cols: torch.Tensor | None,
-                 compute: torch.dtype = torch.float32) -> None:
+                 compute: torch.dtype = torch.float32,
+                 triangle: tuple[int, bool] | None = None) -> None:
         super().__init__()
         self.scheme, self.shape, self.groups = sym.scheme, sym.shape, sym.groups
         self.width = width
+        self.triangle = triangle  # rows computed in-graph, not stored
+        if triangle is not None:
+            rows = None
         self.compute = compute
         self.direct = width == 0  # eigen: the scheme's own (traceable) unpack
         self.register_buffer("rows", rows)
@@ -116,7 +154,11 @@ class PackedWeight(nn.Module):
         if self.direct:
             return self.scheme.unpack(packed, self.shape, self.groups)
         x = packed.reshape(-1, self.width)
-        if self.rows is not None:
+        if self.triangle is not None:
+            zero = packed.reshape(-1)[:0].sum().to(torch.int64)  # exactly 0, never NaN
+            x = x.index_select(0, triangle_rows(self.shape[0], self.shape[1], *self.triangle,
+                                                zero=zero))
+        elif self.rows is not None:
             x = x.index_select(0, self.rows)
         if self.cols is not None:
             x = x.index_select(1, self.cols)
@@ -138,10 +180,12 @@ def _is_linear_scheme(scheme) -> bool:
     return not scheme.spec.startswith("eigen")
 
 
-def pack_for_export(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def pack_for_export(model: nn.Module, dtype: torch.dtype = torch.float32,
+                    in_graph: bool = True) -> dict[str, Any]:
     """Swap every ``Symmetric`` of ``model`` (in place) for a ``PackedWeight`` that unpacks
     by int32 gathers, the packed tensors cast to ``dtype``. Each layer's own scheme drives
-    its tables (mixed per-layer schemes work). Returns the table accounting:
+    its tables (mixed per-layer schemes work); ``in_graph`` computes the transpose
+    group's row table by formula instead of storing it. Returns the table accounting:
     ``{"index_bytes": int, "tables": int, "layers": int}``."""
     from symconvert.parametrization import converted_tensors
 
@@ -158,16 +202,18 @@ def pack_for_export(model: nn.Module, dtype: torch.dtype = torch.float32) -> dic
         if _is_linear_scheme(sym.scheme):
             key = (sym.scheme.spec, sym.shape, sym.groups, packed_shape)
             if key not in tables:
-                tables[key] = gather_tables(sym.scheme, packed_shape, sym.shape, sym.groups)
-            width, rows, cols = tables[key]
+                width, rows, cols = gather_tables(sym.scheme, packed_shape, sym.shape, sym.groups)
+                triangle = _triangle_layout(rows, sym.shape) if in_graph else None
+                tables[key] = (width, None if triangle else rows, cols, triangle)
+            width, rows, cols, triangle = tables[key]
         else:
-            width, rows, cols = 0, None, None
+            width, rows, cols, triangle = 0, None, None, None
         with torch.no_grad():
             plist.original.data = plist.original.data.to(dtype)
         for i, p in enumerate(plist):
             if p is sym:
-                plist[i] = PackedWeight(sym, width, rows, cols)
-    index_bytes = sum(t.numel() * t.element_size() for _, r, c in tables.values()
+                plist[i] = PackedWeight(sym, width, rows, cols, triangle=triangle)
+    index_bytes = sum(t.numel() * t.element_size() for _, r, c, _ in tables.values()
                       for t in (r, c) if t is not None)
     return {"index_bytes": index_bytes, "tables": len(tables), "layers": layers}
 
@@ -341,8 +387,10 @@ def export_model(model: nn.Module, fmt: str, out: str | os.PathLike, *, packed: 
 def deployment_bytes(model: nn.Module) -> dict[str, Any]:
     """Tensor bytes each export would store, per storage dtype, without writing a file:
     ``{"dense_onnx", "packed_onnx", "dense_torchscript", "packed_torchscript",
-    "index_bytes", "by_dtype": {dtype: {format: bytes}}}`` (float32 at the top level).
-    A file adds its graph and header (well under 1 % for real models)."""
+    "index_bytes", "by_dtype": {dtype: {"symconvert", "dense", "packed_onnx",
+    "packed_torchscript"}}}`` (float32 at the top level). A file adds its graph and header
+    (well under 1 % for real models); a dense ONNX export is smaller by the BatchNorms the
+    exporter folds into the convolutions."""
     from symconvert.parametrization import converted_tensors
 
     converted: dict[int, tuple] = {}
@@ -367,6 +415,8 @@ def deployment_bytes(model: nn.Module) -> dict[str, Any]:
             key = (sym.scheme.spec, sym.shape, sym.groups, tuple(orig.shape))
             if key not in tables:
                 _, rows, cols = gather_tables(sym.scheme, tuple(orig.shape), sym.shape, sym.groups)
+                if _triangle_layout(rows, sym.shape) is not None:
+                    rows = None  # computed in-graph
                 tables[key] = sum(t.numel() * 4 for t in (rows, cols) if t is not None)
     index = sum(tables.values())
     by_dtype = {}
@@ -374,9 +424,13 @@ def deployment_bytes(model: nn.Module) -> dict[str, Any]:
         size = torch.empty((), dtype=dt).element_size()
         dense = (plain_params + dense_params) * size + buffers
         packed = (plain_params + packed_params) * size + buffers + index
-        by_dtype[name] = {"dense_onnx": dense, "packed_onnx": packed,
-                          "dense_torchscript": dense, "packed_torchscript": packed}
-    return {**by_dtype["float32"], "index_bytes": index, "by_dtype": by_dtype}
+        by_dtype[name] = {"symconvert": packed - index, "dense": dense,
+                          "packed_onnx": packed, "packed_torchscript": packed}
+    return {"dense_onnx": by_dtype["float32"]["dense"],
+            "packed_onnx": by_dtype["float32"]["packed_onnx"],
+            "dense_torchscript": by_dtype["float32"]["dense"],
+            "packed_torchscript": by_dtype["float32"]["packed_torchscript"],
+            "index_bytes": index, "by_dtype": by_dtype}
 
 
 def store_directory_as(directory: str | os.PathLike, dtype: str | torch.dtype | None) -> None:
@@ -389,3 +443,39 @@ def store_directory_as(directory: str | os.PathLike, dtype: str | torch.dtype | 
         return
     model = symconvert.load(directory)
     symconvert.save(model, directory, dtype=storage, overwrite=True)
+
+
+def measure_deployment(directory: str | os.PathLike) -> dict[str, Any]:
+    """The report's ``deployment`` entry for a model directory: bytes of every export
+    format, written to a temporary directory and measured (float32), plus the tensor
+    bytes per storage dtype (``by_dtype``, computed: dtype size × tensors, + index tables
+    for packed). A format that cannot be written is absent, with its reason in
+    ``reasons``."""
+    import tempfile
+
+    import symconvert
+    from symconvert.export import export
+
+    directory = Path(directory)
+    model = symconvert.load(directory)
+    computed = deployment_bytes(model)
+    out: dict[str, Any] = {"symconvert": (directory / "model.safetensors").stat().st_size}
+    reasons: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="symconvert-deploy-") as tmp:
+        for fmt in ("onnx", "torchscript"):
+            for packed in (False, True):
+                key = f"{'packed' if packed else 'dense'}_{fmt}"
+                try:
+                    path = export(symconvert.load(directory), fmt, Path(tmp) / key, packed=packed)
+                    out[key] = path.stat().st_size
+                except Exception as exc:  # noqa: BLE001  (a measurement: report why it is missing)
+                    reasons[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    try:
+        dtype = dtype_name(parse_dtype(symconvert.read_metadata(directory).get("dtype")))
+    except SymconvertError:
+        dtype = "float32"
+    out.update({"index_bytes": computed["index_bytes"], "stored_dtype": dtype,
+                "by_dtype": computed["by_dtype"]})
+    if reasons:
+        out["reasons"] = reasons
+    return out

@@ -80,8 +80,9 @@ def test_resnet18_channel_onnx_dense_and_packed(cli, r18_dir, tmp_path):
     # the bound of the issue: the checkpoint + 1 % + the index tables
     assert packed.stat().st_size <= 1.01 * ckpt + info["index_bytes"]
     assert packed.stat().st_size < 0.9 * dense.stat().st_size
-    # int32 tables, one per distinct (scheme, shape): 64², 128², 256², 512² positions
-    assert info["index_bytes"] == 4 * (64**2 + 128**2 + 256**2 + 512**2)
+    # channel's row table is computed in-graph: nothing stored but the free parameters
+    assert info["index_bytes"] == 0
+    assert packed.stat().st_size <= 1.01 * ckpt
     # the estimate the report shows is what the file holds, to within its graph
     assert abs(packed.stat().st_size - info["packed_onnx"]) <= 0.01 * packed.stat().st_size
 
@@ -113,8 +114,14 @@ def test_vit_block_onnx_dense_and_packed(cli, tmp_path):
     inputs = [torch.randn(1, 3, 224, 224), torch.randn(2, 3, 224, 224)]
     _check_onnx(cli, directory, tmp_path, inputs, packed=False)
     packed = _check_onnx(cli, directory, tmp_path, inputs, packed=True)
+    import onnx
+
     index = deployment_bytes(symconvert.load(directory))["index_bytes"]
-    assert packed.stat().st_size <= 1.01 * (directory / "model.safetensors").stat().st_size + index
+    ckpt = (directory / "model.safetensors").stat().st_size
+    tensors = sum(len(i.raw_data) for i in onnx.load(str(packed)).graph.initializer)
+    assert tensors <= 1.01 * ckpt + index
+    # + the graph: ~150 bytes a node, 4 % of this 2-block toy ViT (< 1 % at full size)
+    assert packed.stat().st_size <= 1.06 * ckpt + index
 
 
 def test_lstm_lm_rnn_onnx_dense_and_packed(cli, tmp_path):
@@ -153,6 +160,24 @@ def test_mixed_per_layer_schemes_and_every_scheme_packed(tmp_path):
             with torch.no_grad():
                 got = torch.jit.load(str(out))(x).numpy()
         assert _rel(got, ref) <= 1e-4, fmt
+
+
+def test_quarter_tables_are_int32_and_shared(tmp_path):
+    """A group without a formula stores one int32 table per (scheme, shape), shared by
+    every layer of that shape; the packed file is the checkpoint + 1 % + that table."""
+    from symconvert.export import export
+
+    model = symconvert.create_model("timm:resnet18", pretrained=False)
+    symconvert.convert(model, "quarter", include="layer4.*")
+    symconvert.save(model, tmp_path / "q")
+    info = deployment_bytes(symconvert.load(tmp_path / "q"))
+    assert info["index_bytes"] == 4 * 512 * 512  # layer4's four 512x512 convs share one
+    out = export(symconvert.load(tmp_path / "q"), "onnx", tmp_path / "q.onnx", packed=True)
+    ckpt = (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert out.stat().st_size <= 1.01 * ckpt + info["index_bytes"]
+    x = torch.randn(2, 3, 224, 224)
+    got = _session(out).run(None, {"input": x.numpy()})[0]
+    assert _rel(got, _reference(tmp_path / "q", x)[0]) <= 1e-4
 
 
 @pytest.mark.parametrize("spec,shape,groups", [
@@ -234,3 +259,44 @@ def test_export_bad_usage_is_a_clean_error(cli, r18_dir, tmp_path):
                            tmp_path / "x.safetensors"), "--packed")
     assert_clean_error(cli("export", r18_dir, "--format", "onnx", "--dtype", "float8", "--out",
                            tmp_path / "x.onnx"), "--dtype")
+
+
+def test_report_deployment_section(cli, tmp_path):
+    """`report` shows the bytes of every export format, measured, and per dtype."""
+    import json
+
+    from symconvert.report import render_markdown
+
+    directory = tmp_path / "lm"
+    wide = ["--model-kwarg", "vocab_size=50", "--model-kwarg", "emb=96", "--model-kwarg", "hidden=96"]
+    assert cli("convert", LM, "--scheme", "channel", "--no-pretrained", "--layers", "rnn",
+               *wide, "--out", directory, "--dtype", "bfloat16").code == 0
+    result = cli("report", directory, "--format", "json", "--latency-runs", "1", "--device", "cpu")
+    assert result.code == 0, result
+    report = json.loads(result.stdout)
+    dep = report["deployment"]
+    for key in ("dense_onnx", "packed_onnx", "dense_torchscript", "packed_torchscript"):
+        assert isinstance(dep[key], int) and dep[key] > 0, key
+    assert dep["packed_onnx"] < dep["dense_onnx"]
+    assert dep["stored_dtype"] == "bfloat16"
+    assert dep["symconvert"] == (directory / "model.safetensors").stat().st_size
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert set(dep["by_dtype"][dtype]) >= {"symconvert", "dense", "packed_onnx"}
+    assert dep["by_dtype"]["float16"]["symconvert"] < dep["by_dtype"]["float32"]["symconvert"]
+    # the stored file is the bfloat16 tensors plus its header
+    header = dep["symconvert"] - dep["by_dtype"]["bfloat16"]["symconvert"]
+    assert 0 < header < 20_000
+    assert "deployment: bytes of what you ship" in render_markdown(report)
+
+
+@pytest.mark.parametrize("shape,groups,spec", [((8, 4, 3, 3), 2, "channel"), ((16, 4), 4, "channel"),
+                                               ((12, 4), 1, "block"), ((4, 12, 3, 3), 1, "block")])
+def test_triangle_rows_formula_is_the_transpose_groups_table(shape, groups, spec):
+    from symconvert.export_packed import _triangle_layout, triangle_rows
+
+    scheme = symconvert.get_scheme(spec)
+    packed = scheme.pack(torch.randn(shape), groups)
+    _, rows, _ = gather_tables(scheme, tuple(packed.shape), shape, groups)
+    layout = _triangle_layout(rows, shape)
+    assert layout is not None
+    assert torch.equal(triangle_rows(shape[0], shape[1], *layout), rows.long())
