@@ -61,8 +61,8 @@ def bench_deploy(name: str, batches: tuple[int, ...], size: int, repeats: int) -
             x = {"input": torch.randn(batch, 3, size, size).numpy()}
             for s in sessions.values():  # warm-up
                 s.run(None, x)
-            dense_t, packed_t, ratio = _median_pair(lambda s=sessions["dense"]: s.run(None, x),
-                                                    lambda s=sessions["packed"]: s.run(None, x),
+            dense_t, packed_t, ratio = _median_pair(lambda s=sessions["dense"], x=x: s.run(None, x),
+                                                    lambda s=sessions["packed"], x=x: s.run(None, x),
                                                     repeats)
             result[f"b{batch}"] = {"dense_s": dense_t, "packed_s": packed_t,
                                    "packed/dense": ratio}
