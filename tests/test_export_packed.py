@@ -300,3 +300,31 @@ def test_triangle_rows_formula_is_the_transpose_groups_table(shape, groups, spec
     layout = _triangle_layout(rows, shape)
     assert layout is not None
     assert torch.equal(triangle_rows(shape[0], shape[1], *layout), rows.long())
+
+
+def test_finetune_dtype_writes_a_half_precision_directory(cli, tmp_path):
+    """`finetune --dtype float16`: trains in float32, writes the model in float16; it
+    loads back to the same (rounded) float32 model."""
+    import sys
+
+    from conftest import TESTS
+
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    conv = tmp_path / "conv"
+    assert cli("convert", "py:_helpers_train:tiny_mlp", "--scheme", "channel", "--no-pretrained",
+               "--out", conv).code == 0
+    out = tmp_path / "ft"
+    result = cli("finetune", conv, "--data", "digits", "--epochs", "1", "--device", "cpu",
+                 "--no-distill", "--subsample", "200", "--out", out, "--dtype", "float16")
+    assert result.code == 0, result
+    meta = symconvert.read_metadata(out)
+    assert meta["dtype"] == "float16" and meta.get("finetune")
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
+    model = symconvert.load(out)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    key = next(k for k, t in stored.items() if t.is_floating_point())
+    assert torch.equal(model.state_dict()[key], stored[key].float())
