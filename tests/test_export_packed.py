@@ -328,3 +328,25 @@ def test_finetune_dtype_writes_a_half_precision_directory(cli, tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     key = next(k for k, t in stored.items() if t.is_floating_point())
     assert torch.equal(model.state_dict()[key], stored[key].float())
+
+
+def test_onnxruntime_folds_the_packed_graph_to_the_dense_one(cli, r18_dir, tmp_path):
+    """At session creation onnxruntime constant-folds the in-graph unpacking: the
+    optimised packed graph has exactly the dense graph's operators (no Gather, Range
+    left), so it runs at dense speed."""
+    from collections import Counter
+
+    import onnx
+
+    ops = {}
+    for packed in (False, True):
+        path = tmp_path / f"{packed}.onnx"
+        assert cli("export", r18_dir, "--format", "onnx", "--out", path,
+                   *(["--packed"] if packed else [])).code == 0
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / f"{packed}-opt.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops[packed] = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops[True] == ops[False]
+    assert "Gather" not in ops[True] and "Range" not in ops[True]
