@@ -184,6 +184,7 @@ TARGETS = {
     "bytes/(free params x 4)": 1.001,
     "train step converted/original": 1.05,
     "peak memory converted/original": 1.0,
+    "onnxruntime packed/dense latency": 1.05,
 }
 
 
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         results["train_step"] = bench_train_step("resnet50", 8, 128, reps)
     with console.status("peak memory of a fine-tuning step (resnet50, batch 8, 128 px)"):
         results["peak_memory"] = bench_peak_memory("resnet50", 8, 128)
+    with console.status("deployment: packed/dense ONNX under onnxruntime (resnet50 channel)"):
+        from benchmarks.deploy import bench_deploy
+
+        results["deploy"] = bench_deploy("resnet50", (1, 8), 224, max(reps // 2, 3))
 
     rows = [
         ("surgery/build", "resnet101", results["surgery"]["surgery/build"]),
@@ -225,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
          results["checkpoint"]["bytes/(free params x 4 + buffers)"]),
         ("train step converted/original", "resnet50 b8 128px", results["train_step"]["converted/original"]),
         ("peak memory converted/original", "resnet50 b8 128px", results["peak_memory"]["converted/original"]),
+        ("packed-ONNX bytes/symconvert bytes", "resnet50 channel", results["deploy"]["packed_onnx/symconvert"]),
+        ("dense-ONNX bytes/source bytes", "resnet50", results["deploy"]["dense_onnx/source"]),
+        ("onnxruntime packed/dense latency", "resnet50 b1 224px", results["deploy"]["b1"]["packed/dense"]),
+        ("onnxruntime packed/dense latency", "resnet50 b8 224px", results["deploy"]["b8"]["packed/dense"]),
     ]
     table = Table(title=f"symconvert benchmarks (CPU, {results['threads']} threads, torch {torch.__version__})")
     for col in ("ratio", "setting", "value", "target"):

@@ -119,8 +119,13 @@ def save(
     source: dict | None = None,
     extra_metadata: dict | None = None,
     overwrite: bool = True,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write ``out/model.safetensors`` and ``out/symconvert.json`` atomically.
+
+    ``dtype`` (float32 default, bfloat16, float16) is the storage precision of the
+    floating tensors, recorded as metadata ``"dtype"``; ``load`` reads any of them back
+    into the float32 model.
 
     ``source`` is needed only when the model did not come from ``create_model``
     (which records it as ``model.symconvert_source``).
@@ -133,7 +138,11 @@ def save(
             "'py', 'name': ..., 'num_classes': ..., 'kwargs': {...}}."
         )
     out = check_writable(out, overwrite=overwrite)
+    from symconvert.export_packed import dtype_name, parse_dtype
+
+    storage = parse_dtype(dtype)
     state, aliases = _dedupe(model.state_dict())
+    state = {k: v.to(storage) if v.is_floating_point() else v for k, v in state.items()}
     meta: dict[str, Any] = {}
     meta.update(copy.deepcopy(getattr(model, "symconvert_metadata", None) or {}))
     meta.update(copy.deepcopy(extra_metadata or {}))
@@ -143,7 +152,7 @@ def save(
             "source": {**source, "pretrained": bool(source.get("pretrained"))},
             "layers": layer_records(model),
             "aliases": aliases,
-            "dtype": str(next(iter(state.values())).dtype) if state else None,
+            "dtype": dtype_name(storage),
             "versions": versions(),
             "sha256": tensors_sha256(state),
         }

@@ -77,6 +77,9 @@ _SCHEME_HELP = ("Symmetry scheme (see `symconvert schemes`): channel, spatial, c
                 "or auto (per layer the cheapest scheme or none; needs --target-reduction).")
 _SCHEMES_HELP = ("With --scheme auto: the candidate schemes, comma-separated (default "
                  "channel,block,spatial,channel+spatial,quarter; e.g. channel,block,eigen:16).")
+DTYPE_HELP = ("Storage precision of the written tensors: float32, bfloat16 or float16 (half "
+              "the bytes; `load` computes in float32).")
+
 
 
 @app.command("inspect")
@@ -169,6 +172,7 @@ def convert_command(
     target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
     schemes: str | None = typer.Option(None, "--schemes", help=_SCHEMES_HELP),
     fmt: str = typer.Option("table", "--format", help="table or json (the plan)"),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Convert MODEL: replace every eligible layer by its symmetric equivalent (initialised
     from the nearest symmetric weight) and write the converted-model directory.
@@ -186,12 +190,17 @@ def convert_command(
       symconvert convert my.pth --weights my.pth ...   # see --weights
 
       symconvert convert timm:vit_small_patch16_224 --scheme block --exclude 're:blocks\\.(0|1)\\.'
+
+      symconvert convert timm:resnet50 --scheme channel --dtype bfloat16   # half the bytes
     """
     import symconvert
     from symconvert.checkpoint import check_writable
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
     check_writable(out, overwrite=overwrite)
+    from symconvert.export_packed import parse_dtype
+
+    parse_dtype(dtype)  # a bad --dtype fails before any work
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     m, plan = symconvert.convert(m, scheme, allow_empty=allow_empty,
@@ -200,7 +209,7 @@ def convert_command(
             **({"schemes": plan.schemes} if schemes is not None or scheme == "auto" else {}),
             "weights": str(weights) if weights else None, "num_classes": num_classes,
             "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
-    symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite)
+    symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite, dtype=dtype)
     write_plan(out, plan)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
@@ -243,19 +252,29 @@ def export_command(
     fmt: str = typer.Option("dense", "--format", help="dense (safetensors), onnx or torchscript."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    packed: bool = typer.Option(False, "--packed", help="onnx/torchscript: store only the free parameters and rebuild each dense weight in the graph (about the size of the model directory; onnxruntime folds it at session creation)."),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP + " In onnx/torchscript the graph casts to float32."),
 ) -> None:
     """Fold the symmetry back into plain dense weights of the ORIGINAL architecture and
-    write them: `dense` is a safetensors state_dict loadable by plain timm/torchvision.
+    write them: `dense` is a safetensors state_dict loadable by plain timm/torchvision;
+    `onnx`/`torchscript` with `--packed` keep the file as small as the model directory.
 
     Examples:
 
       symconvert export r101-channel --format dense --out r101-dense.safetensors
 
       symconvert export r101-channel --format onnx --out r101.onnx
+
+      symconvert export r101-channel --format onnx --packed --out r101-packed.onnx
+
+      symconvert export r101-channel --format torchscript --packed --dtype float16 --out r101.pt
     """
     import symconvert
     from symconvert.export import export
+    from symconvert.export_packed import parse_dtype
 
+    parse_dtype(dtype)  # a bad --dtype fails before loading
     model = symconvert.load(directory)
-    path = export(model, fmt, out, overwrite=overwrite)
-    console.print(f"wrote [bold]{path}[/] ({path.stat().st_size:,} bytes, {fmt})")
+    path = export(model, fmt, out, overwrite=overwrite, packed=packed, dtype=dtype)
+    kind = f"{fmt}{', packed' if packed else ''}, {dtype}"
+    console.print(f"wrote [bold]{path}[/] ({path.stat().st_size:,} bytes, {kind})")

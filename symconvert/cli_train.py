@@ -50,6 +50,7 @@ def finetune_command(
     augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Train-time crop/flip (default: per dataset; off for digits and (fashion-)MNIST)."),
     download: bool = typer.Option(False, "--download", help="Download mnist/cifar data into ROOT if missing."),
     fmt: str = typer.Option("table", "--format", help="table or json (the final metrics)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage precision of the written model directory: float32, bfloat16 or float16 (training stays float32)."),
 ) -> None:
     """Recover accuracy of a converted model: distillation from the source, AMP, DDP, resume.
 
@@ -68,12 +69,18 @@ def finetune_command(
       torchrun --standalone --nproc-per-node 4 -m symconvert finetune r50-ch --data imagefolder:/data/imagenet
 
       symconvert finetune r18-channel --data digits --resume     # after an interruption
+
+      symconvert finetune r18-channel --data digits --dtype bfloat16   # half-size --out
     """
+    from symconvert.export_packed import parse_dtype, store_directory_as
     from symconvert.train import TrainingInterrupted, finetune
+
+    parse_dtype(dtype)  # a bad --dtype fails before training
 
     if data.startswith("text:"):
         _finetune_text(model_dir, data, out, epochs=epochs, lr=lr, batch_size=batch_size,
-                       clip_grad=clip_grad, device=device, seed=seed, overwrite=overwrite, fmt=fmt)
+                       clip_grad=clip_grad, device=device, seed=seed, overwrite=overwrite, fmt=fmt,
+                       dtype=dtype)
         return
     try:
         result = finetune(
@@ -94,6 +101,7 @@ def finetune_command(
 
     if os.environ.get("RANK", "0") != "0":
         return
+    store_directory_as(result.out, dtype)
     summary = {"out": str(result.out), **result.eval, "params": result.params,
                "epochs": len(result.metrics)}
     if fmt == "json":
@@ -171,7 +179,7 @@ def _eval_table(title: str, result: dict) -> None:
 
 
 def _finetune_text(model_dir, data, out, *, epochs, lr, batch_size, clip_grad, device, seed,
-                   overwrite, fmt) -> None:
+                   overwrite, fmt, dtype="float32") -> None:
     """`finetune --data text:ROOT`: BPTT fine-tuning of a language model (symconvert.lm),
     with the paper's lr 20 and clip 0.25 unless given."""
     from symconvert.lm import finetune_lm
@@ -182,6 +190,9 @@ def _finetune_text(model_dir, data, out, *, epochs, lr, batch_size, clip_grad, d
         clip=0.25 if clip_grad is None else clip_grad,
         device=None if device == "auto" else device, seed=seed,
     )
+    from symconvert.export_packed import store_directory_as
+
+    store_directory_as(result["out"], dtype)
     summary = {"out": str(result["out"]), "perplexity_before": result["before"]["perplexity"],
                **result["after"], "epochs": len(result["metrics"])}
     if fmt == "json":

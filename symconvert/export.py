@@ -30,43 +30,37 @@ def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     return torch.zeros(batch_size, channels, *spatial)
 
 
-def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fold ``model`` (in place) and write it to ``out`` in ``fmt``."""
+def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool = False,
+           packed: bool = False, dtype: str | torch.dtype | None = None) -> Path:
+    """Fold ``model`` (in place) and write it to ``out`` in ``fmt``. ``packed`` (onnx,
+    torchscript) keeps the free parameters and unpacks in the graph; ``dtype`` is the
+    storage precision (see ``symconvert.export_packed``)."""
+    from symconvert.export_packed import export_model, parse_dtype
+
     if fmt not in FORMATS:
         raise SymconvertError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    if packed and fmt == "dense":
+        raise SymconvertError("--packed applies to --format onnx or torchscript (a dense "
+                              "safetensors export is the folded state_dict; the packed one "
+                              "is the model directory itself).")
+    storage = parse_dtype(dtype)
     out = Path(out)
     if out.exists() and not overwrite:
         raise SymconvertError(f"{out} exists; pass --overwrite or choose another --out.")
     check_writable(out.parent, overwrite=True)  # only "can a file be written there"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt != "dense":
+        return export_model(model, fmt, out, packed=packed, dtype=storage)["path"]
     model = fold(model).eval()
-    if fmt == "dense":
+    if fmt == "dense":  # the only format left here
         from safetensors.torch import save_file
 
         state, aliases = _dedupe(model.state_dict())
+        state = {k: v.to(storage) if v.is_floating_point() else v for k, v in state.items()}
         meta = {
             "source": json.dumps(getattr(model, "symconvert_source", None) or {}),
             "aliases": json.dumps(aliases),
             "format": "dense (symconvert export: folded, loads into the source architecture)",
         }
         _atomic_write(out, lambda path: save_file(state, str(path), metadata=meta))
-    elif fmt == "torchscript":
-        with torch.no_grad():
-            traced = torch.jit.trace(model, example_input(model), check_trace=False)
-        _atomic_write(out, lambda path: torch.jit.save(traced, str(path)))
-    else:
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            raise SymconvertError(
-                "ONNX export needs the onnx packages: pip install 'symconvert[onnx]'."
-            ) from None
-        example = example_input(model)
-
-        def write(path):
-            torch.onnx.export(model, (example,), str(path), input_names=["input"],
-                              output_names=["output"], dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-
-        _atomic_write(out, write)
     return out

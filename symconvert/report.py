@@ -156,6 +156,11 @@ def build_report(directory: str | os.PathLike, data: str | None = None, *,
     say("writing the dense export to measure its size")
     report["bytes"] = _bytes(directory)
 
+    say("writing every export format (onnx, torchscript; dense and packed) to measure it")
+    from symconvert.export_packed import measure_deployment
+
+    report["deployment"] = measure_deployment(directory)
+
     layers, layers_from = _layers(directory, meta, parent, sources)
     report["layers"] = layers
     report["layers_from"] = layers_from
@@ -779,6 +784,10 @@ def sections(report: Report) -> list[Section]:
             right=[False, True, True, True, True, True, True], rows=rows,
             note=" ".join(notes)))
 
+    dep = report.get("deployment")
+    if dep:
+        out.append(_deployment_section(dep))
+
     layer_rows = [[e["name"], "×".join(str(s) for s in e["shape"]), e["scheme"],
                    fmt_int(e["params_before"]), fmt_int(e["params_after"]),
                    fmt_err(e["symmetrization_error"])] for e in report["layers"]]
@@ -804,6 +813,29 @@ def sections(report: Report) -> list[Section]:
             ["parent", prov.get("parent") or "—"],
         ]))
     return out
+
+
+def _deployment_section(dep: dict[str, Any]) -> Section:
+    dtypes = list(dep.get("by_dtype", {}))
+    labels = {"symconvert": "symconvert directory", "dense_onnx": "ONNX, dense",
+              "packed_onnx": "ONNX, --packed", "dense_torchscript": "TorchScript, dense",
+              "packed_torchscript": "TorchScript, --packed"}
+    rows = []
+    for key, label in labels.items():
+        by = {d: dep["by_dtype"][d].get("dense" if key.startswith("dense") else key)
+              for d in dtypes}
+        measured = fmt_int(dep.get(key)) if key in dep else \
+            f"— ({dep.get('reasons', {}).get(key, 'not written')})"
+        rows.append([label, measured, *[fmt_int(by[d]) for d in dtypes]])
+    return Section(
+        title="deployment: bytes of what you ship",
+        columns=["format", f"file bytes ({dep.get('stored_dtype', 'float32')})",
+                 *[f"tensors, {d}" for d in dtypes]],
+        right=[False, True, *[True] * len(dtypes)], rows=rows,
+        note=(f"file bytes: written and measured (`symconvert export --format F [--packed]`); "
+              f"tensors: what each format stores per --dtype, packed ones including "
+              f"{fmt_int(dep.get('index_bytes'))} bytes of int32 index tables; a dense ONNX "
+              "file is smaller by the BatchNorms the exporter folds."))
 
 
 def _args_text(args: dict[str, Any] | None) -> str:
