@@ -100,23 +100,7 @@ def _check_scheme(name: str) -> None:
 def _check_data(spec: str) -> None:
     from symconvert.data import parse_data_spec
 
-    if _lm_text_spec(spec):
-        from symconvert.lm import parse_text_spec
-
-        parse_text_spec(spec)
-        return
     parse_data_spec(spec)
-
-
-def _lm_text_spec(spec: str) -> bool:
-    """``text:ROOT`` read by ``symconvert.lm`` (no ``text`` source in symconvert.data)."""
-    from symconvert.data import DATA_SOURCES
-
-    return _source_name(spec) == "text" and "text" not in DATA_SOURCES
-
-
-def _source_name(spec: str) -> str:
-    return str(spec).strip().partition(":")[0].strip().lower()
 
 
 def _check_input_size(value: str) -> None:
@@ -172,7 +156,8 @@ class DataSection:
                      check=_check_data)
     input_size: str | None = _opt(None, help="H or H,W: override the model's input size",
                                   check=_check_input_size)
-    subsample: int | None = _opt(None, ge=1, help="use at most N items per split (stratified)")
+    subsample: int | None = _opt(None, ge=1, help="use at most N items per split (stratified; "
+                                 "text: N tokens)")
     augment: bool | None = _opt(None, help="random crop/flip for training (default: the data "
                                 "source's own default)")
     download: bool = _opt(False, help="let torchvision download the data set if missing")
@@ -558,9 +543,6 @@ def _check_semantics(recipe: Recipe, errors: _Errors) -> None:
         errors.add("report.compare", "the baselines prune / fine-tune the trained source, but "
                    "the model has pretrained: false and no weights; remove report.compare or "
                    "give model.weights")
-    if data_task(recipe.data.spec) == LANGUAGE_MODEL:
-        _check_lm(recipe, errors)
-        return
     if recipe.finetune.enabled and not has_source and recipe.finetune.teacher is None:
         from symconvert.train import FinetuneConfig
 
@@ -588,72 +570,6 @@ def _check_semantics(recipe: Recipe, errors: _Errors) -> None:
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
                 errors.add(f"finetune.extra.{name}", "the trainer has no such setting."
                            f"{hint} Its settings: {', '.join(sorted(trainer))}.")
-
-
-# ------------------------------------------------------------------- the two trainers
-
-CLASSIFICATION = "classification"
-LANGUAGE_MODEL = "language-model"
-#: finetune keys the language-model trainer takes: recipe key → argument of finetune_lm
-LM_KEYS = {"epochs": "epochs", "lr": "lr", "batch_size": "batch_size", "clip_grad": "clip",
-           "device": "device", "seed": "seed"}
-_LM_NOT_SETTINGS = {"model_dir", "data", "out", "model", "corpus", "log", "overwrite"}
-
-
-def data_task(spec: str) -> str:
-    """``classification`` (``symconvert.train.finetune``) or ``language-model``
-    (``symconvert.lm.finetune_lm``), as the data source says."""
-    from symconvert.data import DATA_SOURCES
-
-    name = _source_name(spec)
-    if name in DATA_SOURCES:
-        return DATA_SOURCES[name].task
-    return LANGUAGE_MODEL if name == "text" else CLASSIFICATION
-
-
-def lm_parameters() -> dict[str, Any]:
-    """Every setting of ``symconvert.lm.finetune_lm`` / ``train_lm`` with its default."""
-    import inspect
-
-    from symconvert import lm
-
-    params: dict[str, Any] = {}
-    for fn in (lm.finetune_lm, lm.train_lm):
-        for p in inspect.signature(fn).parameters.values():
-            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in _LM_NOT_SETTINGS:
-                continue
-            params.setdefault(p.name, None if p.default is p.empty else p.default)
-    return params
-
-
-def _check_lm(recipe: Recipe, errors: _Errors) -> None:
-    ft = recipe.finetune
-    params = lm_parameters()
-    extra_names = sorted(set(params) - set(LM_KEYS.values()))
-    takes = (f"it takes finetune.{', finetune.'.join(LM_KEYS)} and, under finetune.extra, "
-             f"{', '.join(extra_names)}")
-    for f in _recipe_fields(FinetuneSection):
-        if f.name in LM_KEYS or f.name in ("enabled", "extra"):
-            continue
-        if getattr(ft, f.name) is not None:
-            errors.add(f"finetune.{f.name}", "not a setting of the language-model trainer "
-                       f"(symconvert.lm.finetune_lm, chosen by data: {recipe.data.spec}); {takes}")
-    for name in ("input_size", "subsample", "augment"):
-        if getattr(recipe.data, name) is not None:
-            errors.add(f"data.{name}", "not used for a text corpus (cap it with "
-                       "finetune.extra.max_tokens)")
-    mapped = {arg: key for key, arg in LM_KEYS.items()}
-    for name in ft.extra:
-        if name in mapped:
-            errors.add(f"finetune.extra.{name}", f"set it as finetune.{mapped[name]}")
-        elif name not in params:
-            close = difflib.get_close_matches(name, extra_names, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            errors.add(f"finetune.extra.{name}", "the language-model trainer has no such "
-                       f"setting.{hint} Its extra settings: {', '.join(extra_names)}.")
-    if recipe.report.compare:
-        errors.add("report.compare", "the prune / dense baselines are for classifiers; remove "
-                   "it for a language model")
 
 
 def find_recipe(name: str | os.PathLike) -> Path:
@@ -714,15 +630,9 @@ def load_recipe(name: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
 
 
 def finetune_settings(recipe: Recipe) -> dict[str, Any]:
-    """The keyword arguments the trainer gets: for a classifier ``symconvert.train.finetune``
-    (the finetune keys that are set, the data keys it owns, ``extra``); for a language model
-    ``symconvert.lm.finetune_lm`` (``LM_KEYS`` renamed, ``extra``)."""
+    """The keyword arguments ``symconvert.train.finetune`` gets, whatever the task: the
+    finetune keys that are set, the data keys it owns, ``extra``."""
     ft = recipe.finetune
-    if data_task(recipe.data.spec) == LANGUAGE_MODEL:
-        lm_settings = {arg: getattr(ft, key) for key, arg in LM_KEYS.items()
-                       if getattr(ft, key) is not None}
-        lm_settings.update(ft.extra)
-        return lm_settings
     settings = {f.name: getattr(ft, f.name) for f in _recipe_fields(FinetuneSection)
                 if f.name not in ("enabled", "teacher", "extra") and getattr(ft, f.name) is not None}
     data = recipe.data
@@ -743,31 +653,23 @@ def resolve(recipe: Recipe) -> dict[str, Any]:
     if not recipe.finetune.enabled:
         return plain
     resolved_ft = {}
-    if data_task(recipe.data.spec) == LANGUAGE_MODEL:
-        defaults = lm_parameters()
-        for f in _recipe_fields(FinetuneSection):
-            value = plain["finetune"][f.name]
-            if f.name in LM_KEYS and value is None:
-                value = defaults.get(LM_KEYS[f.name])
-            resolved_ft[f.name] = value
-    else:
-        config = trainer_config(recipe)
-        for f in _recipe_fields(FinetuneSection):
-            if f.name in ("enabled", "teacher", "extra"):
-                resolved_ft[f.name] = plain["finetune"][f.name]
-            else:
-                resolved_ft[f.name] = getattr(config, f.name, plain["finetune"][f.name])
+    config = trainer_config(recipe)
+    for f in _recipe_fields(FinetuneSection):
+        if f.name in ("enabled", "teacher", "extra"):
+            resolved_ft[f.name] = plain["finetune"][f.name]
+        else:
+            resolved_ft[f.name] = getattr(config, f.name, plain["finetune"][f.name])
     plain["finetune"] = resolved_ft
     return plain
 
 
 def trainer_config(recipe: Recipe) -> Any:
-    """``FinetuneConfig`` for this recipe; its own checks re-raised naming recipe keys."""
-    from symconvert.train import FinetuneConfig
+    """``FinetuneConfig`` for this recipe (the data's task fills what it leaves out); its
+    own checks re-raised naming recipe keys."""
+    from symconvert.train import FinetuneConfig, task_config
 
-    settings = finetune_settings(recipe)
     try:
-        return FinetuneConfig(**settings)
+        return FinetuneConfig(**task_config(recipe.data.spec, finetune_settings(recipe)))
     except SymconvertError as exc:
         raise RecipeError(f"recipe {_origin(recipe)}: finetune: {exc}") from None
     except TypeError as exc:  # a key the trainer does not take
@@ -787,18 +689,6 @@ def check_data(recipe: Recipe) -> None:
     """Fail before any heavy work if the data root named by ``data`` does not exist."""
     from symconvert.data import parse_data_spec
 
-    if _lm_text_spec(recipe.data.spec):
-        from symconvert.lm import LAYOUT, parse_text_spec
-
-        try:
-            root = parse_text_spec(recipe.data.spec)
-        except SymconvertError as exc:
-            raise RecipeError(f"recipe {_origin(recipe)}: data: {exc}") from None
-        if not root.is_dir():
-            raise RecipeError(f"recipe {_origin(recipe)}: data: {root} does not exist (data: "
-                              f"{recipe.data.spec}). Expected layout: {LAYOUT}. Point the recipe "
-                              "at your copy with --set data=text:/path/to/corpus.")
-        return
     try:
         spec = parse_data_spec(recipe.data.spec)
     except SymconvertError as exc:
@@ -830,14 +720,7 @@ def stages(recipe: Recipe) -> list[StagePlan]:
                                                         else "random init")
     plan = [StagePlan("convert", f"{m.name} ({weights}) with {recipe.scheme}",
                       str(out / CONVERTED_DIR))]
-    if recipe.finetune.enabled and data_task(recipe.data.spec) == LANGUAGE_MODEL:
-        ft = resolve(recipe)["finetune"]
-        lm = {**lm_parameters(), **recipe.finetune.extra}
-        plan.append(StagePlan(
-            "finetune", f"on {recipe.data.spec} (symconvert.lm): {ft['epochs']} epochs, SGD lr "
-            f"{ft['lr']:g}, clip {ft['clip_grad']:g}, bptt {lm.get('bptt')}, batch "
-            f"{ft['batch_size']}, {lm.get('schedule')} schedule", str(out / FINETUNED_DIR)))
-    elif recipe.finetune.enabled:
+    if recipe.finetune.enabled:
         cfg = trainer_config(recipe)
         teacher = (f", distilled from {recipe.finetune.teacher or 'the source'}"
                    if cfg.distill else "")
@@ -849,8 +732,10 @@ def stages(recipe: Recipe) -> list[StagePlan]:
         files.append(f"{REPORT_STEM}.png")
     compare = f", compared with {' and '.join(recipe.report.compare)}" if recipe.report.compare \
         else ""
-    measured = (f"accuracy on {recipe.data.spec}" if not _lm_text_spec(recipe.data.spec) else
-                "parameters, bytes, per-layer table (perplexity: in run.log, from the trainer)")
+    from symconvert.tasks import task_for_data
+
+    metric = "perplexity" if task_for_data(recipe.data.spec).primary == "perplexity" else "accuracy"
+    measured = f"{metric} on {recipe.data.spec}"
     plan.append(StagePlan("report", f"{measured}{compare}",
                           ", ".join(str(out / f) for f in files) or "(printed only)"))
     return plan
@@ -964,18 +849,12 @@ def _distributed() -> tuple[int, int]:
 
 def _init_group(device: str | None) -> bool:
     """Under torchrun: join the process group early so that rank 0 alone converts and
-    reports while the others wait (the trainer reuses the group)."""
-    import torch
+    reports while the others wait (the trainer reuses the group). True if it created it."""
+    from symconvert.evaluate import resolve_device
+    from symconvert.train import setup_distributed
 
-    rank, world = _distributed()
-    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
-        return False
-    use_cuda = torch.cuda.is_available() and (device or "auto") != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                         init_method="env://")
-    return True
+    dist, _ = setup_distributed(resolve_device(device or "auto"))
+    return dist.owns_group
 
 
 def _broadcast_error(failed: bool) -> bool:
@@ -1040,9 +919,6 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     echo = echo or (lambda text: print(text, file=sys.stderr))
     rank, world = _distributed()
     main = rank == 0
-    if world > 1 and data_task(recipe.data.spec) == LANGUAGE_MODEL:
-        raise RecipeError("data: the language-model trainer (symconvert.lm) runs in one "
-                          "process; run this recipe without torchrun")
     check_data(recipe)
     resolved = resolve(recipe)  # the trainer's own checks run here, before any work
     owns_group = _init_group(recipe.finetune.device)
@@ -1118,22 +994,11 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
             echo(f"finetune: on {recipe.data.spec} → {finetuned}")
             log(f"finetune: start ({', '.join(f'{k}={v}' for k, v in finetune_settings(recipe).items())})")
         try:
-            if data_task(recipe.data.spec) == LANGUAGE_MODEL:
-                from symconvert.lm import finetune_lm
-
-                lm_result = finetune_lm(converted, recipe.data.spec, out=finetuned,
-                                        overwrite=True, **finetune_settings(recipe))
-                evaluation = {"before": lm_result["before"], "after": lm_result["after"]}
-                echo(f"finetune: perplexity {lm_result['before'].get('perplexity', 0):.2f} → "
-                     f"{lm_result['after'].get('perplexity', 0):.2f} on the "
-                     f"{lm_result['after'].get('split')} split")
-            else:
-                result = finetune(converted, recipe.data.spec, out=finetuned,
-                                  teacher=ft.teacher,
-                                  resume=resume and (finetuned / "checkpoint.pt").exists(),
-                                  overwrite=True, progress=progress and main,
-                                  **finetune_settings(recipe))
-                evaluation = result.eval
+            result = finetune(converted, recipe.data.spec, out=finetuned, teacher=ft.teacher,
+                              resume=resume and (finetuned / "checkpoint.pt").exists(),
+                              overwrite=True, progress=progress and main,
+                              **finetune_settings(recipe))
+            evaluation = result.eval
         except BaseException as exc:
             if main:
                 log(f"finetune stopped: {type(exc).__name__}: {exc}")
@@ -1168,10 +1033,7 @@ def report_options(recipe: Recipe) -> Any:
     from symconvert.report import ReportOptions
 
     rep, data, ft = recipe.report, recipe.data, recipe.finetune
-    # A text corpus is measured by the report only once symconvert.data has a `text` source
-    # (its perplexity evaluator); until then the run log holds the perplexity.
-    spec = None if _lm_text_spec(data.spec) else data.spec
-    kwargs: dict[str, Any] = {"data": spec, "input_size": data.input_size,
+    kwargs: dict[str, Any] = {"data": data.spec, "input_size": data.input_size,
                               "subsample": data.subsample, "compare": tuple(rep.compare)}
     for key, value in (("device", ft.device), ("workers", ft.workers),
                        ("batch_size", rep.batch_size), ("latency_runs", rep.latency_runs),
