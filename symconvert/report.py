@@ -473,7 +473,7 @@ def _accuracy(model: nn.Module, directory: Path, meta: dict[str, Any], parent: P
 
     say("evaluating the source model")
     try:
-        acc["source"] = _scores(_eval(sources.weighted(), options, device))
+        acc["source"] = _scores(_eval(_same_corpus(sources.weighted(), meta), options, device))
     except SymconvertError as exc:
         acc["source"] = {"reason": str(exc)}
 
@@ -489,11 +489,21 @@ def _accuracy(model: nn.Module, directory: Path, meta: dict[str, Any], parent: P
         else:
             say(f"evaluating the converted model before fine-tuning ({parent})")
             try:
-                acc["converted"] = _scores(_eval(symconvert.load(parent), options, device))
+                acc["converted"] = _scores(_eval(_same_corpus(symconvert.load(parent), meta),
+                                                 options, device))
             except SymconvertError as exc:
                 acc["converted"] = {"reason": str(exc)}
         acc["finetuned"] = _scores(own)
     return {k: acc[k] for k in ("source", "converted", "finetuned", "split", "n")}
+
+
+def _same_corpus(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """A language model's siblings read the text as the measured model did (its recorded
+    files and vocabulary), so that word ids and the evaluation text are the same."""
+    if meta.get("lm") and not (getattr(model, "symconvert_metadata", None) or {}).get("lm"):
+        model.symconvert_metadata = {**(getattr(model, "symconvert_metadata", None) or {}),
+                                     "lm": meta["lm"]}
+    return model
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -572,6 +582,7 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
     for kind in options.compare:
         say(f"baseline {kind}: building the source")
         model = sources.fresh()
+        _same_corpus(model, meta)
         entry: dict[str, Any] = {}
         if kind == "prune":
             pool = prune_global_l1(model, removed)
@@ -607,6 +618,8 @@ def compare_sentence(compare: dict[str, Any]) -> str:
     """One sentence: which won at the same parameter budget and by how much."""
     sym = compare["symmetric"]
     parts = []
+    if "perplexity" in sym:
+        return _perplexity_sentence(compare)
     if "top1" not in sym:
         return "The symmetric model has no top-1 to compare."
     n = compare.get("n")
@@ -631,6 +644,22 @@ def compare_sentence(compare: dict[str, Any]) -> str:
                 "no difference")
         parts.append(f"the dense control fine-tuned with the same budget reaches "
                      f"{fmt_pct(compare['dense']['top1'])} ({cost})")
+    text = "; ".join(parts)
+    return (text[0].upper() + text[1:] + ".") if text else ""
+
+
+def _perplexity_sentence(compare: dict[str, Any]) -> str:
+    """``compare_sentence`` for a language model: perplexity, lower is better."""
+    sym = compare["symmetric"]
+    parts = []
+    for kind, what in (("prune", "magnitude pruning at the same parameter count"),
+                       ("dense", "the dense control fine-tuned with the same budget")):
+        other = (compare.get(kind) or {}).get("perplexity")
+        if other is None:
+            continue
+        ratio = sym["perplexity"] / other - 1
+        parts.append(f"{what} reaches perplexity {other:.2f} against {sym['perplexity']:.2f} "
+                     f"for {sym['label']} ({ratio:+.1%})")
     text = "; ".join(parts)
     return (text[0].upper() + text[1:] + ".") if text else ""
 
@@ -702,6 +731,22 @@ class Section:
     note: str | None = None
 
 
+def _perplexity_report(acc: dict[str, Any]) -> bool:
+    """A language model's report: its entries are perplexities (lower is better)."""
+    return any(isinstance(acc.get(k), dict) and "perplexity" in acc[k]
+               for k in ("source", "converted", "finetuned"))
+
+
+def fmt_ppl(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _ppl_cells(entry: dict[str, Any] | None) -> list[str]:
+    if not entry or "reason" in entry:
+        return ["—", f"not measured: {(entry or {}).get('reason', 'not measured')}"]
+    return [fmt_ppl(entry.get("perplexity")), ""]
+
+
 def _acc_cells(entry: dict[str, Any] | None) -> list[str]:
     if not entry or "reason" in entry:
         reason = (entry or {}).get("reason", "not measured")
@@ -744,6 +789,13 @@ def sections(report: Report) -> list[Section]:
                            right=[False, True, True, False],
                            rows=[[m, "—", "—", f"not measured: {acc['reason']}"]
                                  for m in ("source", "converted", "fine-tuned")]))
+    elif _perplexity_report(acc):
+        out.append(Section(
+            title=f"perplexity on the {acc.get('split')} split ({fmt_int(acc.get('n'))} tokens)",
+            columns=["model", "perplexity", "note"], right=[False, True, False],
+            rows=[[label, *_ppl_cells(acc.get(key))] for key, label in
+                  (("source", "source"), ("converted", "converted, before fine-tuning"),
+                   ("finetuned", "fine-tuned"))]))
     else:
         out.append(Section(
             title=f"accuracy on the {acc.get('split')} split (n = {fmt_int(acc.get('n'))})",
@@ -755,14 +807,17 @@ def sections(report: Report) -> list[Section]:
     cmp_ = report.get("compare")
     if cmp_:
         rows = []
+        ppl = _perplexity_report(acc)
         for key in ("symmetric", *COMPARE_KINDS):
             e = cmp_.get(key)
             if not e:
                 continue
+            before = e.get("before_finetune") or {}
+            scores = ([fmt_ppl(before.get("perplexity")), fmt_ppl(e.get("perplexity"))] if ppl
+                      else [fmt_pct(before.get("top1")), fmt_pct(e.get("top1")),
+                            fmt_pct(e.get("top5"))])
             rows.append([e["label"], fmt_int(e["params_stored"]), fmt_int(e["params_nonzero"]),
-                         fmt_int(e["bytes"]),
-                         fmt_pct((e.get("before_finetune") or {}).get("top1")),
-                         fmt_pct(e.get("top1")), fmt_pct(e.get("top5"))])
+                         fmt_int(e["bytes"]), *scores])
         budget = cmp_["budget"]
         budget_text = (f"Budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
                        f"{'on' if budget['distill'] else 'off'}, seed {budget['seed']}"
@@ -773,8 +828,9 @@ def sections(report: Report) -> list[Section]:
         out.append(Section(
             title=f"side by side, {fmt_int(cmp_['removed'])} parameters removed",
             columns=["model", "params stored", "params non-zero", "file bytes",
-                     "top-1 before FT", "top-1", "top-5"],
-            right=[False, True, True, True, True, True, True], rows=rows,
+                     *(["perplexity before FT", "perplexity"] if ppl else
+                       ["top-1 before FT", "top-1", "top-5"])],
+            right=[False] + [True] * (len(rows[0]) - 1 if rows else 6), rows=rows,
             note=" ".join(notes)))
 
     layer_rows = [[e["name"], "×".join(str(s) for s in e["shape"]), e["scheme"],
