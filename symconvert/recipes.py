@@ -600,29 +600,8 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
     # 2. finetune (every rank)
     report_dir = converted
     if recipe.finetune.enabled:
-        from symconvert.train import finetune
-
-        t0 = time.perf_counter()
-        ft = recipe.finetune
-        if main:
-            echo(f"finetune: on {recipe.data.spec} → {finetuned}")
-            log(f"finetune: start ({', '.join(f'{k}={v}' for k, v in finetune_settings(recipe).items())})")
-        try:
-            result = finetune(converted, recipe.data.spec, out=finetuned, teacher=ft.teacher,
-                              resume=resume and (finetuned / "checkpoint.pt").exists(),
-                              overwrite=True, progress=progress and main,
-                              **finetune_settings(recipe))
-            evaluation = result.eval
-        except BaseException as exc:
-            if main:
-                log(f"finetune stopped: {type(exc).__name__}: {exc}")
-                if isinstance(exc, KeyboardInterrupt):
-                    echo("the last checkpoint is kept: rerun the same command with --resume "
-                         "to continue")
-            raise
-        seconds["finetune"] = time.perf_counter() - t0
-        if main:
-            log(f"finetune: done in {seconds['finetune']:.1f}s; eval {evaluation}")
+        seconds["finetune"] = _finetune_step(recipe, converted, finetuned, resume, progress,
+                                             echo, log, main)
         report_dir = finetuned
 
     # 3. report (rank 0, alone)
@@ -640,6 +619,35 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
     return RunResult(out=out, converted=converted,
                      finetuned=finetuned if recipe.finetune.enabled else None,
                      report=report, files=files, seconds=seconds)
+
+
+def _finetune_step(recipe: Recipe, converted: Path, finetuned: Path, resume: bool,
+                   progress: bool, echo: Callable[[str], None], log: _Log, main: bool) -> float:
+    """``symconvert.train.finetune`` of the converted directory, as the CLI calls it; the
+    seconds it took."""
+    from symconvert.train import finetune
+
+    t0 = time.perf_counter()
+    settings = finetune_settings(recipe)
+    if main:
+        echo(f"finetune: on {recipe.data.spec} → {finetuned}")
+        log(f"finetune: start ({', '.join(f'{k}={v}' for k, v in settings.items())})")
+    try:
+        result = finetune(converted, recipe.data.spec, out=finetuned,
+                          teacher=recipe.finetune.teacher,
+                          resume=resume and (finetuned / "checkpoint.pt").exists(),
+                          overwrite=True, progress=progress and main, **settings)
+    except BaseException as exc:
+        if main:
+            log(f"finetune stopped: {type(exc).__name__}: {exc}")
+            if isinstance(exc, KeyboardInterrupt):
+                echo("the last checkpoint is kept: rerun the same command with --resume "
+                     "to continue")
+        raise
+    seconds = time.perf_counter() - t0
+    if main:
+        log(f"finetune: done in {seconds:.1f}s; eval {result.eval}")
+    return seconds
 
 
 def report_options(recipe: Recipe) -> Any:

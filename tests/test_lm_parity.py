@@ -145,7 +145,7 @@ def test_text_report_has_three_perplexities_and_the_dense_control(cli, corpus_ro
           f"{converted:.1f}, fine-tuned {finetuned:.1f}, dense control "
           f"{report['compare']['dense']['perplexity']:.1f}")
     assert acc["split"] == "test" and acc["n"] > 1000
-    assert finetuned == pytest.approx(meta["finetune"]["eval"]["perplexity"], rel=1e-9)
+    assert finetuned == pytest.approx(meta["finetune"]["eval"]["perplexity"], rel=1e-6)  # fp32 noise
     assert source < 0.5 * vocab  # the source was trained
     assert finetuned < converted  # fine-tuning recovered some of what conversion cost
     dense = report["compare"]["dense"]

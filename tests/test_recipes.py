@@ -274,7 +274,8 @@ def test_run_a_language_model_recipe(tmp_path):
     assert meta["finetune"]["args"]["bptt"] == 10 and meta["finetune"]["args"]["clip_grad"] == 0.25
     report = json.loads((out / "report.json").read_text())
     acc = report["accuracy"]
-    assert acc["finetuned"]["perplexity"] == meta["finetune"]["eval"]["perplexity"]
+    assert acc["finetuned"]["perplexity"] == pytest.approx(meta["finetune"]["eval"]["perplexity"],
+                                                          rel=1e-6)  # fp32 noise
     assert acc["finetuned"]["perplexity"] < acc["converted"]["perplexity"]  # it trained
     assert "reason" in acc["source"]  # random init: no source model to measure
     assert report["params"]["after"] < report["params"]["before"]
