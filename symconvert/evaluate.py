@@ -17,6 +17,7 @@ from symconvert.data import DataSpec, Loaders, create_loaders
 from symconvert.errors import SymconvertError
 from symconvert.tasks import get_task
 
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; anything else as torch spells it."""
     if device is None or str(device) == "auto":

@@ -41,14 +41,10 @@ import yaml
 
 from symconvert.errors import RecipeError, SymconvertError
 from symconvert.recipe_schema import (
-    DataSection,
     FinetuneSection,
-    ModelSection,
     Problems,
     Recipe,
-    ReportSection,
     Section,
-    SelectionSection,
     section_of,
     show,
     validate_recipe,

@@ -473,6 +473,9 @@ class _Run:
             raise SymconvertError("fit needs a train loader (create_loaders(..., train=True))")
         self.task = get_task(self.loaders.task)
         self.task.check_model(model, self.loaders)
+        if config.amp and device.type == "cpu" and self.task.cpu_amp_unsupported:
+            raise SymconvertError(f"--amp on the CPU: {self.task.cpu_amp_unsupported}. Use "
+                                  "--no-amp on the CPU, or AMP on a CUDA device.")
         self.steps_per_epoch = len(self.loaders.train)
         self.teacher = self._place(model, teacher if config.distill else None)
         self.optimizer = create_optimizer(model, config)

@@ -208,3 +208,14 @@ def test_run_lstm_ptb_on_a_short_wikitext_budget_reports_three_perplexities(
     assert ppl["finetuned"] < ppl["converted"]
     assert "perplexity" in (out / "report.md").read_text()
     assert [e["name"] for e in report["layers"]] == ["rnn.weight_hh_l0"]
+
+
+def test_amp_on_the_cpu_for_an_lstm_is_a_clear_error(cli, corpus_root, vocab, tmp_path):
+    """CPU bf16 autocast has no LSTM kernel in PyTorch: exit 2 with a way out, not a
+    oneDNN traceback (AMP for language models runs on CUDA)."""
+    from conftest import assert_clean_error
+
+    conv = _convert(cli, tmp_path / "conv", vocab)
+    result = cli("finetune", conv, "--data", f"text:{corpus_root}", "--amp", "--device", "cpu",
+                 "--no-distill")
+    assert_clean_error(result, "--amp on the CPU", "--no-amp")

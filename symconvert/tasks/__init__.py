@@ -5,6 +5,8 @@ Registered: ``classification`` (images: cross-entropy, top-1/top-5) and ``langua
 finds it.
 """
 
+from symconvert.tasks import classification as _classification  # noqa: F401  (registers)
+from symconvert.tasks import language_model as _language_model  # noqa: F401  (registers)
 from symconvert.tasks.base import (
     TASKS,
     StepOutput,
@@ -14,8 +16,6 @@ from symconvert.tasks.base import (
     register_task,
     task_for_data,
 )
-from symconvert.tasks import classification as _classification  # noqa: F401  (registers)
-from symconvert.tasks import language_model as _language_model  # noqa: F401  (registers)
 
 __all__ = ["TASKS", "StepOutput", "Task", "get_task", "list_tasks", "register_task",
            "task_for_data"]

@@ -45,6 +45,8 @@ class Task:
     #: The metric a single number summarises a model by, and whether higher is better.
     primary: ClassVar[str] = "top1"
     higher_is_better: ClassVar[bool] = True
+    #: Whether CPU autocast (bf16) can run the task's models; None when it can, else why not.
+    cpu_amp_unsupported: ClassVar[str | None] = None
 
     # -- training ------------------------------------------------------------------
     def start_epoch(self) -> Any:

@@ -339,6 +339,8 @@ class LanguageModelTask(Task):
     unit = "tok"
     primary = "perplexity"
     higher_is_better = False
+    cpu_amp_unsupported = ("PyTorch's CPU autocast cannot run nn.LSTM/GRU (oneDNN has no "
+                           "primitive for it under bf16 autocast)")
 
     def step(self, model: nn.Module, teacher: nn.Module | None, batch: Any,
              device: torch.device, config: Any, carry: Any) -> tuple[StepOutput, Any]:
