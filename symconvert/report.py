@@ -1002,23 +1002,26 @@ def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path
 def _plot_curves(ax: Any, report: Report) -> None:
     # epoch 0 = before fine-tuning (the converted / pruned / source model), when measured
     acc = report.get("accuracy") or {}
-    start = {"symmetric": (acc.get("converted") or {}).get("top1")}
+    # a language model's curve is its eval perplexity (raw), a classifier's top-1 (in %)
+    key, scale, name = (("perplexity", 1.0, "eval perplexity") if _perplexity_report(acc)
+                        else ("top1", 100.0, "eval top-1 (%)"))
+    start = {"symmetric": (acc.get("converted") or {}).get(key)}
     curves = {"symmetric": (report.get("curves") or {}).get("finetuned") or []}
-    for key in COMPARE_KINDS:
-        entry = (report.get("compare") or {}).get(key) or {}
+    for kind in COMPARE_KINDS:
+        entry = (report.get("compare") or {}).get(kind) or {}
         if entry.get("curve"):
-            curves[key] = entry["curve"]
-            start[key] = (entry.get("before_finetune") or {}).get("top1")
+            curves[kind] = entry["curve"]
+            start[kind] = (entry.get("before_finetune") or {}).get(key)
     drawn = False
     loss_ax = None
     for (label, rows), color in zip(curves.items(), ("#2b6cb0", "#c05621", "#2f855a"), strict=False):
-        pts = [(r.get("epoch", i + 1), 100 * r["eval_top1"]) for i, r in enumerate(rows)
-               if isinstance(r.get("eval_top1"), (int, float))]
+        pts = [(r.get("epoch", i + 1), scale * r[f"eval_{key}"]) for i, r in enumerate(rows)
+               if isinstance(r.get(f"eval_{key}"), (int, float))]
         if pts and start.get(label) is not None:
-            pts.insert(0, (0, 100 * start[label]))
+            pts.insert(0, (0, scale * start[label]))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", color=color,
-                    label=f"{label}: eval top-1")
+                    label=f"{label}: {name.split(' (')[0]}")
             drawn = True
         loss = [(r.get("epoch", i + 1), r["train_loss"]) for i, r in enumerate(rows)
                 if isinstance(r.get("train_loss"), (int, float))]
@@ -1035,7 +1038,7 @@ def _plot_curves(ax: Any, report: Report) -> None:
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (0 = before fine-tuning)", fontsize=12)
-        ax.set_ylabel("eval top-1 (%)", fontsize=12)
+        ax.set_ylabel(name, fontsize=12)
         handles, labels = ax.get_legend_handles_labels()
         if loss_ax is not None:
             loss_ax.set_ylabel("train loss", fontsize=12)
@@ -1047,27 +1050,30 @@ def _plot_curves(ax: Any, report: Report) -> None:
 
 def _plot_accuracy(ax: Any, report: Report) -> None:
     acc = report["accuracy"]
-    bars = [(label, acc[key]["top1"]) for key, label in
+    ppl = _perplexity_report(acc)
+    key, scale, name = ("perplexity", 1.0, "perplexity") if ppl else ("top1", 100.0, "top-1 (%)")
+    bars = [(label, acc[k][key]) for k, label in
             (("source", "source"), ("converted", "converted\n(before FT)"),
              ("finetuned", "fine-tuned"))
-            if isinstance(acc.get(key), dict) and "top1" in acc[key]]
-    for key in COMPARE_KINDS:
-        entry = (report.get("compare") or {}).get(key) or {}
-        if "top1" in entry:
-            bars.append((f"{key}\nbaseline", entry["top1"]))
+            if isinstance(acc.get(k), dict) and key in acc[k]]
+    for kind in COMPARE_KINDS:
+        entry = (report.get("compare") or {}).get(kind) or {}
+        if key in entry:
+            bars.append((f"{kind}\nbaseline", entry[key]))
     if not bars:
         ax.text(0.5, 0.5, f"accuracy not measured:\n{acc.get('reason', '')[:60]}",
                 ha="center", va="center", fontsize=13)
     else:
         labels, values = zip(*bars, strict=True)
-        ax.bar(labels, [v * 100 for v in values], color="#4a5568")
+        ax.bar(labels, [v * scale for v in values], color="#4a5568")
         for i, v in enumerate(values):
-            ax.text(i, v * 100, f"{v * 100:.2f}", ha="center", va="bottom", fontsize=11)
-        ax.set_ylabel("top-1 (%)", fontsize=12)
-        low = min(values) * 100
-        ax.set_ylim(max(0.0, low - 10), 108)  # headroom for the value labels
+            ax.text(i, v * scale, f"{v * scale:.2f}", ha="center", va="bottom", fontsize=11)
+        ax.set_ylabel(name, fontsize=12)
+        if not ppl:
+            low = min(values) * 100
+            ax.set_ylim(max(0.0, low - 10), 108)  # headroom for the value labels
         ax.tick_params(axis="x", labelsize=11)
-    ax.set_title(f"top-1 on the {acc.get('split', 'eval')} split", fontsize=13)
+    ax.set_title(f"{name.split(' (')[0]} on the {acc.get('split', 'eval')} split", fontsize=13)
 
 
 __all__ = ["COMPARE_KINDS", "FORMATS", "ReportOptions", "Section", "build_report",

@@ -153,8 +153,9 @@ def test_text_report_has_three_perplexities_and_the_dense_control(cli, corpus_ro
     assert dense["before_finetune"]["perplexity"] == source
     assert "perplexity" in report["compare"]["summary"]
     table = cli("report", conv / "finetuned", "--data", f"text:{corpus_root}",
-                "--latency-runs", "1", "--device", "cpu")
+                "--latency-runs", "1", "--device", "cpu", "--plot", tmp_path / "report.png")
     assert table.code == 0 and "perplexity on the test split" in table.flat
+    assert (tmp_path / "report.png").stat().st_size > 10_000  # curves and bars of perplexity
 
 
 @pytest.mark.slow
