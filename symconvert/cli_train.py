@@ -11,7 +11,8 @@ from symconvert.cli import app, console, err_console
 
 DATA_HELP = (
     "digits | fashion-mnist[:ROOT] | mnist:ROOT | cifar10:ROOT | cifar100:ROOT | "
-    "imagefolder:ROOT (ROOT/train/CLASS/*, ROOT/val/CLASS/*)."
+    "imagefolder:ROOT (ROOT/train/CLASS/*, ROOT/val/CLASS/*) | text:ROOT (language models: "
+    "ROOT/train.txt, valid.txt, test.txt; perplexity)."
 )
 INPUT_SIZE_HELP = "Input size H or H,W (default: the model's pretrained config)."
 SUBSAMPLE_HELP = "At most N items per split (stratified, deterministic); for quick checks."
@@ -24,13 +25,13 @@ def finetune_command(
     data: str = typer.Option(..., "--data", "-d", help=DATA_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default DIR/finetuned)."),
     epochs: int = typer.Option(2, "--epochs", help="Epochs of fine-tuning."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 0.01 for sgd, 3e-4 for adamw)."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch size per process (torchrun: × processes)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 0.01 for sgd, 3e-4 for adamw; text: 20, plain SGD)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Batch size per process (torchrun: × processes); default 64, text: 20 streams."),
     opt: str = typer.Option("sgd", "--opt", help="sgd (Nesterov momentum 0.9, timm's default) or adamw."),
     sched: str = typer.Option("cosine", "--sched", help="cosine, step (× --decay-rate every third of the run), multistep (at --decay-milestones) or none."),
     decay_milestones: str | None = typer.Option(None, "--decay-milestones", help="For --sched multistep: epochs at which the lr is multiplied by --decay-rate, e.g. 60,120,160."),
     decay_rate: float = typer.Option(0.1, "--decay-rate", help="lr factor at each step/multistep decay."),
-    weight_decay: float = typer.Option(5e-5, "--weight-decay", help="Weight decay (never on norms and biases)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay (never on norms and biases); default 5e-5, text: 0."),
     warmup_epochs: float = typer.Option(0.0, "--warmup-epochs", help="Linear warm-up, in epochs (fractions allowed)."),
     clip_grad: float | None = typer.Option(None, "--clip-grad", help="Clip the global gradient norm (0 disables; default 5.0, or the paper's 0.25 for text:)."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA, off for CPU; bf16 on CPU)."),
@@ -44,8 +45,10 @@ def finetune_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint (same flags)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out that already holds a run."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0: every epoch only)."),
+    log_interval: int = typer.Option(0, "--log-interval", help="When stderr is not a terminal (nohup, SLURM, CI): a plain progress line every N steps (0: every ~30 s)."),
+    bptt: int = typer.Option(35, "--bptt", help="text: tokens per truncated-BPTT segment."),
     input_size: str | None = typer.Option(None, "--input-size", help=INPUT_SIZE_HELP),
-    subsample: int | None = typer.Option(None, "--subsample", help=SUBSAMPLE_HELP),
+    subsample: int | None = typer.Option(None, "--subsample", help=SUBSAMPLE_HELP + " text: N tokens per split."),
     num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier head with N outputs (data with other classes)."),
     augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Train-time crop/flip (default: per dataset; off for digits and (fashion-)MNIST)."),
     download: bool = typer.Option(False, "--download", help="Download mnist/cifar data into ROOT if missing."),
@@ -71,26 +74,23 @@ def finetune_command(
       symconvert finetune r18-channel --data digits --resume     # after an interruption
 
       symconvert finetune r18-channel --data digits --dtype bfloat16   # half-size --out
+      symconvert finetune lm-channel --data text:data/ptb --epochs 6   # lr 20, clip 0.25, plain SGD
     """
     from symconvert.export_packed import parse_dtype, store_directory_as
     from symconvert.train import TrainingInterrupted, finetune
 
     parse_dtype(dtype)  # a bad --dtype fails before training
 
-    if data.startswith("text:"):
-        _finetune_text(model_dir, data, out, epochs=epochs, lr=lr, batch_size=batch_size,
-                       clip_grad=clip_grad, device=device, seed=seed, overwrite=overwrite, fmt=fmt,
-                       dtype=dtype)
-        return
     try:
         result = finetune(
             model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
             overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
             decay_milestones=decay_milestones, decay_rate=decay_rate,
-            weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=5.0 if clip_grad is None else (clip_grad or None),
+            weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad,
             amp=amp, device=device, workers=workers, seed=seed, distill=distill,
             distill_alpha=distill_alpha, distill_temperature=distill_temperature,
-            checkpoint_every=checkpoint_every, input_size=input_size, subsample=subsample,
+            checkpoint_every=checkpoint_every, log_interval=log_interval, bptt=bptt,
+            input_size=input_size, subsample=subsample,
             augment=augment, download=download,
         )
     except TrainingInterrupted as exc:
@@ -124,7 +124,7 @@ def evaluate_command(
     weights: Path | None = typer.Option(None, "--weights", help="For a MODEL string: local .safetensors/.pth weights."),
     download: bool = typer.Option(False, "--download", help="Download mnist/cifar data into ROOT if missing."),
 ) -> None:
-    """Top-1/top-5 accuracy on the data's eval split (deterministic, no augmentation).
+    """Top-1/top-5 accuracy (text: perplexity) on the data's eval split (deterministic, no augmentation).
 
     JSON output is one line: {"top1": 0.973, "top5": 0.999, "n": 360, "split": "test"}
     (fractions in [0, 1]).
@@ -146,18 +146,6 @@ def evaluate_command(
 
         raise SymconvertError(f"--format {fmt!r}: choose table or json")
     m = load_model(model, pretrained=pretrained, weights=weights)
-    if data.startswith("text:"):
-        # language models: perplexity on the corpus's eval split (test, else valid)
-        from symconvert.lm import evaluate_lm, load_corpus
-
-        recorded = (getattr(m, "symconvert_metadata", None) or {}).get("lm", {})
-        corpus = load_corpus(data, max_vocab=recorded.get("max_vocab"))
-        result = evaluate_lm(m, corpus, device=None if device == "auto" else device)
-        if fmt == "json":
-            print(json.dumps(result))
-            return
-        _eval_table(f"{model} on {data}", result)
-        return
     result = evaluate(m, data, batch_size=batch_size, device=device, input_size=input_size,
                       subsample=subsample, workers=workers, download=download)
     if fmt == "json":
@@ -176,26 +164,3 @@ def _eval_table(title: str, result: dict) -> None:
         shown = f"{value:.2%}" if key in ("top1", "top5") else str(value)
         table.add_row(key, shown)
     console.print(table)
-
-
-def _finetune_text(model_dir, data, out, *, epochs, lr, batch_size, clip_grad, device, seed,
-                   overwrite, fmt, dtype="float32") -> None:
-    """`finetune --data text:ROOT`: BPTT fine-tuning of a language model (symconvert.lm),
-    with the paper's lr 20 and clip 0.25 unless given."""
-    from symconvert.lm import finetune_lm
-
-    result = finetune_lm(
-        model_dir, data, out, epochs=epochs, lr=lr if lr is not None else 20.0,
-        overwrite=overwrite, batch_size=batch_size,
-        clip=0.25 if clip_grad is None else clip_grad,
-        device=None if device == "auto" else device, seed=seed,
-    )
-    from symconvert.export_packed import store_directory_as
-
-    store_directory_as(result["out"], dtype)
-    summary = {"out": str(result["out"]), "perplexity_before": result["before"]["perplexity"],
-               **result["after"], "epochs": len(result["metrics"])}
-    if fmt == "json":
-        print(json.dumps(summary))
-        return
-    _eval_table(f"fine-tuned → {result['out']}", summary)

@@ -20,7 +20,7 @@ import hashlib
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,6 +84,7 @@ class LoaderOptions:
     world_size: int = 1
     train: bool = True  # build the train loader too (evaluate needs only eval)
     pin_memory: bool = False
+    bptt: int = 35  # language models: tokens per truncated-BPTT segment
 
 
 @dataclass
@@ -100,10 +101,14 @@ class Loaders:
     classes: Sequence[str] | None = None
     n_train: int = 0
     n_eval: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)  # task-specific (e.g. the corpus)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Position the train loader at ``epoch``, skipping ``start_batch`` batches (resume)."""
         if self.train is None:
+            return
+        if not isinstance(self.train, DataLoader):  # a task's own loader positions itself
+            self.train.set_epoch(epoch, start_batch)
             return
         sampler = self.train.sampler
         if isinstance(sampler, ShardedSampler):
@@ -864,3 +869,7 @@ __all__ = [
     "list_data_sources", "model_num_outputs", "parse_data_spec", "parse_input_size",
     "register_data_source", "resolve_image_config", "stratified_subset",
 ]
+
+# The tasks register their own data sources (``text:`` for language models); importing them
+# here, after every name above exists, makes ``--data text:ROOT`` known wherever data is.
+import symconvert.tasks  # noqa: E402,F401

@@ -480,7 +480,7 @@ def _accuracy(model: nn.Module, directory: Path, meta: dict[str, Any], parent: P
 
     say("evaluating the source model")
     try:
-        acc["source"] = _scores(_eval(sources.weighted(), options, device))
+        acc["source"] = _scores(_eval(_same_corpus(sources.weighted(), meta), options, device))
     except SymconvertError as exc:
         acc["source"] = {"reason": str(exc)}
 
@@ -496,11 +496,21 @@ def _accuracy(model: nn.Module, directory: Path, meta: dict[str, Any], parent: P
         else:
             say(f"evaluating the converted model before fine-tuning ({parent})")
             try:
-                acc["converted"] = _scores(_eval(symconvert.load(parent), options, device))
+                acc["converted"] = _scores(_eval(_same_corpus(symconvert.load(parent), meta),
+                                                 options, device))
             except SymconvertError as exc:
                 acc["converted"] = {"reason": str(exc)}
         acc["finetuned"] = _scores(own)
     return {k: acc[k] for k in ("source", "converted", "finetuned", "split", "n")}
+
+
+def _same_corpus(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """A language model's siblings read the text as the measured model did (its recorded
+    files and vocabulary), so that word ids and the evaluation text are the same."""
+    if meta.get("lm") and not (getattr(model, "symconvert_metadata", None) or {}).get("lm"):
+        model.symconvert_metadata = {**(getattr(model, "symconvert_metadata", None) or {}),
+                                     "lm": meta["lm"]}
+    return model
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -579,6 +589,7 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
     for kind in options.compare:
         say(f"baseline {kind}: building the source")
         model = sources.fresh()
+        _same_corpus(model, meta)
         entry: dict[str, Any] = {}
         if kind == "prune":
             pool = prune_global_l1(model, removed)
@@ -614,6 +625,8 @@ def compare_sentence(compare: dict[str, Any]) -> str:
     """One sentence: which won at the same parameter budget and by how much."""
     sym = compare["symmetric"]
     parts = []
+    if "perplexity" in sym:
+        return _perplexity_sentence(compare)
     if "top1" not in sym:
         return "The symmetric model has no top-1 to compare."
     n = compare.get("n")
@@ -638,6 +651,22 @@ def compare_sentence(compare: dict[str, Any]) -> str:
                 "no difference")
         parts.append(f"the dense control fine-tuned with the same budget reaches "
                      f"{fmt_pct(compare['dense']['top1'])} ({cost})")
+    text = "; ".join(parts)
+    return (text[0].upper() + text[1:] + ".") if text else ""
+
+
+def _perplexity_sentence(compare: dict[str, Any]) -> str:
+    """``compare_sentence`` for a language model: perplexity, lower is better."""
+    sym = compare["symmetric"]
+    parts = []
+    for kind, what in (("prune", "magnitude pruning at the same parameter count"),
+                       ("dense", "the dense control fine-tuned with the same budget")):
+        other = (compare.get(kind) or {}).get("perplexity")
+        if other is None:
+            continue
+        ratio = sym["perplexity"] / other - 1
+        parts.append(f"{what} reaches perplexity {other:.2f} against {sym['perplexity']:.2f} "
+                     f"for {sym['label']} ({ratio:+.1%})")
     text = "; ".join(parts)
     return (text[0].upper() + text[1:] + ".") if text else ""
 
@@ -709,6 +738,22 @@ class Section:
     note: str | None = None
 
 
+def _perplexity_report(acc: dict[str, Any]) -> bool:
+    """A language model's report: its entries are perplexities (lower is better)."""
+    return any(isinstance(acc.get(k), dict) and "perplexity" in acc[k]
+               for k in ("source", "converted", "finetuned"))
+
+
+def fmt_ppl(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _ppl_cells(entry: dict[str, Any] | None) -> list[str]:
+    if not entry or "reason" in entry:
+        return ["—", f"not measured: {(entry or {}).get('reason', 'not measured')}"]
+    return [fmt_ppl(entry.get("perplexity")), ""]
+
+
 def _acc_cells(entry: dict[str, Any] | None) -> list[str]:
     if not entry or "reason" in entry:
         reason = (entry or {}).get("reason", "not measured")
@@ -751,6 +796,13 @@ def sections(report: Report) -> list[Section]:
                            right=[False, True, True, False],
                            rows=[[m, "—", "—", f"not measured: {acc['reason']}"]
                                  for m in ("source", "converted", "fine-tuned")]))
+    elif _perplexity_report(acc):
+        out.append(Section(
+            title=f"perplexity on the {acc.get('split')} split ({fmt_int(acc.get('n'))} tokens)",
+            columns=["model", "perplexity", "note"], right=[False, True, False],
+            rows=[[label, *_ppl_cells(acc.get(key))] for key, label in
+                  (("source", "source"), ("converted", "converted, before fine-tuning"),
+                   ("finetuned", "fine-tuned"))]))
     else:
         out.append(Section(
             title=f"accuracy on the {acc.get('split')} split (n = {fmt_int(acc.get('n'))})",
@@ -762,14 +814,17 @@ def sections(report: Report) -> list[Section]:
     cmp_ = report.get("compare")
     if cmp_:
         rows = []
+        ppl = _perplexity_report(acc)
         for key in ("symmetric", *COMPARE_KINDS):
             e = cmp_.get(key)
             if not e:
                 continue
+            before = e.get("before_finetune") or {}
+            scores = ([fmt_ppl(before.get("perplexity")), fmt_ppl(e.get("perplexity"))] if ppl
+                      else [fmt_pct(before.get("top1")), fmt_pct(e.get("top1")),
+                            fmt_pct(e.get("top5"))])
             rows.append([e["label"], fmt_int(e["params_stored"]), fmt_int(e["params_nonzero"]),
-                         fmt_int(e["bytes"]),
-                         fmt_pct((e.get("before_finetune") or {}).get("top1")),
-                         fmt_pct(e.get("top1")), fmt_pct(e.get("top5"))])
+                         fmt_int(e["bytes"]), *scores])
         budget = cmp_["budget"]
         budget_text = (f"Budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
                        f"{'on' if budget['distill'] else 'off'}, seed {budget['seed']}"
@@ -780,8 +835,9 @@ def sections(report: Report) -> list[Section]:
         out.append(Section(
             title=f"side by side, {fmt_int(cmp_['removed'])} parameters removed",
             columns=["model", "params stored", "params non-zero", "file bytes",
-                     "top-1 before FT", "top-1", "top-5"],
-            right=[False, True, True, True, True, True, True], rows=rows,
+                     *(["perplexity before FT", "perplexity"] if ppl else
+                       ["top-1 before FT", "top-1", "top-5"])],
+            right=[False] + [True] * (len(rows[0]) - 1 if rows else 6), rows=rows,
             note=" ".join(notes)))
 
     dep = report.get("deployment")
@@ -980,23 +1036,26 @@ def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path
 def _plot_curves(ax: Any, report: Report) -> None:
     # epoch 0 = before fine-tuning (the converted / pruned / source model), when measured
     acc = report.get("accuracy") or {}
-    start = {"symmetric": (acc.get("converted") or {}).get("top1")}
+    # a language model's curve is its eval perplexity (raw), a classifier's top-1 (in %)
+    key, scale, name = (("perplexity", 1.0, "eval perplexity") if _perplexity_report(acc)
+                        else ("top1", 100.0, "eval top-1 (%)"))
+    start = {"symmetric": (acc.get("converted") or {}).get(key)}
     curves = {"symmetric": (report.get("curves") or {}).get("finetuned") or []}
-    for key in COMPARE_KINDS:
-        entry = (report.get("compare") or {}).get(key) or {}
+    for kind in COMPARE_KINDS:
+        entry = (report.get("compare") or {}).get(kind) or {}
         if entry.get("curve"):
-            curves[key] = entry["curve"]
-            start[key] = (entry.get("before_finetune") or {}).get("top1")
+            curves[kind] = entry["curve"]
+            start[kind] = (entry.get("before_finetune") or {}).get(key)
     drawn = False
     loss_ax = None
     for (label, rows), color in zip(curves.items(), ("#2b6cb0", "#c05621", "#2f855a"), strict=False):
-        pts = [(r.get("epoch", i + 1), 100 * r["eval_top1"]) for i, r in enumerate(rows)
-               if isinstance(r.get("eval_top1"), (int, float))]
+        pts = [(r.get("epoch", i + 1), scale * r[f"eval_{key}"]) for i, r in enumerate(rows)
+               if isinstance(r.get(f"eval_{key}"), (int, float))]
         if pts and start.get(label) is not None:
-            pts.insert(0, (0, 100 * start[label]))
+            pts.insert(0, (0, scale * start[label]))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", color=color,
-                    label=f"{label}: eval top-1")
+                    label=f"{label}: {name.split(' (')[0]}")
             drawn = True
         loss = [(r.get("epoch", i + 1), r["train_loss"]) for i, r in enumerate(rows)
                 if isinstance(r.get("train_loss"), (int, float))]
@@ -1013,7 +1072,7 @@ def _plot_curves(ax: Any, report: Report) -> None:
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch (0 = before fine-tuning)", fontsize=12)
-        ax.set_ylabel("eval top-1 (%)", fontsize=12)
+        ax.set_ylabel(name, fontsize=12)
         handles, labels = ax.get_legend_handles_labels()
         if loss_ax is not None:
             loss_ax.set_ylabel("train loss", fontsize=12)
@@ -1025,27 +1084,30 @@ def _plot_curves(ax: Any, report: Report) -> None:
 
 def _plot_accuracy(ax: Any, report: Report) -> None:
     acc = report["accuracy"]
-    bars = [(label, acc[key]["top1"]) for key, label in
+    ppl = _perplexity_report(acc)
+    key, scale, name = ("perplexity", 1.0, "perplexity") if ppl else ("top1", 100.0, "top-1 (%)")
+    bars = [(label, acc[k][key]) for k, label in
             (("source", "source"), ("converted", "converted\n(before FT)"),
              ("finetuned", "fine-tuned"))
-            if isinstance(acc.get(key), dict) and "top1" in acc[key]]
-    for key in COMPARE_KINDS:
-        entry = (report.get("compare") or {}).get(key) or {}
-        if "top1" in entry:
-            bars.append((f"{key}\nbaseline", entry["top1"]))
+            if isinstance(acc.get(k), dict) and key in acc[k]]
+    for kind in COMPARE_KINDS:
+        entry = (report.get("compare") or {}).get(kind) or {}
+        if key in entry:
+            bars.append((f"{kind}\nbaseline", entry[key]))
     if not bars:
         ax.text(0.5, 0.5, f"accuracy not measured:\n{acc.get('reason', '')[:60]}",
                 ha="center", va="center", fontsize=13)
     else:
         labels, values = zip(*bars, strict=True)
-        ax.bar(labels, [v * 100 for v in values], color="#4a5568")
+        ax.bar(labels, [v * scale for v in values], color="#4a5568")
         for i, v in enumerate(values):
-            ax.text(i, v * 100, f"{v * 100:.2f}", ha="center", va="bottom", fontsize=11)
-        ax.set_ylabel("top-1 (%)", fontsize=12)
-        low = min(values) * 100
-        ax.set_ylim(max(0.0, low - 10), 108)  # headroom for the value labels
+            ax.text(i, v * scale, f"{v * scale:.2f}", ha="center", va="bottom", fontsize=11)
+        ax.set_ylabel(name, fontsize=12)
+        if not ppl:
+            low = min(values) * 100
+            ax.set_ylim(max(0.0, low - 10), 108)  # headroom for the value labels
         ax.tick_params(axis="x", labelsize=11)
-    ax.set_title(f"top-1 on the {acc.get('split', 'eval')} split", fontsize=13)
+    ax.set_title(f"{name.split(' (')[0]} on the {acc.get('split', 'eval')} split", fontsize=13)
 
 
 __all__ = ["COMPARE_KINDS", "FORMATS", "ReportOptions", "Section", "build_report",

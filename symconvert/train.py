@@ -30,18 +30,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from symconvert.data import DataSpec, Loaders, check_num_classes, create_loaders, describe
+from symconvert.data import DataSpec, Loaders, create_loaders, describe
 from symconvert.errors import DataError, SymconvertError, TrainingError
-from symconvert.evaluate import evaluate_loaders, resolve_device
+from symconvert.evaluate import resolve_device
+from symconvert.tasks import Task, get_task, task_for_data
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_FORMAT = "symconvert-train"
 CHECKPOINT_VERSION = 1
+
+LOG_SECONDS = 30.0  # plain progress lines (no terminal): at most this far apart
 
 err_console = Console(stderr=True)
 
@@ -72,6 +74,8 @@ class FinetuneConfig:
     distill_alpha: float = 0.7  # weight of the KL term; 1 - alpha on cross-entropy
     distill_temperature: float = 2.0
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps (0: epochs only)
+    log_interval: int = 0  # plain log line every N steps when stderr is no terminal (0: ~30 s)
+    bptt: int = 35  # language models: tokens per truncated-BPTT segment
     input_size: str | None = None
     subsample: int | None = None
     augment: bool | None = None  # None: the data source's default
@@ -112,7 +116,8 @@ class FinetuneConfig:
     TRAJECTORY = ("epochs", "lr", "batch_size", "opt", "momentum", "sched", "decay_milestones",
                   "decay_rate", "weight_decay",
                   "warmup_epochs", "min_lr", "clip_grad", "amp", "amp_dtype", "seed", "distill",
-                  "distill_alpha", "distill_temperature", "input_size", "subsample", "augment")
+                  "distill_alpha", "distill_temperature", "input_size", "subsample", "augment",
+                  "bptt")
 
 
 @dataclass
@@ -164,6 +169,17 @@ def setup_distributed(device: torch.device) -> tuple[Dist, torch.device]:
         torch.distributed.init_process_group(backend=backend, init_method="env://")
         owns = True
     return Dist(rank=rank, world_size=world, local_rank=local, owns_group=owns), device
+
+
+@contextlib.contextmanager
+def distributed(device: str | torch.device | None = "auto") -> Iterator[tuple[Dist, torch.device]]:
+    """``setup_distributed`` for a block: the group this call created is destroyed after it."""
+    dist, dev = setup_distributed(resolve_device(device))
+    try:
+        yield dist, dev
+    finally:
+        if dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _any_rank(dist: Dist, *flags: bool) -> list[bool]:
@@ -305,6 +321,9 @@ def create_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Op
     from timm.optim import create_optimizer_v2
 
     kwargs: dict[str, Any] = {}
+    if config.opt == "sgd" and not config.momentum:  # plain SGD (the paper's LM); timm's is Nesterov
+        return torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr,
+                               weight_decay=config.weight_decay)
     if config.opt == "sgd":
         kwargs["momentum"] = config.momentum
     return create_optimizer_v2(param_groups(model, config.weight_decay), opt=config.opt,
@@ -330,11 +349,9 @@ def create_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig,
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
                       temperature: float) -> torch.Tensor:
-    """Hinton's KL(teacher_T ‖ student_T) · T², on temperature-softened logits."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student.float() / t, dim=1),
-                    F.log_softmax(teacher.float() / t, dim=1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    """Hinton's KL(teacher_T ‖ student_T) · T², on temperature-softened logits (the tasks'
+    shared form: ``Task.distillation_loss``)."""
+    return get_task("classification").distillation_loss(student, teacher, temperature)
 
 
 # ---------------------------------------------------------------------------- loop
@@ -402,7 +419,7 @@ def _tensorboard(out: Path) -> Any:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
+def _progress(enabled: bool, unit: str = "img") -> Iterator[Any]:
     if not enabled:
         yield None
         return
@@ -416,8 +433,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
     )
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}  "
-                          "{task.fields[ips]:.0f} img/s"),
+               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=False) as progress:
         yield progress
@@ -429,225 +445,302 @@ def fit(model: nn.Module, data: str | DataSpec | Loaders, out: str | os.PathLike
         on_step: Callable[[int, int, float], None] | None = None) -> FitResult:
     """Train ``model`` in place on ``data``; write ``out/checkpoint.pt`` and ``out/metrics.jsonl``.
 
+    The data's task (``symconvert.tasks``) supplies the loss, the metrics and any state a
+    step carries to the next (an RNN's hidden state, checkpointed with the rest).
     ``teacher`` (when ``config.distill``) supplies soft targets. ``resume`` continues from
     ``out/checkpoint.pt``. ``on_step(epoch, step, loss)`` is called after every optimiser
     step (tests use it to interrupt a run). Under torchrun every rank calls ``fit``.
     """
     config = config or FinetuneConfig()
-    out = Path(out)
-    device = resolve_device(config.device)
-    dist, device = setup_distributed(device)
-    try:
-        return _fit(model, data, out, config, teacher, resume, progress, on_step, dist, device)
-    finally:
-        if dist.owns_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with distributed(config.device) as (dist, device):
+        return _Run(model, data, Path(out), config, teacher, dist, device).fit(
+            resume, progress, on_step)
 
 
-def _fit(model: nn.Module, data: Any, out: Path, config: FinetuneConfig,
-         teacher: nn.Module | None, resume: bool, progress: bool,
-         on_step: Callable | None, dist: Dist, device: torch.device) -> FitResult:
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT_NAME
-    ckpt = load_checkpoint(ckpt_path) if resume else None
-    if ckpt is not None:
-        _check_same_run(ckpt, config, dist, ckpt_path)
-    seed_everything(config.seed + dist.rank)
+class _Run:
+    """One ``fit``: the model, its optimiser state and the loop, in steps of a page each."""
 
-    loaders = data if isinstance(data, Loaders) else build_loaders(data, model, config, dist,
-                                                                    device)
-    if loaders.train is None:
-        raise SymconvertError("fit needs a train loader (create_loaders(..., train=True))")
-    if loaders.task == "classification":
-        check_num_classes(model, loaders)
-    steps_per_epoch = len(loaders.train)
-
-    channels_last = device.type == "cuda"
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if teacher is not None and config.distill:
-        teacher.to(device).eval()
-        if channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    else:
-        teacher = None
-
-    optimizer = create_optimizer(model, config)
-    scheduler = create_scheduler(optimizer, config, steps_per_epoch)
-    autocast, scaler, amp_on = _amp_setup(config, device)
-    metrics: list[dict[str, Any]] = []
-    start_epoch, start_step, global_step = 0, 0, 0
-    stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
-        global_step = int(ckpt.get("global_step", start_epoch * steps_per_epoch + start_step))
-        stats = dict(ckpt.get("epoch_stats") or stats)
-        metrics = [dict(m) for m in ckpt.get("metrics", [])]
-        rng = ckpt["rng"]
-        set_rng_state(rng[dist.rank] if isinstance(rng, list) else rng)
+    def __init__(self, model: nn.Module, data: Any, out: Path, config: FinetuneConfig,
+                 teacher: nn.Module | None, dist: Dist, device: torch.device) -> None:
+        self.model, self.out, self.config, self.dist, self.device = model, out, config, dist, device
         if dist.main:
-            _write_metrics(out, metrics)
-            err_console.print(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}",
-                              highlight=False)
-    scheduler.step_update(global_step)
+            out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = out / CHECKPOINT_NAME
+        seed_everything(config.seed + dist.rank)
+        self.loaders = data if isinstance(data, Loaders) else build_loaders(
+            data, model, config, dist, device)
+        if self.loaders.train is None:
+            raise SymconvertError("fit needs a train loader (create_loaders(..., train=True))")
+        self.task = get_task(self.loaders.task)
+        self.task.check_model(model, self.loaders)
+        if config.amp and device.type == "cpu" and self.task.cpu_amp_unsupported:
+            raise SymconvertError(f"--amp on the CPU: {self.task.cpu_amp_unsupported}. Use "
+                                  "--no-amp on the CPU, or AMP on a CUDA device.")
+        self.steps_per_epoch = len(self.loaders.train)
+        self.teacher = self._place(model, teacher if config.distill else None)
+        self.optimizer = create_optimizer(model, config)
+        self.scheduler = create_scheduler(self.optimizer, config, self.steps_per_epoch)
+        self.autocast, self.scaler, self.amp_on = _amp_setup(config, device)
+        self.metrics: list[dict[str, Any]] = []
+        self.start_epoch = self.start_step = self.global_step = 0
+        self.stats = _fresh_stats()
+        self.carry: Any = None
 
-    train_model: nn.Module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+    def _place(self, model: nn.Module, teacher: nn.Module | None) -> nn.Module | None:
+        channels_last = self.device.type == "cuda"
+        for m in (model, teacher):
+            if m is None:
+                continue
+            m.to(self.device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        return teacher
 
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimiser, schedule, scaler, RNG, carry."""
+        _check_same_run(ckpt, self.config, self.dist, self.ckpt_path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.start_step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.global_step = int(ckpt.get("global_step", self.start_epoch * self.steps_per_epoch
+                                        + self.start_step))
+        self.stats = dict(ckpt.get("epoch_stats") or self.stats)
+        self.metrics = [dict(m) for m in ckpt.get("metrics", [])]
+        rng, carry = ckpt["rng"], ckpt.get("carry")
+        set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng)
+        self.carry = carry[self.dist.rank] if isinstance(carry, list) else carry
+        if self.dist.main:
+            _write_metrics(self.out, self.metrics)
+            err_console.print(f"resuming {self.out} at epoch {self.start_epoch + 1}, step "
+                              f"{self.start_step}", highlight=False)
 
-    writer = _tensorboard(out) if dist.main else None
-    result = FitResult(out=out, checkpoint=ckpt_path,
-                       resumed_from=(start_epoch, start_step) if ckpt is not None else None)
-
-    def checkpoint(epoch: int, step: int, rng: dict[str, Any]) -> None:
-        # Gather every rank's RNG so that each resumes its own stream.
-        rngs: Any = rng
+    def checkpoint(self, epoch: int, step: int, rng: dict[str, Any], carry: Any) -> None:
+        """Write the training state atomically (rank 0), with every rank's RNG and carry."""
+        dist = self.dist
         if dist.enabled:
             gathered: list[Any] = [None] * dist.world_size
-            torch.distributed.all_gather_object(gathered, rng)
-            rngs = gathered
+            torch.distributed.all_gather_object(gathered, (rng, _cpu(carry)))
+            rngs: Any = [g[0] for g in gathered]
+            carries: Any = [g[1] for g in gathered]
+        else:
+            rngs, carries = rng, _cpu(carry)
         if dist.main:
             atomic_torch_save({
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch, "step": step, "global_step": global_step,
-                "epoch_stats": dict(stats), "metrics": metrics, "rng": rngs,
-                "config": _plain(asdict(config)), "world_size": dist.world_size,
-                "steps_per_epoch": steps_per_epoch,
-            }, ckpt_path)
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "epoch": epoch, "step": step, "global_step": self.global_step,
+                "epoch_stats": dict(self.stats), "metrics": self.metrics, "rng": rngs,
+                "carry": carries, "task": self.task.name,
+                "config": _plain(asdict(self.config)), "world_size": dist.world_size,
+                "steps_per_epoch": self.steps_per_epoch,
+            }, self.ckpt_path)
         if dist.enabled:
             torch.distributed.barrier()
 
-    bar_enabled = progress and dist.main
-    with _StopSignals() as stop, _progress(bar_enabled) as bar:
-        for epoch in range(start_epoch, config.epochs):
-            first = start_step if epoch == start_epoch else 0
-            if first == 0:
-                stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
-            loaders.set_epoch(epoch, first)
-            train_model.train()
-            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch,
-                                completed=first, loss=0.0, acc=0.0, ips=0.0) if bar else None
-            t_epoch = time.perf_counter()
-            step = first
-            for images, targets in loaders.train:
-                state_before = rng_state()  # a stop discards this step; resume replays it
-                images = images.to(device, non_blocking=True)
-                if channels_last and images.ndim == 4:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                targets = targets.to(device, non_blocking=True)
-                with autocast():
-                    logits = train_model(images)
-                    ce = F.cross_entropy(logits.float(), targets)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            soft = teacher(images)
-                        kd = distillation_loss(logits, soft, config.distill_temperature)
-                        loss = config.distill_alpha * kd + (1 - config.distill_alpha) * ce
-                    else:
-                        loss = ce
-                bad, stopping = _any_rank(dist, not bool(torch.isfinite(loss.detach())),
-                                          stop.requested is not None)
-                if bad:
-                    raise TrainingError(
-                        f"the loss became non-finite ({loss.item()}) at epoch {epoch + 1}, step "
-                        f"{step + 1}; training stopped before the update. The last good "
-                        f"checkpoint ({ckpt_path}) is kept. Lower --lr, keep gradient clipping "
-                        "on, or try --no-amp, then resume with --resume or start over.")
-                if stopping:
-                    checkpoint(epoch, step, state_before)
-                    raise TrainingInterrupted(
-                        f"stopped by {stop.requested or 'a signal'} at epoch {epoch + 1}, step "
-                        f"{step}; checkpoint {ckpt_path} written. Continue with the same "
-                        "command plus --resume.")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if config.clip_grad:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if config.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                    optimizer.step()
-                global_step += 1
-                step += 1
-                scheduler.step_update(global_step)
+    def fit(self, resume: bool, progress: bool, on_step: Callable | None) -> FitResult:
+        if resume:
+            self.restore(load_checkpoint(self.ckpt_path))
+        self.scheduler.step_update(self.global_step)
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
 
-                loss_value = float(loss.detach())
-                stats["loss_sum"] += loss_value * targets.numel()
-                stats["correct"] += int((logits.detach().argmax(1) == targets).sum())
-                stats["seen"] += targets.numel()
-                if bar is not None:
-                    elapsed = stats["time"] + time.perf_counter() - t_epoch
-                    bar.update(task, advance=1, loss=stats["loss_sum"] / stats["seen"],
-                               acc=stats["correct"] / stats["seen"],
-                               ips=stats["seen"] * dist.world_size / max(elapsed, 1e-9))
-                if on_step is not None:
-                    on_step(epoch, step, loss_value)
-                if config.checkpoint_every and global_step % config.checkpoint_every == 0 \
-                        and step < steps_per_epoch:
-                    stats["time"] += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
-                    checkpoint(epoch, step, rng_state())
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        writer = _tensorboard(self.out) if self.dist.main else None
+        result = FitResult(out=self.out, checkpoint=self.ckpt_path,
+                           resumed_from=(self.start_epoch, self.start_step) if resume else None)
+        show = progress and self.dist.main
+        bar_on = show and err_console.is_terminal
+        self.log = StepLog(self.config, self.task.unit, self.steps_per_epoch,
+                           enabled=show and not bar_on)
+        with _StopSignals() as stop, _progress(bar_on, self.task.unit) as bar:
+            for epoch in range(self.start_epoch, self.config.epochs):
+                self.train_epoch(epoch, stop, bar, on_step)
+                result.eval = self.end_epoch(epoch, writer)
+        if writer is not None:
+            writer.close()
+        result.metrics = self.metrics
+        if not result.eval and self.metrics:  # resumed a finished run: nothing left to train
+            last = self.metrics[-1]
+            result.eval = {k[len("eval_"):]: v for k, v in last.items()
+                           if k.startswith("eval_") and k != "eval_time" and v is not None}
+        return result
 
-            stats["time"] += time.perf_counter() - t_epoch
-            train_time = stats["time"]
-            totals = _sum_over_ranks(dist, stats)
-            t_eval = time.perf_counter()
-            scores = evaluate_loaders(model, loaders, device, autocast() if amp_on else None)
-            eval_time = time.perf_counter() - t_eval
-            row = {
-                "epoch": epoch + 1, "step": global_step,
-                "train_loss": totals["loss_sum"] / max(totals["seen"], 1),
-                "train_top1": totals["correct"] / max(totals["seen"], 1),
-                "eval_top1": scores.get("top1"), "eval_top5": scores.get("top5"),
-                "eval_n": scores.get("n"), "split": scores.get("split"),
-                "lr": optimizer.param_groups[-1]["lr"],
-                "images_per_s": totals["seen"] / max(train_time, 1e-9),
-                "time": train_time + eval_time, "eval_time": eval_time,
-            }
-            metrics.append(row)
-            result.eval = scores
-            if dist.main:
-                _write_metrics(out, metrics)
-                if writer is not None:
-                    for key in ("train_loss", "train_top1", "eval_top1", "eval_top5", "lr",
-                                "images_per_s"):
-                        if row.get(key) is not None:
-                            writer.add_scalar(key, row[key], epoch + 1)
-                    writer.flush()
-                err_console.print(
-                    f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}  "
-                    f"train top-1 {row['train_top1']:.2%}  eval top-1 {scores.get('top1', 0):.2%}"
-                    f"  ({row['images_per_s']:.0f} img/s)", highlight=False)
-            stats = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
-            checkpoint(epoch + 1, 0, rng_state())
-    if writer is not None:
-        writer.close()
-    result.metrics = metrics
-    if not result.eval and metrics:  # resumed a finished run: nothing left to train
-        result.eval = {k: metrics[-1][f"eval_{k}"] for k in ("top1", "top5")
-                       if metrics[-1].get(f"eval_{k}") is not None}
-    return result
+    def train_epoch(self, epoch: int, stop: _StopSignals, bar: Any,
+                    on_step: Callable | None) -> None:
+        first = self.start_step if epoch == self.start_epoch else 0
+        if first == 0:
+            self.stats, self.carry = _fresh_stats(), self.task.start_epoch()
+        self.loaders.set_epoch(epoch, first)
+        self.train_model.train()
+        task_id = bar.add_task(f"epoch {epoch + 1}/{self.config.epochs}",
+                               total=self.steps_per_epoch, completed=first, loss=0.0,
+                               info="") if bar else None
+        t_epoch = time.perf_counter()
+        step = first
+        for batch in self.loaders.train:
+            state_before, carry_before = rng_state(), self.carry  # a stop replays this step
+            with self.autocast():
+                output, carry = self.task.step(self.train_model, self.teacher, batch,
+                                               self.device, self.config, self.carry)
+            self.check_step(output.loss, epoch, step, stop, state_before, carry_before)
+            self.optimizer_step(output.loss)
+            self.carry = carry
+            self.global_step += 1
+            step += 1
+            self.scheduler.step_update(self.global_step)
+            loss_value = float(output.loss.detach())
+            self.stats["loss_sum"] += loss_value * output.seen
+            self.stats["correct"] += output.correct
+            self.stats["seen"] += output.seen
+            elapsed = self.stats["time"] + time.perf_counter() - t_epoch
+            rate = self.stats["seen"] * self.dist.world_size / max(elapsed, 1e-9)
+            if bar is not None:
+                bar.update(task_id, advance=1, loss=self.stats["loss_sum"] / self.stats["seen"],
+                           info=self._bar_info(rate))
+            self.log.step(epoch, step, self.global_step, self.stats["loss_sum"] /
+                          self.stats["seen"], rate)
+            if on_step is not None:
+                on_step(epoch, step, loss_value)
+            every = self.config.checkpoint_every
+            if every and self.global_step % every == 0 and step < self.steps_per_epoch:
+                self.stats["time"] += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
+                self.checkpoint(epoch, step, rng_state(), self.carry)
+        self.stats["time"] += time.perf_counter() - t_epoch
+
+    def _bar_info(self, rate: float) -> str:
+        if self.task.unit == "img":
+            return (f"acc {self.stats['correct'] / max(self.stats['seen'], 1):.2%}  "
+                    f"{rate:.0f} img/s")
+        return f"{rate:.0f} {self.task.unit}/s"
+
+    def check_step(self, loss: torch.Tensor, epoch: int, step: int, stop: _StopSignals,
+                   state_before: dict[str, Any], carry_before: Any) -> None:
+        """Non-finite loss → error before the update; a signal → checkpoint and stop."""
+        bad, stopping = _any_rank(self.dist, not bool(torch.isfinite(loss.detach())),
+                                  stop.requested is not None)
+        if bad:
+            raise TrainingError(
+                f"the loss became non-finite ({loss.item()}) at epoch {epoch + 1}, step "
+                f"{step + 1}; training stopped before the update. The last good checkpoint "
+                f"({self.ckpt_path}) is kept. Lower --lr, keep gradient clipping on, or try "
+                "--no-amp, then resume with --resume or start over.")
+        if stopping:
+            self.checkpoint(epoch, step, state_before, carry_before)
+            raise TrainingInterrupted(
+                f"stopped by {stop.requested or 'a signal'} at epoch {epoch + 1}, step {step}; "
+                f"checkpoint {self.ckpt_path} written. Continue with the same command plus "
+                "--resume.")
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        clip, params = self.config.clip_grad, self.model.parameters()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            self.optimizer.step()
+
+    def end_epoch(self, epoch: int, writer: Any) -> dict[str, Any]:
+        """Evaluate, append the metrics row (rank 0 writes it), checkpoint the epoch."""
+        train_time = self.stats["time"]
+        totals = _sum_over_ranks(self.dist, self.stats)
+        t_eval = time.perf_counter()
+        scores = self.task.evaluate(self.model, self.loaders, self.device,
+                                    self.autocast() if self.amp_on else None)
+        eval_time = time.perf_counter() - t_eval
+        rate_key = "images_per_s" if self.task.unit == "img" else "tokens_per_s"
+        row = {"epoch": epoch + 1, "step": self.global_step,
+               **self.task.epoch_row(totals, scores),
+               "lr": self.optimizer.param_groups[-1]["lr"],
+               rate_key: totals["seen"] / max(train_time, 1e-9),
+               "time": train_time + eval_time, "eval_time": eval_time}
+        self.metrics.append(row)
+        if self.dist.main:
+            _write_metrics(self.out, self.metrics)
+            if writer is not None:
+                for key, value in row.items():
+                    if key.startswith(("train_", "eval_", "lr", rate_key)) and \
+                            isinstance(value, (int, float)):
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            err_console.print(
+                f"epoch {epoch + 1}/{self.config.epochs}: loss {row['train_loss']:.4f}  "
+                + (f"train top-1 {row['train_top1']:.2%}  " if "train_top1" in row else "")
+                + f"{self.task.describe_scores(scores)}  ({row[rate_key]:.0f} "
+                  f"{self.task.unit}/s)", highlight=False)
+        self.stats = _fresh_stats()
+        self.checkpoint(epoch + 1, 0, rng_state(), self.task.start_epoch())
+        return scores
+
+
+def _fresh_stats() -> dict[str, Any]:
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+
+
+def _cpu(value: Any) -> Any:
+    """A carried state with its tensors on the CPU (checkpoints load weights_only)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+class StepLog:
+    """Plain progress lines for logs that are not a terminal (nohup, SLURM, CI), as timm's
+    ``log_interval``: one line every ``log_interval`` steps, or every ~30 s when 0."""
+
+    def __init__(self, config: FinetuneConfig, unit: str, steps_per_epoch: int,
+                 enabled: bool) -> None:
+        self.enabled, self.unit = enabled, unit
+        self.every, self.seconds = config.log_interval, LOG_SECONDS
+        self.epochs, self.per_epoch = config.epochs, steps_per_epoch
+        self.t0 = self.last = time.perf_counter()
+        self.first_step: int | None = None
+
+    def step(self, epoch: int, step: int, global_step: int, loss: float, rate: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = global_step - 1
+        due = (global_step % self.every == 0) if self.every else (now - self.last >= self.seconds)
+        if not due:
+            return
+        self.last = now
+        done = global_step - self.first_step
+        left = self.epochs * self.per_epoch - global_step
+        eta = (now - self.t0) / max(done, 1) * left
+        err_console.print(
+            f"epoch {epoch + 1}/{self.epochs} step {step}/{self.per_epoch}  loss {loss:.4f}  "
+            f"{rate:.0f} {self.unit}/s  ETA {_clock(eta)}", highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def build_loaders(data: str | DataSpec, model: nn.Module, config: FinetuneConfig, dist: Dist,
@@ -659,7 +752,7 @@ def build_loaders(data: str | DataSpec, model: nn.Module, config: FinetuneConfig
             data, model, batch_size=config.batch_size, workers=config.workers,
             input_size=config.input_size, subsample=config.subsample, seed=config.seed,
             augment=config.augment, download=download, rank=dist.rank,
-            world_size=dist.world_size, pin_memory=device.type == "cuda")
+            world_size=dist.world_size, pin_memory=device.type == "cuda", bptt=config.bptt)
 
     if not (dist.enabled and config.download):
         return build(config.download)
@@ -728,17 +821,29 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.P
     names another MODEL or model directory.
     """
 
-    cfg = FinetuneConfig(**config)
+    cfg = FinetuneConfig(**task_config(data, config))
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / "finetuned"
     _check_output(out, resume, overwrite)
-    dist, device = setup_distributed(resolve_device(cfg.device))
-    try:
+    with distributed(cfg.device) as (dist, device):
         return _finetune(model_dir, data, out, cfg, teacher, num_classes, resume, progress,
                          dist, device)
-    finally:
-        if dist.owns_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+
+def task_config(data: str | DataSpec | Loaders | Task, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the data's task defaults for the fields left out or None
+    (lr 20 and clip 0.25 for a language model, clip 5.0 for images, ...)."""
+    filled = dict(config)
+    task = data if isinstance(data, Task) else task_for_data(data)
+    for key, value in task.defaults.items():
+        if filled.get(key) is None and value is not None:
+            filled[key] = value
+    return {k: v for k, v in filled.items() if v is not None or k in _NULLABLE}
+
+
+# Fields where None is a value of its own (not "the default").
+_NULLABLE = {"lr", "amp", "amp_dtype", "input_size", "subsample", "augment", "decay_milestones",
+             "clip_grad"}
 
 
 def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneConfig,
@@ -760,6 +865,9 @@ def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneCon
                         f"{loaders.num_classes} classes; use --num-classes "
                         f"{loaders.num_classes}.")
     head_reset = False
+    if num_classes is not None and loaders.task != "classification":
+        raise DataError(f"--num-classes is for classifiers; --data {loaders.spec.text} is a "
+                        f"{loaders.task} task.")
     if num_classes is not None and model_num_outputs(student, loaders.image_config) != num_classes:
         torch.manual_seed(cfg.seed)  # the new head is initialised identically on every rank
         reset_head(student, num_classes)
@@ -769,7 +877,8 @@ def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneCon
     teacher_model: nn.Module | None = None
     if cfg.distill:
         teacher_model = _build_teacher(teacher, source)
-        t_out = model_num_outputs(teacher_model, loaders.image_config)
+        t_out = (model_num_outputs(teacher_model, loaders.image_config)
+                 if loaders.task == "classification" else loaders.num_classes)
         if t_out != loaders.num_classes:
             if dist.main:
                 err_console.print(
@@ -793,6 +902,7 @@ def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneCon
             "finetune": {"args": args, "eval": result.eval,
                          "epochs_run": len(result.metrics)},
             "parent": str(model_dir.resolve()),
+            **loaders.meta.get("record", {}),  # e.g. the vocabulary a language model reads
         })
     return FinetuneResult(out=out, metrics=result.metrics, eval=result.eval,
                           params=symconvert.count_parameters(student))

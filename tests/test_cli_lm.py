@@ -52,7 +52,8 @@ def test_text_data_finetune_and_evaluate_by_perplexity(tmp_path, corpus_root, ca
     assert main(["evaluate", str(out), "--data", f"text:{corpus_root}", "--format", "json"]) == 0
     before = _json(capsys)
     assert main(["finetune", str(out), "--data", f"text:{corpus_root}", "--epochs", "2",
-                 "--batch-size", "10", "--lr", "20", "--format", "json"]) == 0
+                 "--batch-size", "10", "--lr", "20", "--no-distill", "--device", "cpu",
+                 "--format", "json"]) == 0
     tuned = _json(capsys)
     assert main(["evaluate", str(out / "finetuned"), "--data", f"text:{corpus_root}",
                  "--format", "json"]) == 0

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import symconvert
 from symconvert.data import resolve_image_config
-from symconvert.evaluate import EVALUATORS, evaluate, register_evaluator
+from symconvert.evaluate import evaluate
 from symconvert.train import FinetuneConfig, fit
 
 
@@ -86,18 +86,16 @@ def test_top5_only_with_five_or_more_classes(tmp_path):
     assert (result["n"], result["split"]) == (4, "val")
 
 
-def test_a_new_task_plugs_in_its_own_metric():
-    """The hook a language-model source will use for perplexity."""
-    assert "classification" in EVALUATORS
+def test_tasks_are_registered_and_data_sources_name_them():
+    """Metrics come from the data source's task: top-1/top-5 for images, perplexity for text."""
+    from symconvert.data import DATA_SOURCES
+    from symconvert.tasks import TASKS, get_task, task_for_data
 
-    @register_evaluator("unit-test-task")
-    def fake(model, loaders, device, autocast=None):
-        return {"perplexity": 1.0}
-
-    try:
-        assert EVALUATORS["unit-test-task"] is fake
-    finally:
-        EVALUATORS.pop("unit-test-task")
+    assert {"classification", "language-model"} <= set(TASKS)
+    assert all(source.task in TASKS for source in DATA_SOURCES.values())
+    assert task_for_data("digits").primary == "top1"
+    assert task_for_data("text:/any/root") is get_task("language-model")
+    assert task_for_data("text:/x").primary == "perplexity"
 
 
 def test_cli_json_is_one_line_on_stdout(cli, trained_mlp, tmp_path):

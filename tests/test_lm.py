@@ -23,7 +23,6 @@ from symconvert.lm import (
     batchify,
     build_vocab,
     evaluate_lm,
-    finetune_lm,
     load_corpus,
     read_tokens,
     save_lm,
@@ -171,49 +170,55 @@ def test_train_lm_learns_a_repetitive_text(tmp_path):
                                     hidden=16, layers=1, dropout=0.0)
     symconvert.convert(model, "channel", layers="rnn")
     before = evaluate_lm(model, corpus)["perplexity"]
-    rows = train_lm(model, corpus, epochs=3, batch_size=4, bptt=8, lr=5.0)
+    rows = train_lm(model, corpus, tmp_path / "run", epochs=3, batch_size=4, bptt=8, lr=5.0, sched="none",
+                    device="cpu")
     after = evaluate_lm(model, corpus)["perplexity"]
-    assert len(rows) == 3 and all("valid_perplexity" in r for r in rows)
+    assert len(rows) == 3 and all("eval_perplexity" in r for r in rows)
+    assert rows[-1]["eval_perplexity"] == pytest.approx(after)
     assert after < 2.0 < before / 3  # 12 words, fully predictable but for "the" -> ?
     w = model.rnn.weight_hh_l0.detach().reshape(4, 16, 16)
     assert torch.equal(w, w.transpose(1, 2))
 
 
-def test_train_lm_schedules(tmp_path):
-    corpus = toy_corpus(tmp_path)
-    torch.manual_seed(0)
-    model = symconvert.create_model(LM, pretrained=False, vocab_size=len(corpus.vocab), emb=8,
-                                    hidden=8, layers=1, dropout=0.0)
-    rows = train_lm(model, corpus, epochs=4, batch_size=4, bptt=8, lr=1e-9, anneal=4.0)
-    # plateau: an lr below float32 resolution moves nothing, so no epoch after the first
-    # improves and each divides the lr by `anneal`
-    # (a row's lr is the one its epoch ran with)
-    assert [r["lr"] for r in rows] == pytest.approx([1e-9, 1e-9, 1e-9 / 4, 1e-9 / 16])
-    # linear: the lr of the last of 2 x 5 steps is 3 * (1 - 9/10)
-    rows = train_lm(model, corpus, epochs=2, batch_size=4, bptt=8, lr=3.0, schedule="linear",
-                    max_batches=5)
-    assert all(r["tokens"] == 5 * 8 * 4 for r in rows)
-    assert rows[-1]["lr"] == pytest.approx(3.0 * (1 - 9 / 10))
+def test_the_language_model_task_sets_the_papers_defaults(tmp_path):
+    """text: data → plain SGD (no momentum, no weight decay), lr 20, clip 0.25, batch 20;
+    what the caller sets wins."""
+    from symconvert.train import FinetuneConfig, create_optimizer, task_config
+
+    root = write_corpus(tmp_path / "c", "a b c\n" * 20, test="a b\n" * 5)
+    cfg = FinetuneConfig(**task_config(f"text:{root}", {"lr": None, "clip_grad": None}))
+    assert (cfg.lr, cfg.clip_grad, cfg.batch_size, cfg.momentum, cfg.weight_decay) == \
+        (20.0, 0.25, 20, 0.0, 0.0)
+    opt = create_optimizer(torch.nn.Linear(2, 2), cfg)
+    assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 0
+    cfg = FinetuneConfig(**task_config(f"text:{root}", {"lr": 5.0, "clip_grad": 0}))
+    assert (cfg.lr, cfg.clip_grad) == (5.0, 0)
+    images = FinetuneConfig(**task_config("digits", {"clip_grad": None}))
+    assert (images.lr, images.clip_grad, images.momentum) == (0.01, 5.0, 0.9)
 
 
-def test_finetune_lm_writes_a_model_directory_and_metrics(tmp_path):
+def test_finetune_on_text_writes_a_model_directory_and_metrics(tmp_path):
+    from symconvert.train import finetune
+
     corpus = toy_corpus(tmp_path)
     torch.manual_seed(0)
     model = symconvert.create_model(LM, pretrained=False, vocab_size=len(corpus.vocab), emb=16,
                                     hidden=16, layers=1, dropout=0.0)
     symconvert.convert(model, "channel", layers="rnn")
     src = save_lm(model, tmp_path / "conv", corpus)
-    result = finetune_lm(src, f"text:{corpus.root}", tmp_path / "ft", epochs=2, lr=5.0,
-                         batch_size=4, bptt=8)
-    assert result["after"]["perplexity"] < result["before"]["perplexity"]
+    before = evaluate_lm(symconvert.load(src), corpus)
+    result = finetune(src, f"text:{corpus.root}", tmp_path / "ft", epochs=2, lr=5.0,
+                      batch_size=4, bptt=8, distill=False, device="cpu", progress=False)
+    assert result.eval["perplexity"] < before["perplexity"]
     lines = (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     meta = symconvert.read_metadata(tmp_path / "ft")
-    assert meta["finetune"]["eval"] == result["after"]
+    assert meta["finetune"]["eval"] == result.eval
+    assert meta["finetune"]["args"]["bptt"] == 8 and meta["finetune"]["args"]["clip_grad"] == 0.25
     assert meta["lm"]["vocab_sha256"] == corpus.vocab_sha256()
     assert "rnn.weight_hh_l0" in meta["layers"]
     reloaded = symconvert.load(tmp_path / "ft")
-    assert evaluate_lm(reloaded, corpus) == result["after"]
+    assert evaluate_lm(reloaded, corpus) == result.eval
 
 
 # --- real text: WikiText-2 ------------------------------------------------------------
@@ -223,8 +228,8 @@ def test_finetune_lm_writes_a_model_directory_and_metrics(tmp_path):
 WIKI = {"max_vocab": 2000, "max_tokens": {"train": 100_000, "test": 50_000}}
 #: a small LM (1 x 128 LSTM) and a short budget: 2 epochs, lr 20 decaying linearly
 MODEL = {"emb": 128, "hidden": 128, "layers": 1, "dropout": 0.0}
-TRAIN = {"epochs": 2, "lr": 20.0, "batch_size": 10, "bptt": 35, "clip": 0.25,
-         "schedule": "linear"}
+TRAIN = {"epochs": 2, "lr": 20.0, "batch_size": 10, "bptt": 35, "clip_grad": 0.25,
+         "sched": "cosine", "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +247,7 @@ def dense_lm(wikitext, tmp_path_factory):
         torch.manual_seed(0)
         model = symconvert.create_model(LM, pretrained=False, vocab_size=len(wikitext.vocab),
                                         **MODEL)
-        train_lm(model, wikitext, **TRAIN)
+        train_lm(model, wikitext, tmp_path_factory.mktemp("lm-train"), **TRAIN)
         result = evaluate_lm(model, wikitext)
     out = save_lm(model, tmp_path_factory.mktemp("lm") / "dense", wikitext)
     return out, result
@@ -250,13 +255,13 @@ def dense_lm(wikitext, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("lm-wikitext")
-def test_wikitext2_short_budget_dense_and_symmetric_hh(wikitext, dense_lm):
+def test_wikitext2_short_budget_dense_and_symmetric_hh(wikitext, dense_lm, tmp_path):
     _, dense = dense_lm
     torch.manual_seed(0)
     model = symconvert.create_model(LM, pretrained=False, vocab_size=len(wikitext.vocab), **MODEL)
     model, plan = symconvert.convert(model, "channel", layers="rnn")
     assert [e.name for e in plan.converted] == ["rnn.weight_hh_l0"]
-    train_lm(model, wikitext, **TRAIN)
+    train_lm(model, wikitext, tmp_path, **TRAIN)
     sym = evaluate_lm(model, wikitext)
     unigram = unigram_perplexity(wikitext)
     print(f"\nWikiText-2 short budget ({dense['tokens']} test tokens, vocab "
@@ -274,23 +279,29 @@ def test_wikitext2_short_budget_dense_and_symmetric_hh(wikitext, dense_lm):
 @pytest.mark.slow
 @pytest.mark.xdist_group("lm-wikitext")
 def test_wikitext2_converted_dense_lm_recovers_by_finetuning(wikitext, dense_lm, tmp_path):
+    from symconvert.train import finetune
+
     dense_dir, dense = dense_lm
     model = symconvert.load(dense_dir)
     model, plan = symconvert.convert(model, "channel", layers="rnn")  # --layers rnn --scheme channel
     conv_dir = symconvert.save(model, tmp_path / "channel")
-    result = finetune_lm(conv_dir, f"text:{WIKITEXT2}", tmp_path / "finetuned", epochs=1, lr=5.0,
-                         batch_size=10, bptt=35, schedule="linear", max_batches=100)
-    before, after = result["before"]["perplexity"], result["after"]["perplexity"]
+    before_eval = evaluate_lm(symconvert.load(conv_dir), wikitext)
+    # 100 segments of 35 tokens × 10 streams; the corpus caps and files recorded by save_lm
+    budget = {"epochs": 1, "lr": 5.0, "batch_size": 10, "bptt": 35, "subsample": 35_000,
+              "distill": False, "device": "cpu", "progress": False}
+    result = finetune(conv_dir, f"text:{WIKITEXT2}", tmp_path / "finetuned", **budget)
+    # --subsample caps the eval split too: measure all three on the full evaluation text
+    before = before_eval["perplexity"]
+    after = evaluate_lm(symconvert.load(result.out), wikitext)["perplexity"]
     # the control: the dense LM fine-tuned with the same budget (not asserted on: it tells
     # how much of the recovery is symmetry-specific and how much is just more training)
-    control = finetune_lm(dense_dir, f"text:{WIKITEXT2}", tmp_path / "dense-finetuned", epochs=1,
-                          lr=5.0, batch_size=10, bptt=35, schedule="linear", max_batches=100)
+    control = finetune(dense_dir, f"text:{WIKITEXT2}", tmp_path / "dense-finetuned", **budget)
     print(f"\nWikiText-2: dense {dense['perplexity']:.2f}; converted to channel-hh "
           f"{before:.2f} ({before / dense['perplexity'] - 1:+.1%}); fine-tuned 100 segments "
           f"{after:.2f} ({after / dense['perplexity'] - 1:+.1%}); dense fine-tuned alike "
-          f"{control['after']['perplexity']:.2f}; parameters "
+          f"{evaluate_lm(symconvert.load(control.out), wikitext)['perplexity']:.2f}; parameters "
           f"{plan.total_before:,} -> {plan.total_after:,}")
-    assert result["before"]["tokens"] == dense["tokens"]  # the same evaluation text
+    assert before_eval["tokens"] == dense["tokens"]  # the same evaluation text
     assert after < before
     assert after <= 1.05 * dense["perplexity"]
     reloaded = symconvert.load(tmp_path / "finetuned")
