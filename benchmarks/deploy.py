@@ -28,7 +28,7 @@ def bench_deploy(name: str, batches: tuple[int, ...], size: int, repeats: int) -
 
     import symconvert
     from benchmarks.__main__ import _median_pair
-    from symconvert.export import export
+    from symconvert.io.export import export
 
     torch.manual_seed(0)
     result: dict = {"model": name, "scheme": "channel", "input_px": size}

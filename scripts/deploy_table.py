@@ -25,7 +25,7 @@ def measure(model_name: str, scheme: str, repeats: int, batches=(1, 8)) -> dict:
     import symconvert
     from benchmarks.__main__ import _median_pair
     from benchmarks.deploy import ort_session
-    from symconvert.export import export
+    from symconvert.io.export import export
 
     torch.manual_seed(0)
     sizes: dict = {}
@@ -50,11 +50,11 @@ def measure(model_name: str, scheme: str, repeats: int, batches=(1, 8)) -> dict:
             sizes[label] = path.stat().st_size
             paths[label] = path
         latency = {}
-        from symconvert.export_packed import is_language_model
+        from symconvert.io.export_packed import is_language_model
 
         if not is_language_model(model):
             sessions = {k: ort_session(paths[k]) for k in ("dense ONNX", "packed ONNX")}
-            from symconvert.export import example_input
+            from symconvert.io.export import example_input
 
             for batch in batches:
                 x = {"input": torch.randn(example_input(model, batch).shape).numpy()}

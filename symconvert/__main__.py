@@ -1,3 +1,3 @@
-from symconvert.cli import run
+from symconvert.cli.app import run
 
 run()

@@ -75,9 +75,9 @@ def _environ(env: dict[str, str] | None):
 
 
 def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None) -> CliResult:
-    """`symconvert ARGS` in this process: ``symconvert.cli.main`` with stdout/stderr
+    """`symconvert ARGS` in this process: ``symconvert.cli.app.main`` with stdout/stderr
     captured and the exit code it returns."""
-    from symconvert import cli
+    from symconvert.cli import app as cli
 
     out, err = io.StringIO(), io.StringIO()
     widths = (cli.console.width, cli.err_console.width)

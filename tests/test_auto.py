@@ -17,8 +17,8 @@ import torchvision
 from conftest import assert_clean_error
 
 import symconvert
-from symconvert.auto import AutoPlan, Option, candidates, parse_schemes, solve, solve_exact
 from symconvert.errors import SymconvertError
+from symconvert.surgery.auto import AutoPlan, Option, candidates, parse_schemes, solve, solve_exact
 
 # --- the solver against the exact optimum ------------------------------------------------
 
@@ -232,7 +232,7 @@ def _roundtrip(model, plain, tmp_path, x, target):
     assert symconvert.count_parameters(loaded) == plan.total_after
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), converted, rtol=1e-5, atol=1e-5)
-    from symconvert.export import export
+    from symconvert.io.export import export
 
     path = export(loaded, "dense", tmp_path / "dense.safetensors")
     from safetensors.torch import load_file
@@ -271,7 +271,7 @@ def test_cli_convert_convnext_atto_and_report(cli, tmp_path):
     assert "target 40.00%" in result.flat and "block" in result.flat
     meta = symconvert.read_metadata(out)
     assert meta["convert"]["scheme"] == "auto"
-    assert meta["convert"]["schemes"] == list(symconvert.auto.DEFAULT_SCHEMES)
+    assert meta["convert"]["schemes"] == list(symconvert.surgery.auto.DEFAULT_SCHEMES)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["params"]["saved_fraction"] >= 0.4 and plan["auto"]["reachable"]
     layer_schemes = {r["scheme"] for r in meta["layers"].values()}

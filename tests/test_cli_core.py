@@ -516,7 +516,7 @@ def test_python_m_symconvert_help(cli_process):
 
 
 def test_every_command_help_shows_examples(cli):
-    from symconvert import cli as cli_module
+    from symconvert.cli import app as cli_module
 
     cli_module._register_commands()
     commands = [c.name or c.callback.__name__ for c in cli_module.app.registered_commands]

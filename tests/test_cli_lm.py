@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from symconvert.cli import main
+from symconvert.cli.app import main
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2"
 
@@ -34,7 +34,7 @@ def _json(capsys) -> dict:
 @pytest.mark.slow
 @pytest.mark.xdist_group("lm-cli")
 def test_text_data_finetune_and_evaluate_by_perplexity(tmp_path, corpus_root, capsys):
-    from symconvert.lm import load_corpus
+    from symconvert.tasks.lm import load_corpus
 
     vocab = len(load_corpus(f"text:{corpus_root}").vocab)
     out = tmp_path / "lm-channel"

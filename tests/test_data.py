@@ -12,7 +12,8 @@ import torch
 from _helpers_train import FASHION_MNIST, one_thread
 from torch import nn
 
-from symconvert.data import (
+from symconvert.errors import DataError
+from symconvert.tasks.data import (
     DATA_SOURCES,
     DataSource,
     Loaders,
@@ -25,7 +26,6 @@ from symconvert.data import (
     resolve_image_config,
     stratified_subset,
 )
-from symconvert.errors import DataError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -157,7 +157,7 @@ def test_timm_model_with_one_input_channel_gets_grey_statistics():
 
 
 def test_rgb_images_become_luma_for_a_grey_model():
-    from symconvert.data import _convert_channels
+    from symconvert.tasks.data import _convert_channels
 
     rgb = torch.zeros(1, 3, 2, 2)
     rgb[:, 1] = 1.0  # pure green

@@ -12,9 +12,9 @@ from conftest import assert_clean_error
 from safetensors.torch import save_file
 
 import symconvert
-from symconvert.data import resolve_image_config
-from symconvert.evaluate import evaluate
-from symconvert.train import FinetuneConfig, fit
+from symconvert.tasks.data import resolve_image_config
+from symconvert.train.evaluate import evaluate
+from symconvert.train.loop import FinetuneConfig, fit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,8 +88,8 @@ def test_top5_only_with_five_or_more_classes(tmp_path):
 
 def test_tasks_are_registered_and_data_sources_name_them():
     """Metrics come from the data source's task: top-1/top-5 for images, perplexity for text."""
-    from symconvert.data import DATA_SOURCES
     from symconvert.tasks import TASKS, get_task, task_for_data
+    from symconvert.tasks.data import DATA_SOURCES
 
     assert {"classification", "language-model"} <= set(TASKS)
     assert all(source.task in TASKS for source in DATA_SOURCES.values())

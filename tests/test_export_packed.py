@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import symconvert
-from symconvert.export_packed import deployment_bytes, gather_tables
+from symconvert.io.export_packed import deployment_bytes, gather_tables
 
 LM = "py:symconvert.models.lstm_lm:lstm_lm"
 LM_KWARGS = ["--model-kwarg", "vocab_size=50", "--model-kwarg", "emb=16",
@@ -137,7 +137,7 @@ def test_lstm_lm_rnn_onnx_dense_and_packed(cli, tmp_path):
 def test_mixed_per_layer_schemes_and_every_scheme_packed(tmp_path):
     """Each layer unpacks by its own recorded scheme: spatial, channel+spatial, grouped
     channel, repeat, eigen and quarter in one model, exported packed."""
-    from symconvert.export import export
+    from symconvert.io.export import export
 
     model = symconvert.create_model("py:toy_models:small_cnn", pretrained=False)
     for scheme, include in (("spatial", "stem"), ("channel+spatial", "conv"),
@@ -163,7 +163,7 @@ def test_mixed_per_layer_schemes_and_every_scheme_packed(tmp_path):
 def test_quarter_tables_are_int32_and_shared(tmp_path):
     """A group without a formula stores one int32 table per (scheme, shape), shared by
     every layer of that shape; the packed file is the checkpoint + 1 % + that table."""
-    from symconvert.export import export
+    from symconvert.io.export import export
 
     model = symconvert.create_model("timm:resnet18", pretrained=False)
     symconvert.convert(model, "quarter", include="layer4.*")
@@ -263,7 +263,7 @@ def test_report_deployment_section(cli, tmp_path):
     """`report` shows the bytes of every export format, measured, and per dtype."""
     import json
 
-    from symconvert.report import render_markdown
+    from symconvert.report.build import render_markdown
 
     directory = tmp_path / "lm"
     wide = ["--model-kwarg", "vocab_size=50", "--model-kwarg", "emb=96", "--model-kwarg", "hidden=96"]
@@ -290,7 +290,7 @@ def test_report_deployment_section(cli, tmp_path):
 @pytest.mark.parametrize("shape,groups,spec", [((8, 4, 3, 3), 2, "channel"), ((16, 4), 4, "channel"),
                                                ((12, 4), 1, "block"), ((4, 12, 3, 3), 1, "block")])
 def test_triangle_rows_formula_is_the_transpose_groups_table(shape, groups, spec):
-    from symconvert.export_packed import _triangle_layout, triangle_rows
+    from symconvert.io.export_packed import _triangle_layout, triangle_rows
 
     scheme = symconvert.get_scheme(spec)
     packed = scheme.pack(torch.randn(shape), groups)

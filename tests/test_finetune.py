@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import symconvert
-from symconvert.data import create_loaders
 from symconvert.errors import DataError, SymconvertError, TrainingError
-from symconvert.evaluate import evaluate
-from symconvert.train import (
+from symconvert.tasks.data import create_loaders
+from symconvert.train.evaluate import evaluate
+from symconvert.train.loop import (
     CHECKPOINT_NAME,
     METRICS_NAME,
     FinetuneConfig,

@@ -17,8 +17,8 @@ from _helpers_train import REPO, cli_env, one_thread, start_cli, state_equal
 from safetensors.torch import load_file, save_file
 
 import symconvert
-from symconvert.lm import load_corpus, train_lm
-from symconvert.train import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint
+from symconvert.tasks.lm import load_corpus, train_lm
+from symconvert.train.loop import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2"
 LM = "py:symconvert.models.lstm_lm:lstm_lm"

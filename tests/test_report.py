@@ -19,7 +19,7 @@ from torch import nn
 
 import symconvert
 from symconvert.errors import SymconvertError
-from symconvert.report import (
+from symconvert.report.build import (
     compare_sentence,
     parse_compare,
     read_metrics,
@@ -124,7 +124,7 @@ def test_params_and_bytes_are_the_real_ones(pipeline, tmp_path):
     assert report["params"]["saved_fraction"] == pytest.approx(saved / report["params"]["before"])
     assert 0.3 < report["params"]["saved_fraction"] < 0.5  # channel on square 3x3 convs
     assert report["bytes"]["symconvert"] == (ft / "model.safetensors").stat().st_size
-    from symconvert.export import export
+    from symconvert.io.export import export
 
     dense = export(symconvert.load(ft), "dense", tmp_path / "d.safetensors")
     assert report["bytes"]["dense"] == dense.stat().st_size
@@ -136,7 +136,7 @@ def test_params_and_bytes_are_the_real_ones(pipeline, tmp_path):
 @pytest.mark.slow
 @pytest.mark.xdist_group("report")
 def test_accuracy_equals_evaluate(pipeline):
-    from symconvert.evaluate import evaluate
+    from symconvert.train.evaluate import evaluate
 
     acc = pipeline["report"]["accuracy"]
     ft = evaluate(symconvert.load(pipeline["ft"]), "digits", device="cpu")
@@ -301,7 +301,7 @@ def test_layers_recomputed_without_plan_json(pipeline, tmp_path):
     on the source weights and agree with what convert recorded."""
     import shutil
 
-    from symconvert.report import build_report
+    from symconvert.report.build import build_report
 
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -364,7 +364,7 @@ def test_markdown_and_table_on_stdout(random_dir, tmp_path):
 
 def test_language_model_is_timed_on_tokens(tmp_path):
     """A model with an embedding gets token ids, not an image, for FLOPs and latency."""
-    from symconvert.report import build_report
+    from symconvert.report.build import build_report
 
     model = symconvert.create_model("py:symconvert.models.lstm_lm:lstm_lm", pretrained=False,
                                     vocab_size=50, emb=16, hidden=16)
@@ -417,7 +417,7 @@ def test_plot_with_partial_metrics(tmp_path):
     """Missing keys in metrics.jsonl and unmeasured accuracy still give a full plot."""
     import matplotlib.image
 
-    from symconvert.report import plot_report
+    from symconvert.report.build import plot_report
 
     report = _synthetic_report()
     report["curves"] = {"finetuned": [{"epoch": 1, "train_loss": 1.0}, {"epoch": 2},
@@ -438,7 +438,7 @@ class _Tiny(nn.Module):
 
 
 def test_prune_removes_exactly_the_smallest_weights():
-    from symconvert.prune import count_nonzero, make_permanent, prune_global_l1
+    from symconvert.report.prune import count_nonzero, make_permanent, prune_global_l1
 
     torch.manual_seed(0)
     model = _Tiny()

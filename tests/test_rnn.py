@@ -14,7 +14,7 @@ from _helpers_train import one_thread
 from torch import nn
 
 import symconvert
-from symconvert.parametrization import converted_tensors
+from symconvert.surgery.parametrization import converted_tensors
 
 LM = "py:symconvert.models.lstm_lm:lstm_lm"
 

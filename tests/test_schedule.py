@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from symconvert.errors import SymconvertError
-from symconvert.train import FinetuneConfig, create_scheduler
+from symconvert.train.loop import FinetuneConfig, create_scheduler
 
 
 def _lr_at(config: FinetuneConfig, epochs: list[int], steps_per_epoch: int = 10) -> list[float]:

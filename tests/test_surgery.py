@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize
 
 import symconvert
 from symconvert.errors import NothingEligibleError, SymconvertError
-from symconvert.parametrization import Symmetric, converted_tensors, symmetric_of
 from symconvert.schemes import get_scheme
+from symconvert.surgery.parametrization import Symmetric, converted_tensors, symmetric_of
 
 SCHEMES = ["channel", "spatial", "channel+spatial", "block", "quarter", "eighth", "flip",
            "repeat:2"]

@@ -23,8 +23,8 @@ import torchvision
 from torch import nn
 
 import symconvert
-from symconvert.parametrization import converted_tensors
 from symconvert.schemes import get_scheme
+from symconvert.surgery.parametrization import converted_tensors
 
 pytestmark = pytest.mark.sweep
 

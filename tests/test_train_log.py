@@ -8,10 +8,10 @@ import re
 import torch
 from _helpers_train import one_thread, tiny_mlp
 
-import symconvert.train as train
-from symconvert.lm import load_corpus
+import symconvert.train.loop as train
 from symconvert.tasks.language_model import corpus_loaders
-from symconvert.train import FinetuneConfig, fit
+from symconvert.tasks.lm import load_corpus
+from symconvert.train.loop import FinetuneConfig, fit
 
 LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+)  loss (\d+\.\d{4})  (\d+) (img|tok)/s  "
                   r"ETA \d+:\d\d:\d\d$")

@@ -4,7 +4,7 @@ A task owns the parts of fine-tuning and evaluation that differ between, say, an
 classifier and a language model: the data sources it reads (``DataSource.task`` names the
 task), the loss and its distillation form, the metrics, the default hyper-parameters and the
 state a training step carries to the next one (an RNN's hidden state). The training loop
-(``symconvert.train``), ``evaluate``, ``report``, ``run`` and ``--compare`` ask the task;
+(``symconvert.train.loop``), ``evaluate``, ``report``, ``run`` and ``--compare`` ask the task;
 nothing else looks at the data spec.
 
     task = task_for_data("text:data/ptb")         # the LanguageModelTask
@@ -128,7 +128,7 @@ def task_for_data(spec: Any) -> Task:
     task = getattr(spec, "task", None)
     if isinstance(task, str):  # Loaders
         return get_task(task)
-    from symconvert.data import parse_data_spec
+    from symconvert.tasks.data import parse_data_spec
 
     return get_task(parse_data_spec(spec).source.task)
 

@@ -36,7 +36,7 @@ class ClassificationTask(Task):
         return StepOutput(loss=loss, seen=targets.numel(), correct=correct), None
 
     def check_model(self, model: nn.Module, loaders: Any) -> None:
-        from symconvert.data import check_num_classes
+        from symconvert.tasks.data import check_num_classes
 
         check_num_classes(model, loaders)
 

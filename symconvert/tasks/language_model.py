@@ -7,7 +7,7 @@ The paper's language-model setting (its code builds on PyTorch's
   tokens, one sentence or paragraph per line, ``<eos>`` appended to every line. The
   vocabulary comes from the whole training text (capped to the model's embedding rows, or
   to what the model directory records); words it lacks become ``<unk>``.
-* Training (``symconvert.train.fit``): truncated BPTT over ``batch_size`` parallel streams
+* Training (``symconvert.train.loop.fit``): truncated BPTT over ``batch_size`` parallel streams
   per process (``batchify``; under torchrun rank r reads streams r·B … (r+1)·B-1 of
   ``B × world`` streams, so a 2-process run sees the batches of a 1-process run with
   ``2B``), the hidden state carried across segments, detached, and checkpointed with the
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from symconvert.data import DataSource, DataSpec, LoaderOptions, Loaders, register_data_source
 from symconvert.errors import DataError
 from symconvert.tasks.base import StepOutput, Task, register_task
+from symconvert.tasks.data import DataSource, DataSpec, LoaderOptions, Loaders, register_data_source
 
 EOS = "<eos>"
 UNK = "<unk>"

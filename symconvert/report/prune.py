@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from symconvert.errors import SymconvertError
-from symconvert.layers import handler_for
+from symconvert.surgery.layers import handler_for
 
 
 def prunable_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:

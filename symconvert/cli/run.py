@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from symconvert.cli import app, console, err_console
+from symconvert.cli.app import app, console, err_console
 
 
 def _list_recipes() -> None:
@@ -14,7 +14,7 @@ def _list_recipes() -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from symconvert.recipes import shipped_recipes
+    from symconvert.pipeline.runner import shipped_recipes
 
     table = Table(title="shipped recipes (symconvert run NAME)")
     for col in ("name", "model", "scheme", "data", "description"):
@@ -74,7 +74,7 @@ def run_command(
 
       symconvert run                                     # list the shipped recipes
     """
-    from symconvert.recipes import load_recipe, run
+    from symconvert.pipeline.runner import load_recipe, run
 
     if recipe is None:
         _list_recipes()
@@ -88,7 +88,7 @@ def run_command(
                  echo=lambda text: err_console.print(text, highlight=False, markup=False))
     if not result.report:  # a non-zero torchrun rank: rank 0 prints
         return
-    from symconvert.report import render_table
+    from symconvert.report.build import render_table
 
     console.print(*render_table(result.report))
     wall = time.perf_counter() - start
@@ -103,8 +103,8 @@ def _print_dry_run(recipe, overwrite: bool, resume: bool) -> None:
     from rich.syntax import Syntax
     from rich.table import Table
 
-    from symconvert.cli_core import _table, _totals
-    from symconvert.recipes import dry_run, dump_yaml
+    from symconvert.cli.core import _table, _totals
+    from symconvert.pipeline.runner import dry_run, dump_yaml
 
     plan = dry_run(recipe, overwrite=overwrite, resume=resume)
     console.print(f"[bold]resolved recipe[/] ({recipe.path or '<recipe>'}, with --set applied "

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from symconvert.errors import NothingEligibleError, SymconvertError
-from symconvert.layers import handler_for
-from symconvert.parametrization import symmetric_of
 from symconvert.schemes import Scheme, get_scheme
-from symconvert.selection import Selection, head_names
+from symconvert.surgery.layers import handler_for
+from symconvert.surgery.parametrization import symmetric_of
+from symconvert.surgery.selection import Selection, head_names
 
 CONVERT = "convert"
 SKIP = "skip"

@@ -47,8 +47,8 @@ def _register_commands() -> None:
     # Each stage keeps its commands beside its own code; importing registers them on `app`.
     import importlib
 
-    for module in ("symconvert.cli_core", "symconvert.cli_train", "symconvert.cli_report",
-                   "symconvert.cli_run"):
+    for module in ("symconvert.cli.core", "symconvert.cli.train", "symconvert.cli.report",
+                   "symconvert.cli.run"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:  # a stage not built yet

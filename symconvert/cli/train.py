@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from symconvert.cli import app, console, err_console
+from symconvert.cli.app import app, console, err_console
 
 DATA_HELP = (
     "digits | fashion-mnist[:ROOT] | mnist:ROOT | cifar10:ROOT | cifar100:ROOT | "
@@ -76,8 +76,8 @@ def finetune_command(
       symconvert finetune r18-channel --data digits --dtype bfloat16   # half-size --out
       symconvert finetune lm-channel --data text:data/ptb --epochs 6   # lr 20, clip 0.25, plain SGD
     """
-    from symconvert.export_packed import parse_dtype, store_directory_as
-    from symconvert.train import TrainingInterrupted, finetune
+    from symconvert.io.export_packed import parse_dtype, store_directory_as
+    from symconvert.train.loop import TrainingInterrupted, finetune
 
     parse_dtype(dtype)  # a bad --dtype fails before training
 
@@ -139,7 +139,7 @@ def evaluate_command(
 
       symconvert evaluate py:mymodels:net --weights net.safetensors --data cifar10:/data/cifar
     """
-    from symconvert.evaluate import evaluate, load_model
+    from symconvert.train.evaluate import evaluate, load_model
 
     if fmt not in ("table", "json"):
         from symconvert.errors import SymconvertError

@@ -249,7 +249,7 @@ def reset_head(model: nn.Module, num_classes: int) -> None:
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
         return
-    from symconvert.selection import head_names
+    from symconvert.surgery.selection import head_names
 
     names = sorted(head_names(model), key=len)
     if not names:
@@ -340,7 +340,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | N
     """Load a local weights file strictly. When ``num_classes`` was asked for and the
     file's classifier has another size, the file's head is dropped (the model keeps its
     fresh ``num_classes`` head), as timm does for pretrained weights."""
-    from symconvert.selection import head_names
+    from symconvert.surgery.selection import head_names
 
     state = read_state_dict(path)
     own = model.state_dict()

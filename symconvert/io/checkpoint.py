@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from symconvert.errors import CheckpointError, SymconvertError
-from symconvert.parametrization import converted_tensors
+from symconvert.surgery.parametrization import converted_tensors
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -138,7 +138,7 @@ def save(
             "'py', 'name': ..., 'num_classes': ..., 'kwargs': {...}}."
         )
     out = check_writable(out, overwrite=overwrite)
-    from symconvert.export_packed import dtype_name, parse_dtype
+    from symconvert.io.export_packed import dtype_name, parse_dtype
 
     storage = parse_dtype(dtype)
     state, aliases = _dedupe(model.state_dict())
@@ -225,8 +225,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from symconvert.sources import create_model_from_source, with_module_versions
-    from symconvert.surgery import attach
+    from symconvert.models.sources import create_model_from_source, with_module_versions
+    from symconvert.surgery.convert import attach
 
     path = Path(path)
     directory = path.parent if path.is_file() else path

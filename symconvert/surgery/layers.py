@@ -93,4 +93,4 @@ register_layer_handler(LinearHandler())
 
 # nn.LSTM / nn.GRU / nn.RNN live in their own file (they need flat-weight care); importing
 # it here registers them whenever layers are looked up.
-from symconvert import rnn  # noqa: E402,F401
+from symconvert.surgery import rnn  # noqa: E402,F401

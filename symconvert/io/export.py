@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from symconvert.checkpoint import _atomic_write, _dedupe, check_writable
 from symconvert.errors import SymconvertError
-from symconvert.surgery import fold
+from symconvert.io.checkpoint import _atomic_write, _dedupe, check_writable
+from symconvert.surgery.convert import fold
 
 FORMATS = ("dense", "onnx", "torchscript")
 
@@ -21,7 +21,7 @@ def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     """A zero input of the size the model's pretrained config expects."""
     from timm.data import resolve_data_config
 
-    from symconvert.data import model_in_chans
+    from symconvert.tasks.data import model_in_chans
 
     cfg = resolve_data_config(model=model)
     channels, *spatial = cfg["input_size"]
@@ -34,8 +34,8 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool =
            packed: bool = False, dtype: str | torch.dtype | None = None) -> Path:
     """Fold ``model`` (in place) and write it to ``out`` in ``fmt``. ``packed`` (onnx,
     torchscript) keeps the free parameters and unpacks in the graph; ``dtype`` is the
-    storage precision (see ``symconvert.export_packed``)."""
-    from symconvert.export_packed import export_model, parse_dtype
+    storage precision (see ``symconvert.io.export_packed``)."""
+    from symconvert.io.export_packed import export_model, parse_dtype
 
     if fmt not in FORMATS:
         raise SymconvertError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")

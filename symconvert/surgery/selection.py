@@ -47,7 +47,7 @@ class Selection:
         include_head: bool = False,
         gates: str | list[str] | None = None,
     ) -> Selection:
-        from symconvert.layers import layer_kinds
+        from symconvert.surgery.layers import layer_kinds
 
         def as_list(value):
             if value is None:

@@ -78,7 +78,7 @@ def _size_text(value: Any) -> Any:
 
 
 def _layer_kinds() -> list[str]:
-    from symconvert.layers import layer_kinds
+    from symconvert.surgery.layers import layer_kinds
 
     return layer_kinds()
 
@@ -86,7 +86,7 @@ def _layer_kinds() -> list[str]:
 def _check_model(name: str) -> None:
     # parse_model only splits an explicit `timm:NAME`; ask the registry too, so that a typo
     # fails at validation rather than at the start of the run.
-    from symconvert.sources import _timm_has, _torchvision_has, _unknown, parse_model
+    from symconvert.models.sources import _timm_has, _torchvision_has, _unknown, parse_model
 
     library, bare = parse_model(name)
     if library == "timm" and not bare.startswith("hf-hub:") and not _timm_has(bare):
@@ -103,20 +103,20 @@ def _check_scheme(name: str) -> None:
 
 
 def _check_schemes(names: list[str] | None) -> None:
-    from symconvert.auto import parse_schemes
+    from symconvert.surgery.auto import parse_schemes
 
     if names is not None:
         parse_schemes(names)
 
 
 def _check_data(spec: str) -> None:
-    from symconvert.data import parse_data_spec
+    from symconvert.tasks.data import parse_data_spec
 
     parse_data_spec(spec)
 
 
 def _check_input_size(value: str) -> None:
-    from symconvert.data import parse_input_size
+    from symconvert.tasks.data import parse_input_size
 
     parse_input_size(value)
 
@@ -233,7 +233,7 @@ class FinetuneSection(Section):
     teacher: str | None = Field(None, description="distil from this MODEL or model directory "
                                 "instead of the source")
     extra: dict[str, Any] = Field(default_factory=dict, description="more trainer settings by "
-                                  "name (any field of symconvert.train.FinetuneConfig, e.g. bptt, "
+                                  "name (any field of symconvert.train.loop.FinetuneConfig, e.g. bptt, "
                                   "log_interval)")
 
 

@@ -1,14 +1,14 @@
 """Language models, the short way: the ``text:ROOT`` corpus and perplexity.
 
 The corpus, the ``text`` data source and the language-model task live in
-``symconvert.tasks.language_model``; training is the one loop of ``symconvert.train``
+``symconvert.tasks.language_model``; training is the one loop of ``symconvert.train.loop``
 (``finetune``/``fit``: resume, checkpoints, signals, torchrun, AMP, distillation).
 This module keeps the names scripts use:
 
     corpus = load_corpus("text:data/ptb")
     model = symconvert.create_model("py:symconvert.models.lstm_lm:lstm_lm", pretrained=False,
                                     vocab_size=len(corpus.vocab))
-    train_lm(model, corpus, "runs/lm", epochs=6)      # symconvert.train.fit on the corpus
+    train_lm(model, corpus, "runs/lm", epochs=6)      # symconvert.train.loop.fit on the corpus
     evaluate_lm(model, corpus, "test")   # {"perplexity": ..., "loss": ..., "tokens": ..., "split": "test"}
     save_lm(model, "lm-dense", corpus)
 """
@@ -49,7 +49,7 @@ def evaluate_lm(model: nn.Module, corpus: Corpus, split: str | None = None, *,
                 device: str | torch.device | None = None) -> dict[str, Any]:
     """``{"perplexity", "loss", "tokens", "n", "split"}`` on ``split`` (default: the corpus's
     eval split), measured as ``evaluate``/``report`` measure it (the language-model task)."""
-    from symconvert.evaluate import resolve_device
+    from symconvert.train.evaluate import resolve_device
 
     split = split or corpus.eval_split
     if split not in corpus.splits:
@@ -67,10 +67,10 @@ def evaluate_lm(model: nn.Module, corpus: Corpus, split: str | None = None, *,
 
 def train_lm(model: nn.Module, corpus: Corpus, out: str | os.PathLike, epochs: int = 40, *,
              subsample: int | None = None, **config: Any) -> list[dict[str, Any]]:
-    """Train ``model`` in place on the corpus's train split with ``symconvert.train.fit``
+    """Train ``model`` in place on the corpus's train split with ``symconvert.train.loop.fit``
     (checkpoints in ``out``; the language-model defaults: plain SGD, lr 20, clip 0.25, batch
     20, bptt 35). ``config`` takes ``FinetuneConfig`` fields; returns the metrics rows."""
-    from symconvert.train import FinetuneConfig, fit, task_config
+    from symconvert.train.loop import FinetuneConfig, fit, task_config
 
     check_vocab(model, corpus)
     cfg = FinetuneConfig(**task_config(LanguageModelTask(), {"epochs": epochs, "distill": False,

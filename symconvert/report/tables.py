@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from symconvert.plan import Plan
+from symconvert.surgery.plan import Plan
 
 
 def fmt_int(n: int | None) -> str:

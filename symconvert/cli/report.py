@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from symconvert.cli import app, console, err_console
+from symconvert.cli.app import app, console, err_console
 
 DATA_HELP = (
     "Eval data for the accuracy rows: digits | fashion-mnist[:ROOT] | mnist:ROOT | "
@@ -47,9 +47,9 @@ def report_command(
 
       symconvert report r18-channel/finetuned --data digits --compare prune,dense
     """
-    from symconvert.checkpoint import _atomic_write
     from symconvert.errors import SymconvertError
-    from symconvert.report import FORMATS, ReportOptions, build_report, plot_report, render
+    from symconvert.io.checkpoint import _atomic_write
+    from symconvert.report.build import FORMATS, ReportOptions, build_report, plot_report, render
 
     if fmt not in FORMATS:
         raise SymconvertError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}.")
@@ -75,7 +75,7 @@ def report_command(
         _atomic_write(out, lambda p: Path(p).write_text(text + "\n"))
         err_console.print(f"wrote [bold]{out}[/] ({fmt})", highlight=False)
     elif fmt == "table":
-        from symconvert.report import render_table
+        from symconvert.report.build import render_table
 
         for item in render_table(report):
             console.print(item)

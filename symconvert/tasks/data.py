@@ -870,6 +870,6 @@ __all__ = [
     "register_data_source", "resolve_image_config", "stratified_subset",
 ]
 
-# The tasks register their own data sources (``text:`` for language models); importing them
-# here, after every name above exists, makes ``--data text:ROOT`` known wherever data is.
-import symconvert.tasks  # noqa: E402,F401
+# The tasks register their own data sources (``text:`` for language models). This module
+# lives inside the tasks package, so importing it has already imported the tasks: every
+# source is registered wherever data is used.

@@ -7,11 +7,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from symconvert.errors import SymconvertError
-from symconvert.layers import handler_for
-from symconvert.parametrization import Symmetric, converted_tensors
-from symconvert.plan import Plan, build_plan, require_nonempty
 from symconvert.schemes import Scheme
-from symconvert.selection import Selection
+from symconvert.surgery.layers import handler_for
+from symconvert.surgery.parametrization import Symmetric, converted_tensors
+from symconvert.surgery.plan import Plan, build_plan, require_nonempty
+from symconvert.surgery.selection import Selection
 
 
 def inspect(
@@ -33,10 +33,10 @@ def inspect(
     """The plan ``convert`` would carry out; the model is not changed.
 
     ``scheme="auto"`` (with ``target_reduction``) chooses per layer one of ``schemes``
-    (default ``symconvert.auto.DEFAULT_SCHEMES``) or none, at the least total cost: the
+    (default ``symconvert.surgery.auto.DEFAULT_SCHEMES``) or none, at the least total cost: the
     weight error, or ``costs`` ({(layer_name, scheme): cost} or a function of the
-    candidate pairs returning it). See ``symconvert.auto``."""
-    from symconvert.auto import build_auto_plan, is_auto
+    candidate pairs returning it). See ``symconvert.surgery.auto``."""
+    from symconvert.surgery.auto import build_auto_plan, is_auto
 
     selection = Selection.build(include, exclude, layers, min_channels, include_head, gates)
     if is_auto(scheme):
@@ -72,7 +72,7 @@ def convert(
     (``<layer>.parametrizations.weight.original``). Returns ``(model, plan)``.
     ``scheme="auto"``: see ``inspect``; an unreachable ``target_reduction`` is an error.
     """
-    from symconvert.auto import require_reachable
+    from symconvert.surgery.auto import require_reachable
 
     plan = inspect(
         model,

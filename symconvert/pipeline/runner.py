@@ -3,12 +3,12 @@
     recipe = load_recipe("recipes/quickstart.yaml", overrides=["finetune.epochs=3"])
     result = run(recipe, overwrite=True)        # writes recipe.out (the run directory)
 
-A recipe is a tree of pydantic models (``symconvert.recipe_schema``): ``Recipe`` with the
+A recipe is a tree of pydantic models (``symconvert.pipeline.schema``): ``Recipe`` with the
 sections ``model``, ``selection``, ``data``, ``finetune``, ``report`` plus ``scheme`` and
 ``out``. ``parse_recipe`` validates a plain mapping and reports every problem at once, each
 naming its dotted key (``finetune.lr``), what is allowed there and, for an unknown key, the
 closest known ones. ``run`` calls the library API the CLI calls (``symconvert.convert``
-with the selection keywords, ``symconvert.train.finetune``, ``symconvert.report``).
+with the selection keywords, ``symconvert.train.loop.finetune``, ``symconvert.report.build``).
 
 ``model`` and ``data`` take a shorthand: ``model: timm:resnet18`` is ``model: {name: ...}``
 and ``data: digits`` is ``data: {spec: digits}``. Paths (``out``, ``model.weights``, data
@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from symconvert.errors import RecipeError, SymconvertError
-from symconvert.recipe_schema import (
+from symconvert.pipeline.schema import (
     FinetuneSection,
     Problems,
     Recipe,
@@ -163,7 +163,7 @@ def _check_semantics(recipe: Recipe, errors: Problems) -> None:
                    "the model has pretrained: false and no weights; remove report.compare or "
                    "give model.weights")
     if recipe.finetune.enabled and not has_source and recipe.finetune.teacher is None:
-        from symconvert.train import FinetuneConfig
+        from symconvert.train.loop import FinetuneConfig
 
         distill = recipe.finetune.distill
         if distill is None:
@@ -175,7 +175,7 @@ def _check_semantics(recipe: Recipe, errors: Problems) -> None:
                        "or finetune.teacher: MODEL_OR_DIR")
     extra = recipe.finetune.extra
     if extra:
-        from symconvert.train import FinetuneConfig
+        from symconvert.train.loop import FinetuneConfig
 
         trainer = {f.name for f in dataclasses.fields(FinetuneConfig)}
         own = set(FinetuneSection.model_fields)
@@ -215,8 +215,8 @@ def find_recipe(name: str | os.PathLike) -> Path:
 def recipe_dirs() -> list[Path]:
     """Where bare recipe names are looked up: ./recipes, then the recipes shipped with the
     package (``symconvert/recipes/`` in a wheel, ``recipes/`` beside the package in a clone)."""
-    here = Path(__file__).resolve().parent
-    dirs = [Path.cwd() / "recipes", here / "recipes", here.parent / "recipes"]
+    package = Path(__file__).resolve().parent.parent  # symconvert/
+    dirs = [Path.cwd() / "recipes", package / "recipes", package.parent / "recipes"]
     seen: list[Path] = []
     for d in dirs:
         if d.is_dir() and all(d.resolve() != s.resolve() for s in seen):
@@ -249,7 +249,7 @@ def load_recipe(name: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
 
 
 def finetune_settings(recipe: Recipe) -> dict[str, Any]:
-    """The keyword arguments ``symconvert.train.finetune`` gets, whatever the task: the
+    """The keyword arguments ``symconvert.train.loop.finetune`` gets, whatever the task: the
     finetune keys that are set, the data keys it owns, ``extra``."""
     ft = recipe.finetune
     settings = {name: getattr(ft, name) for name in FinetuneSection.model_fields
@@ -285,7 +285,7 @@ def resolve(recipe: Recipe) -> dict[str, Any]:
 def trainer_config(recipe: Recipe) -> Any:
     """``FinetuneConfig`` for this recipe (the data's task fills what it leaves out); its
     own checks re-raised naming recipe keys."""
-    from symconvert.train import FinetuneConfig, task_config
+    from symconvert.train.loop import FinetuneConfig, task_config
 
     try:
         return FinetuneConfig(**task_config(recipe.data.spec, finetune_settings(recipe)))
@@ -306,7 +306,7 @@ def dump_yaml(data: Mapping[str, Any]) -> str:
 
 def check_data(recipe: Recipe) -> None:
     """Fail before any heavy work if the data root named by ``data`` does not exist."""
-    from symconvert.data import parse_data_spec
+    from symconvert.tasks.data import parse_data_spec
 
     try:
         spec = parse_data_spec(recipe.data.spec)
@@ -450,7 +450,7 @@ def _prepare_out(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
             raise RecipeError(
                 f"--resume: the recipe differs from the one in {out / RECIPE_NAME} in "
                 f"{', '.join(changed)}; resume with the same recipe, or --overwrite to restart.")
-    from symconvert.checkpoint import check_writable
+    from symconvert.io.checkpoint import check_writable
 
     check_writable(out, overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -464,8 +464,8 @@ def _distributed() -> tuple[int, int]:
 def _init_group(device: str | None) -> bool:
     """Under torchrun: join the process group early so that rank 0 alone converts and
     reports while the others wait (the trainer reuses the group). True if it created it."""
-    from symconvert.evaluate import resolve_device
-    from symconvert.train import setup_distributed
+    from symconvert.train.evaluate import resolve_device
+    from symconvert.train.loop import setup_distributed
 
     dist, _ = setup_distributed(resolve_device(device or "auto"))
     return dist.owns_group
@@ -503,7 +503,7 @@ def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
     import json
 
     import symconvert
-    from symconvert.checkpoint import _atomic_write
+    from symconvert.io.checkpoint import _atomic_write
 
     m = recipe.model
     model = build_source(recipe)
@@ -620,9 +620,9 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
 
 def _finetune_step(recipe: Recipe, converted: Path, finetuned: Path, resume: bool,
                    progress: bool, echo: Callable[[str], None], log: _Log, main: bool) -> float:
-    """``symconvert.train.finetune`` of the converted directory, as the CLI calls it; the
+    """``symconvert.train.loop.finetune`` of the converted directory, as the CLI calls it; the
     seconds it took."""
-    from symconvert.train import finetune
+    from symconvert.train.loop import finetune
 
     t0 = time.perf_counter()
     settings = finetune_settings(recipe)
@@ -648,8 +648,8 @@ def _finetune_step(recipe: Recipe, converted: Path, finetuned: Path, resume: boo
 
 
 def report_options(recipe: Recipe) -> Any:
-    """``symconvert.report.ReportOptions`` for this recipe."""
-    from symconvert.report import ReportOptions
+    """``symconvert.report.build.ReportOptions`` for this recipe."""
+    from symconvert.report.build import ReportOptions
 
     rep, data, ft = recipe.report, recipe.data, recipe.finetune
     kwargs: dict[str, Any] = {"data": data.spec, "input_size": data.input_size,
@@ -669,8 +669,8 @@ def report_stage(recipe: Recipe, model_dir: Path, out: Path,
                  log: Callable[[str], None] | None = None) -> tuple[dict[str, Any],
                                                                     dict[str, Path]]:
     """Build the report of ``model_dir`` and write the files ``recipe.report`` asks for."""
-    from symconvert.checkpoint import _atomic_write
-    from symconvert.report import build_report, plot_report, render
+    from symconvert.io.checkpoint import _atomic_write
+    from symconvert.report.build import build_report, plot_report, render
 
     report = build_report(model_dir, options=report_options(recipe), log=log)
     files: dict[str, Path] = {}

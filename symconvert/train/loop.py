@@ -33,10 +33,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from symconvert.data import DataSpec, Loaders, create_loaders, describe
 from symconvert.errors import DataError, SymconvertError, TrainingError
-from symconvert.evaluate import resolve_device
 from symconvert.tasks import Task, get_task, task_for_data
+from symconvert.tasks.data import DataSpec, Loaders, create_loaders, describe
+from symconvert.train.evaluate import resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -850,9 +850,9 @@ def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneCon
               teacher: str | nn.Module | None, num_classes: int | None, resume: bool,
               progress: bool, dist: Dist, device: torch.device) -> FinetuneResult:
     import symconvert
-    from symconvert.checkpoint import check_writable
-    from symconvert.data import model_num_outputs
-    from symconvert.sources import reset_head
+    from symconvert.io.checkpoint import check_writable
+    from symconvert.models.sources import reset_head
+    from symconvert.tasks.data import model_num_outputs
 
     if dist.main:
         check_writable(out, overwrite=True)
@@ -936,7 +936,7 @@ def _ensure_writable(out: Path) -> None:
 
 def _build_teacher(teacher: str | nn.Module | None, source: dict[str, Any]) -> nn.Module:
     import symconvert
-    from symconvert.sources import create_model_from_source
+    from symconvert.models.sources import create_model_from_source
 
     if isinstance(teacher, nn.Module):
         return teacher

@@ -11,7 +11,7 @@ three formats cannot disagree: they format the same numbers with the same functi
 Accuracy entries that could not be measured are absent and carry a ``"reason"`` instead,
 never a zero. ``--compare prune`` prunes the source (global L1, same number of removed
 parameters) and ``--compare dense`` keeps it dense; both are fine-tuned with the recorded
-fine-tuning configuration through ``symconvert.train.fit`` (the loop ``finetune`` runs) and
+fine-tuning configuration through ``symconvert.train.loop.fit`` (the loop ``finetune`` runs) and
 evaluated on the same split.
 """
 
@@ -113,8 +113,8 @@ def build_report(directory: str | os.PathLike, data: str | None = None, *,
     stage (the CLI prints them on stderr).
     """
     import symconvert
-    from symconvert.checkpoint import read_metadata
-    from symconvert.evaluate import resolve_device
+    from symconvert.io.checkpoint import read_metadata
+    from symconvert.train.evaluate import resolve_device
 
     if options is None:
         options = ReportOptions(data=data, **kwargs)
@@ -125,7 +125,7 @@ def build_report(directory: str | os.PathLike, data: str | None = None, *,
     meta = read_metadata(directory)
     device = resolve_device(options.device)
     if options.data:
-        from symconvert.data import parse_data_spec
+        from symconvert.tasks.data import parse_data_spec
 
         parse_data_spec(options.data)  # a bad spec fails now, before any measuring
 
@@ -157,7 +157,7 @@ def build_report(directory: str | os.PathLike, data: str | None = None, *,
     report["bytes"] = _bytes(directory)
 
     say("writing every export format (onnx, torchscript; dense and packed) to measure it")
-    from symconvert.export_packed import measure_deployment
+    from symconvert.io.export_packed import measure_deployment
 
     report["deployment"] = measure_deployment(directory)
 
@@ -200,7 +200,7 @@ class _SourceCache:
         if self._weighted is not None:
             return self._weighted
         if self._arch is None:
-            from symconvert.sources import create_model_from_source
+            from symconvert.models.sources import create_model_from_source
 
             self._arch = create_model_from_source(self.source, pretrained=False).eval()
         return self._arch
@@ -213,7 +213,7 @@ class _SourceCache:
         return self._weighted
 
     def fresh(self) -> nn.Module:
-        from symconvert.sources import create_model_from_source
+        from symconvert.models.sources import create_model_from_source
 
         if not self.has_weights:
             raise SymconvertError(
@@ -251,8 +251,8 @@ def _parent(directory: Path, meta: dict[str, Any]) -> Path | None:
 
 def _bytes(directory: Path) -> dict[str, Any]:
     import symconvert
-    from symconvert.checkpoint import WEIGHTS_NAME
-    from symconvert.export import export
+    from symconvert.io.checkpoint import WEIGHTS_NAME
+    from symconvert.io.export import export
 
     symconvert_bytes = (directory / WEIGHTS_NAME).stat().st_size
     with tempfile.TemporaryDirectory(prefix="symconvert-report-") as tmp:
@@ -311,8 +311,8 @@ def _display_name(key: str) -> str:
 
 
 def _recompute_layers(records: dict[str, Any], sources: _SourceCache) -> list[dict[str, Any]]:
-    from symconvert.plan import symmetrization_error
     from symconvert.schemes import get_scheme
+    from symconvert.surgery.plan import symmetrization_error
 
     source_model = None
     if sources.has_weights:
@@ -350,8 +350,8 @@ def _example(model: nn.Module, options: ReportOptions, batch: int) -> torch.Tens
     """A zero image batch as the model's config expects (``export.example_input``), with
     the channels its first conv really takes (a timm config does not follow ``in_chans=``)
     and ``--input-size`` applied; token ids ``[35, batch]`` for a model with an embedding."""
-    from symconvert.data import model_in_chans, parse_input_size
-    from symconvert.export import example_input
+    from symconvert.io.export import example_input
+    from symconvert.tasks.data import model_in_chans, parse_input_size
 
     if any(isinstance(m, nn.Embedding) for m in model.modules()):
         return torch.zeros(LM_SEQUENCE, batch, dtype=torch.long)
@@ -451,7 +451,7 @@ def _latency(directory: Path, sources: _SourceCache, options: ReportOptions,
 
 
 def _eval(model: nn.Module, options: ReportOptions, device: torch.device) -> dict[str, Any]:
-    from symconvert.evaluate import evaluate
+    from symconvert.train.evaluate import evaluate
 
     result = evaluate(model, options.data, batch_size=options.batch_size, device=device,
                       input_size=options.input_size, subsample=options.subsample,
@@ -538,7 +538,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _finetune_config(meta: dict[str, Any], options: ReportOptions, device: torch.device):
     """The recorded fine-tuning configuration (None when DIR was not fine-tuned)."""
-    from symconvert.train import FinetuneConfig
+    from symconvert.train.loop import FinetuneConfig
 
     args = (meta.get("finetune") or {}).get("args")
     if not args:
@@ -553,10 +553,10 @@ def _finetune_config(meta: dict[str, Any], options: ReportOptions, device: torch
 def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
              options: ReportOptions, device: torch.device, say: Log) -> dict[str, Any]:
     import symconvert
-    from symconvert.export import export as export_model
-    from symconvert.plan import count_parameters
-    from symconvert.prune import count_nonzero, make_permanent, prune_global_l1
-    from symconvert.train import fit
+    from symconvert.io.export import export as export_model
+    from symconvert.report.prune import count_nonzero, make_permanent, prune_global_l1
+    from symconvert.surgery.plan import count_parameters
+    from symconvert.train.loop import fit
 
     if not sources.has_weights:
         raise SymconvertError(
@@ -678,7 +678,7 @@ def _provenance(directory: Path, meta: dict[str, Any], parent: Path | None,
                 options: ReportOptions, device: torch.device, report: Report) -> dict[str, Any]:
     import numpy
 
-    from symconvert.checkpoint import versions
+    from symconvert.io.checkpoint import versions
 
     acc = report.get("accuracy", {})
     device_name = str(device)

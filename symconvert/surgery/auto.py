@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from symconvert.errors import SymconvertError
-from symconvert.plan import CONVERT, SKIP, LayerPlan, Plan, build_plan, count_parameters
 from symconvert.schemes import get_scheme
-from symconvert.selection import Selection
+from symconvert.surgery.plan import CONVERT, SKIP, LayerPlan, Plan, build_plan, count_parameters
+from symconvert.surgery.selection import Selection
 
 AUTO = "auto"
 #: candidates of ``--scheme auto`` without ``--schemes``: the square (channel), rectangular
@@ -367,7 +367,7 @@ def _resolve_costs(costs: Costs, pairs: list[tuple[str, str]],
     if missing:
         shown = ", ".join(f"({n!r}, {s!r})" for n, s in missing[:3])
         raise SymconvertError(f"costs= has no cost for {len(missing)} eligible (layer, scheme) "
-                              f"pairs, e.g. {shown}; price every pair of symconvert.auto.candidates().")
+                              f"pairs, e.g. {shown}; price every pair of symconvert.surgery.auto.candidates().")
     return out
 
 
@@ -491,7 +491,7 @@ def auto_table(plan: AutoPlan, title: str, show_skipped: bool = True, max_rows: 
     from rich.markup import escape
     from rich.table import Table
 
-    from symconvert.render import fmt_int
+    from symconvert.report.tables import fmt_int
 
     table = Table(title=title, show_lines=False)
     for col, just in (("layer", "left"), ("shape", "left"), ("scheme", "left"),

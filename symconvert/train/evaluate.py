@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from symconvert.data import DataSpec, Loaders, create_loaders
 from symconvert.errors import SymconvertError
 from symconvert.tasks import get_task
+from symconvert.tasks.data import DataSpec, Loaders, create_loaders
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

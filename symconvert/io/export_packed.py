@@ -187,7 +187,7 @@ def pack_for_export(model: nn.Module, dtype: torch.dtype = torch.float32,
     its tables (mixed per-layer schemes work); ``in_graph`` computes the transpose
     group's row table by formula instead of storing it. Returns the table accounting:
     ``{"index_bytes": int, "tables": int, "layers": int}``."""
-    from symconvert.parametrization import converted_tensors
+    from symconvert.surgery.parametrization import converted_tensors
 
     tables: dict[tuple, tuple] = {}
     done: set[int] = set()
@@ -223,7 +223,7 @@ def cast_storage(model: nn.Module, dtype: torch.dtype) -> None:
     float32 through a cast (buffers such as BatchNorm statistics stay float32)."""
     if dtype == torch.float32:
         return
-    from symconvert.layers import handler_for
+    from symconvert.surgery.layers import handler_for
 
     seen: set[int] = set()
     for module in list(model.modules()):
@@ -255,7 +255,7 @@ def example_inputs(model: nn.Module, batch_size: int = 1) -> tuple[torch.Tensor,
     language model."""
     if is_language_model(model):
         return (torch.zeros(LM_SEQUENCE, batch_size, dtype=torch.long),)
-    from symconvert.export import example_input
+    from symconvert.io.export import example_input
 
     return (example_input(model, batch_size),)
 
@@ -278,7 +278,7 @@ def _io_names(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[list
 def prepare(model: nn.Module, packed: bool, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Make ``model`` (in place) the module that is traced: folded to dense, or with
     in-graph unpacking; tensors stored in ``dtype``. Returns the table accounting."""
-    from symconvert.surgery import fold
+    from symconvert.surgery.convert import fold
 
     model.eval()
     info = {"index_bytes": 0, "tables": 0, "layers": 0}
@@ -369,7 +369,7 @@ def export_model(model: nn.Module, fmt: str, out: str | os.PathLike, *, packed: 
     """Write ``model`` (a converted model; changed in place) as ``onnx`` or
     ``torchscript``; ``packed`` keeps the free parameters and unpacks in the graph.
     Returns ``{"path", "bytes", "index_bytes", "tables", "layers"}``."""
-    from symconvert.checkpoint import _atomic_write
+    from symconvert.io.checkpoint import _atomic_write
 
     if fmt not in ("onnx", "torchscript"):
         raise SymconvertError(f"--packed needs --format onnx or torchscript, not {fmt!r}.")
@@ -391,7 +391,7 @@ def deployment_bytes(model: nn.Module) -> dict[str, Any]:
     "packed_torchscript"}}}`` (float32 at the top level). A file adds its graph and header
     (well under 1 % for real models); a dense ONNX export is smaller by the BatchNorms the
     exporter folds into the convolutions."""
-    from symconvert.parametrization import converted_tensors
+    from symconvert.surgery.parametrization import converted_tensors
 
     converted: dict[int, tuple] = {}
     for _, module, tensor, sym in converted_tensors(model):
@@ -454,7 +454,7 @@ def measure_deployment(directory: str | os.PathLike) -> dict[str, Any]:
     import tempfile
 
     import symconvert
-    from symconvert.export import export
+    from symconvert.io.export import export
 
     directory = Path(directory)
     model = symconvert.load(directory)

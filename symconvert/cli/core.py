@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from symconvert.cli import app, console, err_console
+from symconvert.cli.app import app, console, err_console
 
 MODEL_HELP = (
     "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, py:package.module:function, or a bare "
@@ -18,7 +18,7 @@ MODEL_HELP = (
 
 def _load_model(model: str, pretrained: bool, weights: Path | None, num_classes: int | None,
                 model_kwargs: list[str] | None = None):
-    from symconvert.sources import create_model, parse_model
+    from symconvert.models.sources import create_model, parse_model
 
     library, name = parse_model(model)
     if ":" not in model or model.split(":", 1)[0] not in ("timm", "torchvision", "py", "hf-hub"):
@@ -62,7 +62,7 @@ def schemes_command(
 
       symconvert schemes --format json
     """
-    from symconvert.render import schemes_table
+    from symconvert.report.tables import schemes_table
     from symconvert.schemes import list_schemes
 
     schemes = list_schemes()
@@ -194,11 +194,11 @@ def convert_command(
       symconvert convert timm:resnet50 --scheme channel --dtype bfloat16   # half the bytes
     """
     import symconvert
-    from symconvert.checkpoint import check_writable
+    from symconvert.io.checkpoint import check_writable
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
     check_writable(out, overwrite=overwrite)
-    from symconvert.export_packed import parse_dtype
+    from symconvert.io.export_packed import parse_dtype
 
     parse_dtype(dtype)  # a bad --dtype fails before any work
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
@@ -224,8 +224,8 @@ def convert_command(
 
 def _table(plan, title: str, show_skipped: bool, max_rows: int | None = None):
     """The plan table: per layer its own scheme and the alternatives for --scheme auto."""
-    from symconvert.auto import AutoPlan, auto_table
-    from symconvert.render import plan_table
+    from symconvert.report.tables import plan_table
+    from symconvert.surgery.auto import AutoPlan, auto_table
 
     if isinstance(plan, AutoPlan):
         return auto_table(plan, title, show_skipped=show_skipped, max_rows=max_rows)
@@ -233,14 +233,14 @@ def _table(plan, title: str, show_skipped: bool, max_rows: int | None = None):
 
 
 def _totals(plan) -> str:
-    from symconvert.auto import AutoPlan, auto_totals
-    from symconvert.render import totals_line
+    from symconvert.report.tables import totals_line
+    from symconvert.surgery.auto import AutoPlan, auto_totals
 
     return auto_totals(plan) if isinstance(plan, AutoPlan) else totals_line(plan)
 
 
 def write_plan(out: Path, plan) -> None:
-    from symconvert.checkpoint import _atomic_write
+    from symconvert.io.checkpoint import _atomic_write
 
     text = json.dumps(plan.to_dict(), indent=2) + "\n"
     _atomic_write(Path(out) / "plan.json", lambda p: Path(p).write_text(text))
@@ -270,8 +270,8 @@ def export_command(
       symconvert export r101-channel --format torchscript --packed --dtype float16 --out r101.pt
     """
     import symconvert
-    from symconvert.export import export
-    from symconvert.export_packed import parse_dtype
+    from symconvert.io.export import export
+    from symconvert.io.export_packed import parse_dtype
 
     parse_dtype(dtype)  # a bad --dtype fails before loading
     model = symconvert.load(directory)

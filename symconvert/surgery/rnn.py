@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from symconvert.layers import LayerHandler, TensorTarget, register_layer_handler
+from symconvert.surgery.layers import LayerHandler, TensorTarget, register_layer_handler
 
 #: gate blocks per recurrent mode (nn.RNNBase.mode)
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}

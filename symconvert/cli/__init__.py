@@ -1,0 +1,1 @@
+"""The command line (Typer + rich): parse, call the library, render."""

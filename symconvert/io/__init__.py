@@ -1,0 +1,1 @@
+"""Files: model directories (safetensors + metadata), exports, atomic writes."""

@@ -1,0 +1,1 @@
+"""Recipes (the whole pipeline as one run): pydantic schema and the convert -> finetune -> report runner."""

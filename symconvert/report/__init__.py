@@ -1,0 +1,1 @@
+"""The report: one computation, rendered as table/JSON/Markdown/plot."""

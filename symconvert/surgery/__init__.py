@@ -1,0 +1,1 @@
+"""Surgery: which layers, the plan, convert/fold, calibration."""
