@@ -149,6 +149,9 @@ def save(
             "'py', 'name': ..., 'num_classes': ..., 'kwargs': {...}}."
         )
     out = check_writable(out, overwrite=overwrite)
+    from symconvert.checks import require_finite
+
+    require_finite(model, f"the model directory {out}")
     state, aliases = _dedupe(model.state_dict())
     meta: dict[str, Any] = {}
     meta.update(copy.deepcopy(getattr(model, "symconvert_metadata", None) or {}))

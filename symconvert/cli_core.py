@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from symconvert.cli import app, console, err_console
+from symconvert.metadata import TRUST_CODE_HELP
 
 MODEL_HELP = (
     "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, py:package.module:function, or a bare "
@@ -178,9 +179,17 @@ def convert_command(
     """
     import symconvert
     from symconvert.checkpoint import check_writable
+    from symconvert.checks import check_number_args
+    from symconvert.files import output_dir, refuse_inputs
     from symconvert.render import plan_table, totals_line
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
+    check_number_args(num_classes=num_classes)
+    if min_channels < 0:
+        from symconvert.errors import SymconvertError
+
+        raise SymconvertError(f"--min-channels {min_channels}: must be at least 0")
+    refuse_inputs(out, [weights])
     check_writable(out, overwrite=overwrite)
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
@@ -189,8 +198,12 @@ def convert_command(
     args = {"model": model, "scheme": scheme, "pretrained": pretrained, "model_kwargs": model_kwarg,
             "weights": str(weights) if weights else None, "num_classes": num_classes,
             "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
-    symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite)
-    write_plan(out, plan)
+    # a model directory is all or nothing: a failure (Ctrl-C included) removes what this
+    # run wrote; the lock makes a concurrent convert into the same --out exit 2
+    with output_dir(out, inputs=[weights], keep_partial=False):
+        check_writable(out, overwrite=overwrite)  # again, under the lock
+        symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite)
+        write_plan(out, plan)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -203,10 +216,9 @@ def convert_command(
 
 
 def write_plan(out: Path, plan) -> None:
-    from symconvert.checkpoint import _atomic_write
+    from symconvert.files import atomic_write_text
 
-    text = json.dumps(plan.to_dict(), indent=2) + "\n"
-    _atomic_write(Path(out) / "plan.json", lambda p: Path(p).write_text(text))
+    atomic_write_text(Path(out) / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
 @app.command("export")
@@ -215,6 +227,7 @@ def export_command(
     fmt: str = typer.Option("dense", "--format", help="dense (safetensors), onnx or torchscript."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Fold the symmetry back into plain dense weights of the ORIGINAL architecture and
     write them: `dense` is a safetensors state_dict loadable by plain timm/torchvision.
@@ -226,8 +239,18 @@ def export_command(
       symconvert export r101-channel --format onnx --out r101.onnx
     """
     import symconvert
-    from symconvert.export import export
+    from symconvert.checkpoint import META_NAME, WEIGHTS_NAME
+    from symconvert.export import FORMATS, export
+    from symconvert.files import check_output_file, refuse_inputs
 
-    model = symconvert.load(directory)
+    if fmt not in FORMATS:
+        from symconvert.errors import SymconvertError
+
+        raise SymconvertError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    # an --out that is the model being exported is refused even with --overwrite
+    refuse_inputs(out, [directory, directory / WEIGHTS_NAME, directory / META_NAME])
+    if out.absolute().parent.is_dir():  # export creates a missing folder itself
+        check_output_file(out, overwrite=overwrite)
+    model = symconvert.load(directory, trust_code=trust_code)
     path = export(model, fmt, out, overwrite=overwrite)
     console.print(f"wrote [bold]{path}[/] ({path.stat().st_size:,} bytes, {fmt})")

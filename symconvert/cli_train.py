@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from symconvert.cli import app, console, err_console
+from symconvert.metadata import TRUST_CODE_HELP
 
 DATA_HELP = (
     "digits | fashion-mnist[:ROOT] | mnist:ROOT | cifar10:ROOT | cifar100:ROOT | "
@@ -50,6 +51,7 @@ def finetune_command(
     augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Train-time crop/flip (default: per dataset; off for digits and (fashion-)MNIST)."),
     download: bool = typer.Option(False, "--download", help="Download mnist/cifar data into ROOT if missing."),
     fmt: str = typer.Option("table", "--format", help="table or json (the final metrics)."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Recover accuracy of a converted model: distillation from the source, AMP, DDP, resume.
 
@@ -69,6 +71,31 @@ def finetune_command(
 
       symconvert finetune r18-channel --data digits --resume     # after an interruption
     """
+    from symconvert.checks import check_finetune_args
+    from symconvert.metadata import trusting_code
+    from symconvert.train import TrainingInterrupted, finetune
+
+    # every number first: nothing is created or loaded for a bad flag
+    check_finetune_args(epochs=epochs, lr=lr, batch_size=batch_size, decay_rate=decay_rate,
+                        decay_milestones=decay_milestones, weight_decay=weight_decay,
+                        warmup_epochs=warmup_epochs, clip_grad=clip_grad, workers=workers,
+                        seed=seed, distill_alpha=distill_alpha,
+                        distill_temperature=distill_temperature,
+                        checkpoint_every=checkpoint_every, subsample=subsample,
+                        num_classes=num_classes)
+    with trusting_code(trust_code):
+        _finetune_command(model_dir, data, out, epochs, lr, batch_size, opt, sched,
+                          decay_milestones, decay_rate, weight_decay, warmup_epochs, clip_grad,
+                          amp, device, workers, seed, distill, distill_alpha,
+                          distill_temperature, teacher, resume, overwrite, checkpoint_every,
+                          input_size, subsample, num_classes, augment, download, fmt)
+
+
+def _finetune_command(model_dir, data, out, epochs, lr, batch_size, opt, sched,
+                      decay_milestones, decay_rate, weight_decay, warmup_epochs, clip_grad, amp,
+                      device, workers, seed, distill, distill_alpha, distill_temperature,
+                      teacher, resume, overwrite, checkpoint_every, input_size, subsample,
+                      num_classes, augment, download, fmt) -> None:
     from symconvert.train import TrainingInterrupted, finetune
 
     if data.startswith("text:"):
@@ -115,6 +142,7 @@ def evaluate_command(
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a MODEL string: load pretrained weights."),
     weights: Path | None = typer.Option(None, "--weights", help="For a MODEL string: local .safetensors/.pth weights."),
     download: bool = typer.Option(False, "--download", help="Download mnist/cifar data into ROOT if missing."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Top-1/top-5 accuracy on the data's eval split (deterministic, no augmentation).
 
@@ -137,7 +165,12 @@ def evaluate_command(
         from symconvert.errors import SymconvertError
 
         raise SymconvertError(f"--format {fmt!r}: choose table or json")
-    m = load_model(model, pretrained=pretrained, weights=weights)
+    from symconvert.checks import check_number_args
+    from symconvert.metadata import trusting_code
+
+    check_number_args(batch_size=batch_size, subsample=subsample, workers=workers)
+    with trusting_code(trust_code):
+        m = load_model(model, pretrained=pretrained, weights=weights)
     if data.startswith("text:"):
         # language models: perplexity on the corpus's eval split (test, else valid)
         from symconvert.lm import evaluate_lm, load_corpus

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from symconvert.checkpoint import _atomic_write, _dedupe, check_writable
+from symconvert.checkpoint import _dedupe
+from symconvert.files import atomic_write as _atomic_write
+from symconvert.files import check_output_file
 from symconvert.errors import SymconvertError
 from symconvert.surgery import fold
 
@@ -37,8 +39,14 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool =
     out = Path(out)
     if out.exists() and not overwrite:
         raise SymconvertError(f"{out} exists; pass --overwrite or choose another --out.")
-    check_writable(out.parent, overwrite=True)  # only "can a file be written there"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.absolute().parent.exists():
+        try:
+            out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from symconvert.files import os_error
+
+            raise os_error(exc, out) from None
+    check_output_file(out, overwrite=True)  # only "can a file be written there"
     model = fold(model).eval()
     if fmt == "dense":
         from safetensors.torch import save_file

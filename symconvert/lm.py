@@ -430,7 +430,8 @@ def finetune_lm(
     ``train_options`` go to ``train_lm`` (bptt, batch_size, clip, max_batches, ...).
     """
     import symconvert
-    from symconvert.checkpoint import _atomic_write, check_writable
+    from symconvert.checkpoint import check_writable
+    from symconvert.files import atomic_write as _atomic_write
 
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / "finetuned"

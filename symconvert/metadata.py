@@ -60,10 +60,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _HF_HUB = re.compile(r"^hf-hub:[A-Za-z0-9_.\-]{1,96}/[A-Za-z0-9_.\-]{1,96}(@[A-Za-z0-9_.\-]{1,64})?$")
 _PY_NAME = re.compile(r"^[A-Za-z_][\w.]{0,200}:[A-Za-z_]\w{0,100}$")
 DTYPES = ("float32", "bfloat16", "float16")
+TRUST_CODE_HELP = ("Allow a model directory whose metadata records a py:module:function "
+                   "source to import and call that code. Only for directories you trust; "
+                   "without it such a directory is refused (exit 2).")
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
-# JSON scalars and (nested) lists of them; never objects
-KwargValue = Union[Scalar, list["KwargValue"]]
+# JSON scalars and lists of them (two levels deep); never objects
+KwargValue = Union[Scalar, list[Scalar], list[list[Scalar]]]
 
 
 class SourceRecord(BaseModel):

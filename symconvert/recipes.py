@@ -1010,7 +1010,7 @@ def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
     import json
 
     import symconvert
-    from symconvert.checkpoint import _atomic_write
+    from symconvert.files import atomic_write as _atomic_write
 
     m, sel = recipe.model, recipe.selection
     model = build_source(recipe)
@@ -1057,8 +1057,15 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
             torch.distributed.destroy_process_group()
             owns_group = False
 
+    from symconvert.files import output_dir
+    from symconvert.metadata import trust_code_default, trusting_code
+
+    # the recipe's own py: model was named by the user, so its directories may rebuild it;
+    # the run directory is locked against a second concurrent run
+    trusted = trust_code_default() or str(recipe.model.name).startswith("py:")
     try:
-        return _run(recipe, resolved, overwrite, resume, progress, echo, main, leave_group)
+        with trusting_code(trusted), output_dir(recipe.run_dir, enabled=main):
+            return _run(recipe, resolved, overwrite, resume, progress, echo, main, leave_group)
     finally:
         leave_group()
 
@@ -1188,7 +1195,7 @@ def report_stage(recipe: Recipe, model_dir: Path, out: Path,
                  log: Callable[[str], None] | None = None) -> tuple[dict[str, Any],
                                                                     dict[str, Path]]:
     """Build the report of ``model_dir`` and write the files ``recipe.report`` asks for."""
-    from symconvert.checkpoint import _atomic_write
+    from symconvert.files import atomic_write as _atomic_write
     from symconvert.report import build_report, plot_report, render
 
     report = build_report(model_dir, options=report_options(recipe), log=log)

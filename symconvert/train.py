@@ -21,7 +21,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from rich.console import Console
 from torch import nn
 
 from symconvert.data import DataSpec, Loaders, check_num_classes, create_loaders, describe
+from symconvert.checks import require_finite
 from symconvert.errors import DataError, SymconvertError, TrainingError
 from symconvert.evaluate import evaluate_loaders, resolve_device
 
@@ -219,24 +219,10 @@ def seed_everything(seed: int) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
+    from symconvert.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -384,13 +370,10 @@ def _amp_setup(config: FinetuneConfig, device: torch.device
 
 def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl atomically (a resumed run drops lines past its checkpoint)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_NAME}.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        for row in metrics:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / METRICS_NAME)
+    from symconvert.files import atomic_write_text
+
+    atomic_write_text(out / METRICS_NAME,
+                      "".join(json.dumps(row, sort_keys=True) + "\n" for row in metrics))
 
 
 def _tensorboard(out: Path) -> Any:
@@ -520,6 +503,7 @@ def _fit(model: nn.Module, data: Any, out: Path, config: FinetuneConfig,
             torch.distributed.all_gather_object(gathered, rng)
             rngs = gathered
         if dist.main:
+            require_finite(model, f"checkpoint {ckpt_path}")
             atomic_torch_save({
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -728,14 +712,20 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.P
     names another MODEL or model directory.
     """
 
+    from symconvert.checks import check_finetune_args
+    from symconvert.files import output_dir
+
+    check_finetune_args(num_classes=num_classes, **config)
     cfg = FinetuneConfig(**config)
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / "finetuned"
     _check_output(out, resume, overwrite)
     dist, device = setup_distributed(resolve_device(cfg.device))
     try:
-        return _finetune(model_dir, data, out, cfg, teacher, num_classes, resume, progress,
-                         dist, device)
+        # created (and locked) only now; removed again if the run fails before writing
+        with output_dir(out, inputs=[model_dir], enabled=dist.main):
+            return _finetune(model_dir, data, out, cfg, teacher, num_classes, resume,
+                             progress, dist, device)
     finally:
         if dist.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

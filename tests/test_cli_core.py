@@ -268,7 +268,9 @@ def test_py_model_converts_and_loads(tmp_path, cli):
     assert result.code == 0, result
     meta = json.loads((out / "symconvert.json").read_text())
     assert meta["source"]["library"] == "py" and meta["source"]["name"] == "toy_models:small_cnn"
-    model = symconvert.load(out)
+    with pytest.raises(symconvert.SymconvertError, match="trust-code"):
+        symconvert.load(out)  # a recorded py: source runs code: opt-in only
+    model = symconvert.load(out, trust_code=True)
     assert symconvert.count_parameters(model) == _totals(result)[1]
 
 
