@@ -411,7 +411,7 @@ def test_corrupt_model_dir_is_exit_2(toy_dir, damage, tmp_path, cli):
     else:  # same size, one tensor byte changed: only the SHA-256 can tell
         weights.write_bytes(data[:-5] + bytes([data[-5] ^ 0x55]) + data[-4:])
     dense = tmp_path / "dense.safetensors"
-    result = cli("export", toy_dir, "--format", "dense", "--out", dense)
+    result = cli("export", toy_dir, "--format", "dense", "--out", dense, "--trust-code")
     needle = "SHA-256" if damage == "bytes" else "corrupt or truncated"
     assert_clean_error(result, str(weights), needle)
     assert not dense.exists()
