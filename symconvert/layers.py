@@ -94,3 +94,4 @@ register_layer_handler(LinearHandler())
 # nn.LSTM / nn.GRU / nn.RNN live in their own file (they need flat-weight care); importing
 # it here registers them whenever layers are looked up.
 from symconvert import rnn  # noqa: E402,F401
+from symconvert import attention  # noqa: E402,F401  (nn.MultiheadAttention's q/k/v)
