@@ -109,6 +109,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
         raise os_error(exc, target) from None
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # again: a writer may have replaced the file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
