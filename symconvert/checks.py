@@ -12,6 +12,8 @@ from typing import Any
 
 from symconvert.errors import SymconvertError, TrainingError
 
+MAX_CLASSES = 10_000_000
+
 #: flag -> (lowest allowed, strictly above it?)
 _FLOATS = {
     "lr": (0.0, True),
@@ -34,6 +36,7 @@ _INTS = {
     "seed": 0,
     "latency_runs": 1,
     "latency_batch": 1,
+    "min_channels": 0,
 }
 
 
@@ -62,6 +65,15 @@ def check_number_args(**flags: Any) -> None:
                 raise SymconvertError(f"{_flag(name)} {value!r}: expected a whole number")
             if value < _INTS[name]:
                 raise SymconvertError(f"{_flag(name)} {value}: must be at least {_INTS[name]}")
+    if flags.get("num_classes") is not None and flags["num_classes"] > MAX_CLASSES:
+        raise SymconvertError(f"--num-classes {flags['num_classes']}: at most {MAX_CLASSES:,}")
+    if flags.get("input_size") is not None:
+        from symconvert.data import parse_input_size
+
+        parse_input_size(flags["input_size"])
+    fmt = flags.get("fmt")
+    if fmt is not None and flags.get("formats") and fmt not in flags["formats"]:
+        raise SymconvertError(f"--format {fmt!r}: choose {' or '.join(flags['formats'])}")
     if flags.get("distill_alpha") is not None and float(flags["distill_alpha"]) > 1:
         raise SymconvertError(f"--distill-alpha {flags['distill_alpha']}: must be in [0, 1]")
     milestones = flags.get("decay_milestones")

@@ -85,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, abort_exc):
             err_console.print("[yellow]aborted[/]")
             return 130
+        if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                            and "can't allocate memory" in str(exc)):
+            if debug:
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "MemoryError"
+            err_console.print(f"[bold red]error:[/] not enough memory: {first} Lower the sizes "
+                              "asked for (--batch-size, --input-size, --num-classes, "
+                              "--model-kwarg).", highlight=False)
+            return 2
         if isinstance(exc, OSError):
             # a disk that fills, a folder that cannot be written: bad input, exit 2
             from symconvert.files import describe_os_error

@@ -34,12 +34,28 @@ def parse_kwargs(items: list[str]) -> dict:
 
     from symconvert.errors import SymconvertError
 
+    from symconvert.metadata import SourceRecord
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SymconvertError(f"--model-kwarg {item!r}: expected KEY=VALUE, e.g. vocab_size=10000")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SymconvertError(f"--model-kwarg {item!r}: the value is not valid YAML "
+                                  f"({str(exc).splitlines()[0]})") from None
+    # what a model directory may record (plain JSON values, no file-reading keys): a
+    # kwarg that could not be recorded would make the written directory unloadable
+    from pydantic import ValidationError
+
+    try:
+        SourceRecord(library="timm", name="x", kwargs=out)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SymconvertError(f"--model-kwarg: {err['msg']} ({'.'.join(map(str, err['loc']))}); "
+                              "pass weights with --weights FILE.") from None
     return out
 
 
@@ -63,8 +79,11 @@ def schemes_command(
 
       symconvert schemes --format json
     """
+    from symconvert.checks import check_number_args
     from symconvert.render import schemes_table
     from symconvert.schemes import list_schemes
+
+    check_number_args(fmt=fmt, formats=("table", "json"))
 
     schemes = list_schemes()
     if fmt == "json":
@@ -107,9 +126,12 @@ def inspect_command(
       symconvert inspect torchvision:resnet18 --no-pretrained      # all schemes
     """
     import symconvert
+    from symconvert.checks import check_number_args
     from symconvert.render import plan_table, totals_line
     from symconvert.schemes import list_schemes
 
+    check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
+                      formats=("table", "json"))
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     if scheme is None:
@@ -184,11 +206,8 @@ def convert_command(
     from symconvert.render import plan_table, totals_line
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
-    check_number_args(num_classes=num_classes)
-    if min_channels < 0:
-        from symconvert.errors import SymconvertError
-
-        raise SymconvertError(f"--min-channels {min_channels}: must be at least 0")
+    check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
+                      formats=("table", "json"))
     refuse_inputs(out, [weights])
     check_writable(out, overwrite=overwrite)
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)

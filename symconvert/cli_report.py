@@ -73,7 +73,8 @@ def report_command(
     if out is not None and plot is not None and out.absolute() == plot.absolute():
         raise SymconvertError(f"--out and --plot are both {out}; give two files.")
     check_number_args(batch_size=batch_size, subsample=subsample, workers=workers,
-                      latency_runs=latency_runs, latency_batch=latency_batch)
+                      latency_runs=latency_runs, latency_batch=latency_batch,
+                      input_size=input_size)
     options = ReportOptions(data=data, device=device, batch_size=batch_size, subsample=subsample,
                             input_size=input_size, workers=workers, latency_runs=latency_runs,
                             latency_batch=latency_batch, compare=compare or (),

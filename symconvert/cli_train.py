@@ -82,7 +82,8 @@ def finetune_command(
                         seed=seed, distill_alpha=distill_alpha,
                         distill_temperature=distill_temperature,
                         checkpoint_every=checkpoint_every, subsample=subsample,
-                        num_classes=num_classes)
+                        num_classes=num_classes, input_size=input_size, fmt=fmt,
+                        formats=("table", "json"))
     with trusting_code(trust_code):
         _finetune_command(model_dir, data, out, epochs, lr, batch_size, opt, sched,
                           decay_milestones, decay_rate, weight_decay, warmup_epochs, clip_grad,
@@ -168,7 +169,8 @@ def evaluate_command(
     from symconvert.checks import check_number_args
     from symconvert.metadata import trusting_code
 
-    check_number_args(batch_size=batch_size, subsample=subsample, workers=workers)
+    check_number_args(batch_size=batch_size, subsample=subsample, workers=workers,
+                      input_size=input_size)
     with trusting_code(trust_code):
         m = load_model(model, pretrained=pretrained, weights=weights)
     if data.startswith("text:"):

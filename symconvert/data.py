@@ -211,7 +211,13 @@ def parse_input_size(value: int | str | Sequence[int] | None) -> tuple[int, int]
     if len(parts) != 2 or min(parts) < 1:
         raise DataError(f"--input-size {value!r}: expected H or H,W (positive integers), "
                         "e.g. --input-size 224 or --input-size 160,128")
+    if max(parts) > MAX_INPUT_SIZE:
+        raise DataError(f"--input-size {value!r}: at most {MAX_INPUT_SIZE} pixels a side")
     return parts[0], parts[1]
+
+
+#: the largest --input-size side accepted (a typo of 100000 would ask for 100s of GB)
+MAX_INPUT_SIZE = 8192
 
 
 # ---------------------------------------------------------------------- model config

@@ -1045,6 +1045,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
                           "process; run this recipe without torchrun")
     check_data(recipe)
     resolved = resolve(recipe)  # the trainer's own checks run here, before any work
+    if recipe.finetune.enabled and data_task(recipe.data.spec) != LANGUAGE_MODEL:
+        from symconvert.checks import check_finetune_args
+
+        try:  # finite, in-range numbers before the run directory exists
+            check_finetune_args(**finetune_settings(recipe))
+        except SymconvertError as exc:
+            raise RecipeError(f"finetune: {exc}") from None
     owns_group = _init_group(recipe.finetune.device)
 
     def leave_group() -> None:

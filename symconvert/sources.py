@@ -159,8 +159,10 @@ def _build_timm(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
             raise _offline_error(f"timm:{name}", exc) from None
         if name.startswith("hf-hub:") and _looks_offline(exc):
             raise _hub_config_offline(name, exc) from None
-        if isinstance(exc, (TypeError, ValueError)):
-            raise SymconvertError(f"timm could not build {name!r}: {exc}") from None
+        if isinstance(exc, (TypeError, ValueError)) or (kwargs and _kwarg_failure(exc)):
+            raise SymconvertError(f"timm could not build {name!r}"
+                                  f"{f' with {kwargs}' if kwargs else ''}: "
+                                  f"{type(exc).__name__}: {exc}") from None
         raise
 
 
@@ -177,8 +179,10 @@ def _build_torchvision(name, pretrained, num_classes, weights, kwargs) -> nn.Mod
     except Exception as exc:
         if pretrained and _looks_offline(exc):
             raise _offline_error(f"torchvision:{name}", exc) from None
-        if isinstance(exc, (TypeError, ValueError)):
-            raise SymconvertError(f"torchvision could not build {name!r}: {exc}") from None
+        if isinstance(exc, (TypeError, ValueError)) or (kwargs and _kwarg_failure(exc)):
+            raise SymconvertError(f"torchvision could not build {name!r}"
+                                  f"{f' with {kwargs}' if kwargs else ''}: "
+                                  f"{type(exc).__name__}: {exc}") from None
         raise
     if pretrained and num_classes is not None:
         reset_head(model, num_classes)
@@ -217,6 +221,12 @@ def _build_py(name, num_classes, kwargs) -> nn.Module:
     if num_classes is not None and "num_classes" not in kw:
         reset_head(model, num_classes)
     return model
+
+
+def _kwarg_failure(exc: BaseException) -> bool:
+    """An error a model builder raises for keyword arguments it cannot use."""
+    return isinstance(exc, (IndexError, KeyError, AttributeError, AssertionError, RuntimeError,
+                            ZeroDivisionError, OverflowError))
 
 
 def _looks_offline(exc: BaseException) -> bool:
