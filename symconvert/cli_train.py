@@ -209,14 +209,17 @@ def _finetune_text(model_dir, data, out, *, epochs, lr, batch_size, clip_grad, d
                    overwrite, fmt) -> None:
     """`finetune --data text:ROOT`: BPTT fine-tuning of a language model (symconvert.lm),
     with the paper's lr 20 and clip 0.25 unless given."""
+    from symconvert.files import output_dir
     from symconvert.lm import finetune_lm
 
-    result = finetune_lm(
-        model_dir, data, out, epochs=epochs, lr=lr if lr is not None else 20.0,
-        overwrite=overwrite, batch_size=batch_size,
-        clip=0.25 if clip_grad is None else clip_grad,
-        device=None if device == "auto" else device, seed=seed,
-    )
+    target = Path(out) if out is not None else Path(model_dir) / "finetuned"
+    with output_dir(target, inputs=[model_dir]):  # locked; removed if nothing was written
+        result = finetune_lm(
+            model_dir, data, out, epochs=epochs, lr=lr if lr is not None else 20.0,
+            overwrite=overwrite, batch_size=batch_size,
+            clip=0.25 if clip_grad is None else clip_grad,
+            device=None if device == "auto" else device, seed=seed,
+        )
     summary = {"out": str(result["out"]), "perplexity_before": result["before"]["perplexity"],
                **result["after"], "epochs": len(result["metrics"])}
     if fmt == "json":

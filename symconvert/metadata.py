@@ -204,9 +204,10 @@ _TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("symconvert_trust_
 
 @contextlib.contextmanager
 def trusting_code(trust: bool = True) -> Iterator[None]:
-    """Within the block, ``load``/``read_metadata`` accept recorded ``py:`` sources (the
-    CLI's ``--trust-code``)."""
-    token = _TRUST.set(bool(trust))
+    """Within the block, ``load`` accepts recorded ``py:`` sources (the CLI's
+    ``--trust-code``). It only widens: ``trusting_code(False)`` inside a trusting block
+    keeps trusting."""
+    token = _TRUST.set(bool(trust) or _TRUST.get())
     try:
         yield
     finally:
