@@ -99,9 +99,9 @@ def require_finite(model: Any, what: str) -> None:
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() \
                 and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
             raise TrainingError(
-                f"{name} holds non-finite values (NaN/inf): training diverged, so {what} is "
-                "not written; the last good checkpoint is kept. Lower --lr, keep gradient "
-                "clipping on, or try --no-amp.")
+                f"{name} holds non-finite values (NaN/inf), so {what} is not written (a "
+                "training run diverged: its last good checkpoint is kept; lower --lr, keep "
+                "gradient clipping on, or try --no-amp).")
 
 
 __all__ = ["check_finetune_args", "check_number_args", "require_finite"]

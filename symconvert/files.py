@@ -53,8 +53,11 @@ def file_mode() -> int:
 
 def os_error(exc: BaseException, path: str | os.PathLike | None = None) -> OutputError:
     """A clear exit-2 error for a failed write: the path and the cause."""
-    where = getattr(exc, "filename", None) or path
+    where = path if path is not None else getattr(exc, "filename", None)
     cause = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    detail = getattr(exc, "filename", None)
+    if detail is not None and path is not None and str(detail) != str(path):
+        cause = f"{cause} ({detail})"
     code = getattr(exc, "errno", None)
     hint = {
         errno.ENOSPC: " Free some space or write elsewhere (--out).",

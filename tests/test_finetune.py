@@ -33,6 +33,9 @@ from symconvert.train import (
     fit,
     load_checkpoint,
     param_groups,
+)
+
+TIMING_KEYS = {"images_per_s", "time", "eval_time"}
 
 
 @pytest.fixture(autouse=True)
@@ -43,9 +46,6 @@ def _trust_helper_models():
 
     with trusting_code():
         yield
-)
-
-TIMING_KEYS = {"images_per_s", "time", "eval_time"}
 
 
 @pytest.fixture(autouse=True, scope="module")
