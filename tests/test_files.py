@@ -217,3 +217,12 @@ def test_os_error_anywhere_is_exit_2(tmp_path, cli, monkeypatch):
     symconvert.save(model, tmp_path / "m")
     result = cli("export", tmp_path / "m", "--format", "dense", "--out", tmp_path / "d")
     assert_clean_error(result, str(tmp_path / "x"), "Permission denied")
+
+
+def test_run_refuses_a_run_directory_in_use(tmp_path, cli):
+    run_dir = tmp_path / "run"
+    with output_dir(run_dir):
+        result = cli("run", "quickstart", "--set", f"out={run_dir}", "--set",
+                     "finetune.epochs=1")
+        assert_clean_error(result, "being written by another symconvert process")
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
