@@ -33,7 +33,6 @@ def parse_kwargs(items: list[str]) -> dict:
     import yaml
 
     from symconvert.errors import SymconvertError
-
     from symconvert.metadata import SourceRecord
 
     out = {}

@@ -73,7 +73,6 @@ def finetune_command(
     """
     from symconvert.checks import check_finetune_args
     from symconvert.metadata import trusting_code
-    from symconvert.train import TrainingInterrupted, finetune
 
     # every number first: nothing is created or loaded for a bad flag
     check_finetune_args(epochs=epochs, lr=lr, batch_size=batch_size, decay_rate=decay_rate,

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from symconvert.checkpoint import _dedupe
+from symconvert.errors import SymconvertError
 from symconvert.files import atomic_write as _atomic_write
 from symconvert.files import check_output_file
-from symconvert.errors import SymconvertError
 from symconvert.surgery import fold
 
 FORMATS = ("dense", "onnx", "torchscript")

@@ -29,7 +29,7 @@ import contextvars
 import math
 import re
 from collections.abc import Iterator
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -64,9 +64,9 @@ TRUST_CODE_HELP = ("Allow a model directory whose metadata records a py:module:f
                    "source to import and call that code. Only for directories you trust; "
                    "without it such a directory is refused (exit 2).")
 
-Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr, None]
+Scalar = StrictBool | StrictInt | StrictFloat | StrictStr | None
 # JSON scalars and lists of them (two levels deep); never objects
-KwargValue = Union[Scalar, list[Scalar], list[list[Scalar]]]
+KwargValue = Scalar | list[Scalar] | list[list[Scalar]]
 
 
 class SourceRecord(BaseModel):

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from symconvert.data import DataSpec, Loaders, check_num_classes, create_loaders, describe
 from symconvert.checks import require_finite
+from symconvert.data import DataSpec, Loaders, check_num_classes, create_loaders, describe
 from symconvert.errors import DataError, SymconvertError, TrainingError
 from symconvert.evaluate import evaluate_loaders, resolve_device
 

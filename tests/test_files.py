@@ -10,9 +10,9 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_error
 
 import symconvert
-from conftest import assert_clean_error
 from symconvert.files import LOCK_NAME, atomic_write_text, output_dir
 
 MODEL = "timm:quickstart_digits"  # weights shipped with symconvert: offline
@@ -169,8 +169,9 @@ def test_os_errors_are_exit_2_naming_path_and_cause(code, tmp_path, cli, monkeyp
 
 
 def test_full_disk_in_a_writer_without_errno_is_exit_2(tmp_path, cli, monkeypatch):
-    import symconvert.files as files
     import torch
+
+    import symconvert.files as files
 
     monkeypatch.setattr(files, "_disk_full", lambda directory: True)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import symconvert
-from conftest import run_cli
 from symconvert.checkpoint import META_KEY, META_NAME, WEIGHTS_NAME, model_sha256
 from symconvert.errors import CheckpointError
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_error
 from safetensors.torch import save_file
 
 import symconvert
-from conftest import assert_clean_error
 from symconvert.errors import TrainingError
 
 MODEL = "timm:quickstart_digits"

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_error
 from safetensors.torch import load_file, save_file
 
 import symconvert
 from symconvert.checkpoint import META_KEY, META_NAME, WEIGHTS_NAME, model_sha256
 from symconvert.errors import CheckpointError
-from tests_helpers_trust import assert_nothing_written
-from conftest import assert_clean_error
 
 
 @pytest.fixture(scope="module")
