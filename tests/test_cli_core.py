@@ -268,7 +268,9 @@ def test_py_model_converts_and_loads(tmp_path, cli):
     assert result.code == 0, result
     meta = json.loads((out / "symconvert.json").read_text())
     assert meta["source"]["library"] == "py" and meta["source"]["name"] == "toy_models:small_cnn"
-    model = symconvert.load(out)
+    with pytest.raises(symconvert.SymconvertError, match="trust-code"):
+        symconvert.load(out)  # a recorded py: source runs code: opt-in only
+    model = symconvert.load(out, trust_code=True)
     assert symconvert.count_parameters(model) == _totals(result)[1]
 
 
@@ -409,7 +411,7 @@ def test_corrupt_model_dir_is_exit_2(toy_dir, damage, tmp_path, cli):
     else:  # same size, one tensor byte changed: only the SHA-256 can tell
         weights.write_bytes(data[:-5] + bytes([data[-5] ^ 0x55]) + data[-4:])
     dense = tmp_path / "dense.safetensors"
-    result = cli("export", toy_dir, "--format", "dense", "--out", dense)
+    result = cli("export", toy_dir, "--format", "dense", "--out", dense, "--trust-code")
     needle = "SHA-256" if damage == "bytes" else "corrupt or truncated"
     assert_clean_error(result, str(weights), needle)
     assert not dense.exists()

@@ -17,6 +17,16 @@ from symconvert.train.evaluate import evaluate
 from symconvert.train.loop import FinetuneConfig, fit
 
 
+@pytest.fixture(autouse=True)
+def _trust_helper_models():
+    """The directories here record `py:_helpers_train:...` sources (this suite's own
+    models): the tests opt in as `--trust-code` would (symconvert/metadata.py)."""
+    from symconvert.io.metadata import trusting_code
+
+    with trusting_code():
+        yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     with one_thread():

@@ -38,6 +38,16 @@ from symconvert.train.loop import (
 TIMING_KEYS = {"images_per_s", "time", "eval_time"}
 
 
+@pytest.fixture(autouse=True)
+def _trust_helper_models():
+    """The directories here record `py:_helpers_train:...` sources (this suite's own
+    models): the tests opt in as `--trust-code` would (symconvert/metadata.py)."""
+    from symconvert.io.metadata import trusting_code
+
+    with trusting_code():
+        yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     with one_thread():
@@ -372,7 +382,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 def _finetune_args(conv: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", str(conv), "--data", "digits", "--out", str(out), "--device", "cpu",
-            "--batch-size", "32", "--lr", "0.05", "--seed", "3", *extra]
+            "--batch-size", "32", "--lr", "0.05", "--seed", "3", "--trust-code", *extra]
 
 
 @pytest.mark.slow
@@ -440,7 +450,8 @@ def test_torchrun_two_cpu_processes_match_a_single_process(cli, mlp_dir, tmp_pat
     common = ["--epochs", "2", "--device", "cpu", "--data", "digits", "--seed", "1"]
     ddp = subprocess.Popen(
         [*launcher, "--standalone", "--nproc-per-node", "2", "-m", "symconvert", "finetune",
-         str(mlp_dir), "--out", str(tmp_path / "ddp"), "--batch-size", "16", *common],
+         str(mlp_dir), "--out", str(tmp_path / "ddp"), "--batch-size", "16", "--trust-code",
+         *common],
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     single = cli("finetune", mlp_dir, "--out", tmp_path / "single", "--batch-size", "32",
                  *common)  # in this process (one thread): no extra interpreter start-up

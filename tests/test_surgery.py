@@ -315,7 +315,7 @@ def test_tied_weights_converted_once_and_still_shared(tmp_path):
     with torch.no_grad():
         expected = model(x)
     symconvert.save(model, tmp_path / "tied")
-    loaded = symconvert.load(tmp_path / "tied").eval()
+    loaded = symconvert.load(tmp_path / "tied", trust_code=True).eval()
     assert loaded.enc.parametrizations.weight.original is loaded.dec.parametrizations.weight.original
     assert symconvert.count_parameters(loaded) == plan.total_after
     with torch.no_grad():
@@ -520,7 +520,7 @@ def test_save_load_fold_small_cnn(small_cnn, tmp_path):
     assert meta["source"]["name"] == "toy_models:small_cnn"
     assert set(meta["versions"]) >= {"symconvert", "torch", "timm", "torchvision"}
 
-    loaded = symconvert.load(out).eval()
+    loaded = symconvert.load(out, trust_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
     folded = symconvert.fold(loaded)
@@ -540,7 +540,7 @@ def test_load_rejects_a_modified_checkpoint(small_cnn, tmp_path):
     data[-3] ^= 0xFF  # flip bits inside the last tensor's bytes
     (out / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(symconvert.errors.CheckpointError, match="SHA-256"):
-        symconvert.load(out)
+        symconvert.load(out, trust_code=True)
 
 
 def test_save_needs_a_source():

@@ -74,18 +74,34 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("[yellow]interrupted[/]")
         return 130
     except SystemExit as exc:  # typer.Exit raised inside a command
-        return int(exc.code or 0)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        click_exc, exit_exc, abort_exc = _click_exceptions()
+        if isinstance(exc, click_exc):
+            _show_usage_error(exc)
+            return int(getattr(exc, "exit_code", 2) or 2)
+        if isinstance(exc, exit_exc):
+            return int(getattr(exc, "exit_code", 0) or 0)
+        if isinstance(exc, abort_exc):
             err_console.print("[yellow]aborted[/]")
             return 130
+        if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                            and "can't allocate memory" in str(exc)):
+            if debug:
+                traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "MemoryError"
+            err_console.print(f"[bold red]error:[/] not enough memory: {first} Lower the sizes "
+                              "asked for (--batch-size, --input-size, --num-classes, "
+                              "--model-kwarg).", highlight=False)
+            return 2
+        if isinstance(exc, OSError):
+            # a disk that fills, a folder that cannot be written: bad input, exit 2
+            from symconvert.io.files import describe_os_error
+
+            if debug:
+                traceback.print_exc()
+            err_console.print(f"[bold red]error:[/] {describe_os_error(exc)}", highlight=False)
+            return 2
         if debug:
             traceback.print_exc()
         else:
@@ -96,6 +112,51 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 1
     return 0
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Exit, Abort) classes of click and of the copy typer >= 0.29 bundles
+    (typer raises its own, which are not click's)."""
+    click_exc: list[type] = []
+    exit_exc: list[type] = []
+    abort_exc: list[type] = []
+    try:
+        import click
+
+        click_exc.append(click.exceptions.ClickException)
+        exit_exc.append(click.exceptions.Exit)
+        abort_exc.append(click.exceptions.Abort)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from typer import _click as bundled  # noqa: F401
+        from typer._click import exceptions as typer_click
+
+        click_exc.append(typer_click.ClickException)
+    except ImportError:  # typer < 0.29 uses click itself
+        pass
+    try:
+        import typer.exceptions as typer_exc
+
+        exit_exc.append(typer_exc.Exit)
+        abort_exc.append(typer_exc.Abort)
+    except (ImportError, AttributeError):
+        pass
+    exit_exc.append(typer.Exit)
+    abort_exc.append(typer.Abort)
+    return tuple(click_exc), tuple(exit_exc), tuple(abort_exc)
+
+
+def _show_usage_error(exc: Exception) -> None:
+    """Typer's own rendering of a usage error (usage line, hint, message)."""
+    try:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
+        return
+    except Exception:  # noqa: BLE001  (no rich, another typer: click's plain rendering)
+        pass
+    exc.show()  # type: ignore[attr-defined]
 
 
 def run() -> None:

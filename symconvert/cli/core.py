@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from symconvert.cli.app import app, console, err_console
+from symconvert.io.metadata import TRUST_CODE_HELP
 
 MODEL_HELP = (
     "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, py:package.module:function, or a bare "
@@ -32,13 +33,28 @@ def parse_kwargs(items: list[str]) -> dict:
     import yaml
 
     from symconvert.errors import SymconvertError
+    from symconvert.io.metadata import SourceRecord
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SymconvertError(f"--model-kwarg {item!r}: expected KEY=VALUE, e.g. vocab_size=10000")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SymconvertError(f"--model-kwarg {item!r}: the value is not valid YAML "
+                                  f"({str(exc).splitlines()[0]})") from None
+    # what a model directory may record (plain JSON values, no file-reading keys): a
+    # kwarg that could not be recorded would make the written directory unloadable
+    from pydantic import ValidationError
+
+    try:
+        SourceRecord(library="timm", name="x", kwargs=out)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SymconvertError(f"--model-kwarg: {err['msg']} ({'.'.join(map(str, err['loc']))}); "
+                              "pass weights with --weights FILE.") from None
     return out
 
 
@@ -62,8 +78,11 @@ def schemes_command(
 
       symconvert schemes --format json
     """
+    from symconvert.checks import check_number_args
     from symconvert.report.tables import schemes_table
     from symconvert.schemes import list_schemes
+
+    check_number_args(fmt=fmt, formats=("table", "json"))
 
     schemes = list_schemes()
     if fmt == "json":
@@ -115,8 +134,11 @@ def inspect_command(
       symconvert inspect torchvision:resnet50 --scheme auto --target-reduction 0.4   # per layer: chosen scheme, alternatives' costs
     """
     import symconvert
+    from symconvert.checks import check_number_args
     from symconvert.schemes import list_schemes
 
+    check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
+                      formats=("table", "json"))
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     if scheme is None:
@@ -194,9 +216,14 @@ def convert_command(
       symconvert convert timm:resnet50 --scheme channel --dtype bfloat16   # half the bytes
     """
     import symconvert
+    from symconvert.checks import check_number_args
     from symconvert.io.checkpoint import check_writable
+    from symconvert.io.files import output_dir, refuse_inputs
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
+    check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
+                      formats=("table", "json"))
+    refuse_inputs(out, [weights])
     check_writable(out, overwrite=overwrite)
     from symconvert.io.export_packed import parse_dtype
 
@@ -209,8 +236,13 @@ def convert_command(
             **({"schemes": plan.schemes} if schemes is not None or scheme == "auto" else {}),
             "weights": str(weights) if weights else None, "num_classes": num_classes,
             "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
-    symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite, dtype=dtype)
-    write_plan(out, plan)
+    # a model directory is all or nothing: a failure (Ctrl-C included) removes what this
+    # run wrote; the lock makes a concurrent convert into the same --out exit 2
+    with output_dir(out, inputs=[weights], keep_partial=False):
+        check_writable(out, overwrite=overwrite)  # again, under the lock
+        symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite,
+                        dtype=dtype)
+        write_plan(out, plan)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -240,10 +272,9 @@ def _totals(plan) -> str:
 
 
 def write_plan(out: Path, plan) -> None:
-    from symconvert.io.checkpoint import _atomic_write
+    from symconvert.io.files import atomic_write_text
 
-    text = json.dumps(plan.to_dict(), indent=2) + "\n"
-    _atomic_write(Path(out) / "plan.json", lambda p: Path(p).write_text(text))
+    atomic_write_text(Path(out) / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
 @app.command("export")
@@ -254,6 +285,7 @@ def export_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     packed: bool = typer.Option(False, "--packed", help="onnx/torchscript: store only the free parameters and rebuild each dense weight in the graph (about the size of the model directory; onnxruntime folds it at session creation)."),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP + " In onnx/torchscript the graph casts to float32."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Fold the symmetry back into plain dense weights of the ORIGINAL architecture and
     write them: `dense` is a safetensors state_dict loadable by plain timm/torchvision;
@@ -270,11 +302,21 @@ def export_command(
       symconvert export r101-channel --format torchscript --packed --dtype float16 --out r101.pt
     """
     import symconvert
-    from symconvert.io.export import export
+    from symconvert.io.checkpoint import META_NAME, WEIGHTS_NAME
+    from symconvert.io.export import FORMATS, export
     from symconvert.io.export_packed import parse_dtype
+    from symconvert.io.files import check_output_file, refuse_inputs
 
+    if fmt not in FORMATS:
+        from symconvert.errors import SymconvertError
+
+        raise SymconvertError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
     parse_dtype(dtype)  # a bad --dtype fails before loading
-    model = symconvert.load(directory)
+    # an --out that is the model being exported is refused even with --overwrite
+    refuse_inputs(out, [directory, directory / WEIGHTS_NAME, directory / META_NAME])
+    if out.absolute().parent.is_dir():  # export creates a missing folder itself
+        check_output_file(out, overwrite=overwrite)
+    model = symconvert.load(directory, trust_code=trust_code)
     path = export(model, fmt, out, overwrite=overwrite, packed=packed, dtype=dtype)
     kind = f"{fmt}{', packed' if packed else ''}, {dtype}"
     console.print(f"wrote [bold]{path}[/] ({path.stat().st_size:,} bytes, {kind})")

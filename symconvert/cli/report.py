@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from symconvert.cli.app import app, console, err_console
+from symconvert.io.metadata import TRUST_CODE_HELP
 
 DATA_HELP = (
     "Eval data for the accuracy rows: digits | fashion-mnist[:ROOT] | mnist:ROOT | "
@@ -31,6 +32,7 @@ def report_command(
     latency_batch: int = typer.Option(8, "--latency-batch", help="Batch size of the latency runs."),
     workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress lines on stderr."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """The parameter/accuracy report of a converted or fine-tuned model: parameters,
     bytes on disk, FLOPs, latency, top-1/top-5 of the source / converted / fine-tuned
@@ -47,8 +49,11 @@ def report_command(
 
       symconvert report r18-channel/finetuned --data digits --compare prune,dense
     """
+    from symconvert.checks import check_number_args
     from symconvert.errors import SymconvertError
-    from symconvert.io.checkpoint import _atomic_write
+    from symconvert.io.checkpoint import META_NAME, WEIGHTS_NAME
+    from symconvert.io.files import atomic_write_text, check_output_file
+    from symconvert.io.metadata import trusting_code
     from symconvert.report.build import FORMATS, ReportOptions, build_report, plot_report, render
 
     if fmt not in FORMATS:
@@ -62,17 +67,26 @@ def report_command(
                                   "exist; create it or choose another path.")
         if path is not None and path.is_dir():
             raise SymconvertError(f"{flag} {path} is a directory; give a file name.")
+        if path is not None:  # writable, and not the model being reported on
+            check_output_file(path, [directory, directory / WEIGHTS_NAME,
+                                     directory / META_NAME], flag=flag)
+    if out is not None and plot is not None and out.absolute() == plot.absolute():
+        raise SymconvertError(f"--out and --plot are both {out}; give two files.")
+    check_number_args(batch_size=batch_size, subsample=subsample, workers=workers,
+                      latency_runs=latency_runs, latency_batch=latency_batch,
+                      input_size=input_size)
     options = ReportOptions(data=data, device=device, batch_size=batch_size, subsample=subsample,
                             input_size=input_size, workers=workers, latency_runs=latency_runs,
                             latency_batch=latency_batch, compare=compare or (),
                             progress=progress and err_console.is_terminal)
     log = (lambda msg: err_console.print(f"[dim]report:[/] {msg}", highlight=False)) \
         if progress else None
-    report = build_report(directory, options=options, log=log)
+    with trusting_code(trust_code):
+        report = build_report(directory, options=options, log=log)
 
     if out is not None:
         text = render(report, fmt)
-        _atomic_write(out, lambda p: Path(p).write_text(text + "\n"))
+        atomic_write_text(out, text + "\n")
         err_console.print(f"wrote [bold]{out}[/] ({fmt})", highlight=False)
     elif fmt == "table":
         from symconvert.report.build import render_table

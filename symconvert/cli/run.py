@@ -7,6 +7,7 @@ import time
 import typer
 
 from symconvert.cli.app import app, console, err_console
+from symconvert.io.metadata import TRUST_CODE_HELP
 
 
 def _list_recipes() -> None:
@@ -53,6 +54,8 @@ def run_command(
                                 "resume fine-tuning from its checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Progress bars while fine-tuning."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP + " (A "
+                                    "recipe's own py: model is always trusted.)"),
 ) -> None:
     """Run a recipe: convert → finetune → report into its run directory (`out`), which then
     holds recipe.yaml (resolved), run.log, converted/, finetuned/ and report.json/.md/.png.
@@ -83,9 +86,12 @@ def run_command(
     if dry_run:
         _print_dry_run(parsed, overwrite, resume)
         return
+    from symconvert.io.metadata import trusting_code
+
     start = time.perf_counter()
-    result = run(parsed, overwrite=overwrite, resume=resume, progress=progress,
-                 echo=lambda text: err_console.print(text, highlight=False, markup=False))
+    with trusting_code(trust_code):
+        result = run(parsed, overwrite=overwrite, resume=resume, progress=progress,
+                     echo=lambda text: err_console.print(text, highlight=False, markup=False))
     if not result.report:  # a non-zero torchrun rank: rank 0 prints
         return
     from symconvert.report.build import render_table

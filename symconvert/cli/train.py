@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from symconvert.cli.app import app, console, err_console
+from symconvert.io.metadata import TRUST_CODE_HELP
 
 DATA_HELP = (
     "digits | fashion-mnist[:ROOT] | mnist:ROOT | cifar10:ROOT | cifar100:ROOT | "
@@ -54,6 +55,7 @@ def finetune_command(
     download: bool = typer.Option(False, "--download", help="Download mnist/cifar data into ROOT if missing."),
     fmt: str = typer.Option("table", "--format", help="table or json (the final metrics)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage precision of the written model directory: float32, bfloat16 or float16 (training stays float32)."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Recover accuracy of a converted model: distillation from the source, AMP, DDP, resume.
 
@@ -74,25 +76,37 @@ def finetune_command(
       symconvert finetune r18-channel --data digits --resume     # after an interruption
 
       symconvert finetune r18-channel --data digits --dtype bfloat16   # half-size --out
+
       symconvert finetune lm-channel --data text:data/ptb --epochs 6   # lr 20, clip 0.25, plain SGD
     """
+    from symconvert.checks import check_finetune_args
     from symconvert.io.export_packed import parse_dtype, store_directory_as
+    from symconvert.io.metadata import trusting_code
     from symconvert.train.loop import TrainingInterrupted, finetune
 
+    # every number first: nothing is created or loaded for a bad flag
+    check_finetune_args(epochs=epochs, lr=lr, batch_size=batch_size, decay_rate=decay_rate,
+                        decay_milestones=decay_milestones, weight_decay=weight_decay,
+                        warmup_epochs=warmup_epochs, clip_grad=clip_grad, workers=workers,
+                        seed=seed, distill_alpha=distill_alpha,
+                        distill_temperature=distill_temperature,
+                        checkpoint_every=checkpoint_every, subsample=subsample,
+                        num_classes=num_classes, input_size=input_size, fmt=fmt,
+                        log_interval=log_interval, bptt=bptt, formats=("table", "json"))
     parse_dtype(dtype)  # a bad --dtype fails before training
-
     try:
-        result = finetune(
-            model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
-            overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
-            decay_milestones=decay_milestones, decay_rate=decay_rate,
-            weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad,
-            amp=amp, device=device, workers=workers, seed=seed, distill=distill,
-            distill_alpha=distill_alpha, distill_temperature=distill_temperature,
-            checkpoint_every=checkpoint_every, log_interval=log_interval, bptt=bptt,
-            input_size=input_size, subsample=subsample,
-            augment=augment, download=download,
-        )
+        with trusting_code(trust_code):
+            result = finetune(
+                model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
+                overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
+                decay_milestones=decay_milestones, decay_rate=decay_rate,
+                weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad,
+                amp=amp, device=device, workers=workers, seed=seed, distill=distill,
+                distill_alpha=distill_alpha, distill_temperature=distill_temperature,
+                checkpoint_every=checkpoint_every, log_interval=log_interval, bptt=bptt,
+                input_size=input_size, subsample=subsample,
+                augment=augment, download=download,
+            )
     except TrainingInterrupted as exc:
         err_console.print(f"[yellow]interrupted:[/] {exc}", highlight=False)
         # SystemExit, not typer.Exit: cli.main returns SystemExit codes as the exit status.
@@ -123,6 +137,7 @@ def evaluate_command(
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a MODEL string: load pretrained weights."),
     weights: Path | None = typer.Option(None, "--weights", help="For a MODEL string: local .safetensors/.pth weights."),
     download: bool = typer.Option(False, "--download", help="Download mnist/cifar data into ROOT if missing."),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """Top-1/top-5 accuracy (text: perplexity) on the data's eval split (deterministic, no augmentation).
 
@@ -145,7 +160,13 @@ def evaluate_command(
         from symconvert.errors import SymconvertError
 
         raise SymconvertError(f"--format {fmt!r}: choose table or json")
-    m = load_model(model, pretrained=pretrained, weights=weights)
+    from symconvert.checks import check_number_args
+    from symconvert.io.metadata import trusting_code
+
+    check_number_args(batch_size=batch_size, subsample=subsample, workers=workers,
+                      input_size=input_size)
+    with trusting_code(trust_code):
+        m = load_model(model, pretrained=pretrained, weights=weights)
     result = evaluate(m, data, batch_size=batch_size, device=device, input_size=input_size,
                       subsample=subsample, workers=workers, download=download)
     if fmt == "json":

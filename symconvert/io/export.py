@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from symconvert.errors import SymconvertError
-from symconvert.io.checkpoint import _atomic_write, _dedupe, check_writable
+from symconvert.io.checkpoint import _dedupe
+from symconvert.io.files import atomic_write as _atomic_write
+from symconvert.io.files import check_output_file
 from symconvert.surgery.convert import fold
 
 FORMATS = ("dense", "onnx", "torchscript")
@@ -47,8 +49,14 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool =
     out = Path(out)
     if out.exists() and not overwrite:
         raise SymconvertError(f"{out} exists; pass --overwrite or choose another --out.")
-    check_writable(out.parent, overwrite=True)  # only "can a file be written there"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.absolute().parent.exists():
+        try:
+            out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from symconvert.io.files import os_error
+
+            raise os_error(exc, out) from None
+    check_output_file(out, overwrite=True)  # only "can a file be written there"
     if fmt != "dense":
         return export_model(model, fmt, out, packed=packed, dtype=storage)["path"]
     model = fold(model).eval()

@@ -157,8 +157,12 @@ def _build_timm(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
     except Exception as exc:
         if pretrained and _looks_offline(exc):
             raise _offline_error(f"timm:{name}", exc) from None
-        if isinstance(exc, (TypeError, ValueError)):
-            raise SymconvertError(f"timm could not build {name!r}: {exc}") from None
+        if name.startswith("hf-hub:") and _looks_offline(exc):
+            raise _hub_config_offline(name, exc) from None
+        if isinstance(exc, (TypeError, ValueError)) or (kwargs and _kwarg_failure(exc)):
+            raise SymconvertError(f"timm could not build {name!r}"
+                                  f"{f' with {kwargs}' if kwargs else ''}: "
+                                  f"{type(exc).__name__}: {exc}") from None
         raise
 
 
@@ -175,8 +179,10 @@ def _build_torchvision(name, pretrained, num_classes, weights, kwargs) -> nn.Mod
     except Exception as exc:
         if pretrained and _looks_offline(exc):
             raise _offline_error(f"torchvision:{name}", exc) from None
-        if isinstance(exc, (TypeError, ValueError)):
-            raise SymconvertError(f"torchvision could not build {name!r}: {exc}") from None
+        if isinstance(exc, (TypeError, ValueError)) or (kwargs and _kwarg_failure(exc)):
+            raise SymconvertError(f"torchvision could not build {name!r}"
+                                  f"{f' with {kwargs}' if kwargs else ''}: "
+                                  f"{type(exc).__name__}: {exc}") from None
         raise
     if pretrained and num_classes is not None:
         reset_head(model, num_classes)
@@ -217,6 +223,12 @@ def _build_py(name, num_classes, kwargs) -> nn.Module:
     return model
 
 
+def _kwarg_failure(exc: BaseException) -> bool:
+    """An error a model builder raises for keyword arguments it cannot use."""
+    return isinstance(exc, (IndexError, KeyError, AttributeError, AssertionError, RuntimeError,
+                            ZeroDivisionError, OverflowError))
+
+
 def _looks_offline(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     markers = (
@@ -238,6 +250,20 @@ def _offline_error(model: str, exc: BaseException) -> WeightsError:
         f"{type(exc).__name__}). Either pass a local file with --weights FILE "
         "(.safetensors, or .pth/.pt), or build the architecture with random weights "
         "with --no-pretrained."
+    )
+
+
+def _hub_config_offline(name: str, exc: BaseException) -> WeightsError:
+    """``hf-hub:`` names need the model's config.json from the Hub even without weights."""
+    from huggingface_hub import constants
+
+    repo = name[len("hf-hub:"):].split("@", 1)[0]
+    return WeightsError(
+        f"cannot build {name}: even with --no-pretrained, timm needs the model's config.json "
+        f"from https://huggingface.co/{repo}, and there is no network and no cached copy in "
+        f"the Hugging Face cache {constants.HF_HUB_CACHE} ({type(exc).__name__}). Run once "
+        "with network to cache it, or name the architecture directly (timm:NAME, e.g. the "
+        "part of the hub name before the first dot) with --no-pretrained or --weights FILE."
     )
 
 
@@ -356,6 +382,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | N
         )
     for key in in_head:
         state.pop(key)
+    _fill_num_batches_tracked(model, state)
     missing, unexpected = model.load_state_dict(with_module_versions(model, state), strict=False)
     missing = [k for k in missing if k not in in_head]
     if missing or unexpected:
@@ -364,3 +391,22 @@ def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | N
             f"{len(missing)} missing keys ({', '.join(missing[:3])}), "
             f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})."
         )
+
+
+def _fill_num_batches_tracked(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Old BatchNorm checkpoints (before PyTorch 0.4.1) lack ``num_batches_tracked``.
+    Plain ``load_state_dict`` accepts them (the version metadata it sees says so) and
+    keeps the module's own counter; ``with_module_versions`` attaches the current version,
+    so fill the counter in as PyTorch does."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    for name, module in model.named_modules():
+        if not isinstance(module, _NormBase) or not module.track_running_stats:
+            continue
+        prefix = f"{name}." if name else ""
+        key = prefix + "num_batches_tracked"
+        if key in state or prefix + "running_mean" not in state:
+            continue
+        own = module.num_batches_tracked
+        state[key] = (own.detach().clone() if own is not None and not own.is_meta
+                      else torch.tensor(0, dtype=torch.long))

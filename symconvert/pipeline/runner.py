@@ -503,7 +503,7 @@ def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
     import json
 
     import symconvert
-    from symconvert.io.checkpoint import _atomic_write
+    from symconvert.io.files import atomic_write as _atomic_write
 
     m = recipe.model
     model = build_source(recipe)
@@ -532,6 +532,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     main = rank == 0
     check_data(recipe)
     resolved = resolve(recipe)  # the trainer's own checks run here, before any work
+    if recipe.finetune.enabled:
+        from symconvert.checks import check_finetune_args
+
+        try:  # finite, in-range numbers before the run directory exists
+            check_finetune_args(**finetune_settings(recipe))
+        except SymconvertError as exc:
+            raise RecipeError(f"finetune: {exc}") from None
     owns_group = _init_group(recipe.finetune.device)
 
     def leave_group() -> None:
@@ -544,8 +551,15 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
             torch.distributed.destroy_process_group()
             owns_group = False
 
+    from symconvert.io.files import output_dir
+    from symconvert.io.metadata import trust_code_default, trusting_code
+
+    # the recipe's own py: model was named by the user, so its directories may rebuild it;
+    # the run directory is locked against a second concurrent run
+    trusted = trust_code_default() or str(recipe.model.name).startswith("py:")
     try:
-        return _run(recipe, resolved, overwrite, resume, progress, echo, main, leave_group)
+        with trusting_code(trusted), output_dir(recipe.run_dir, enabled=main):
+            return _run(recipe, resolved, overwrite, resume, progress, echo, main, leave_group)
     finally:
         leave_group()
 
@@ -669,7 +683,7 @@ def report_stage(recipe: Recipe, model_dir: Path, out: Path,
                  log: Callable[[str], None] | None = None) -> tuple[dict[str, Any],
                                                                     dict[str, Path]]:
     """Build the report of ``model_dir`` and write the files ``recipe.report`` asks for."""
-    from symconvert.io.checkpoint import _atomic_write
+    from symconvert.io.files import atomic_write as _atomic_write
     from symconvert.report.build import build_report, plot_report, render
 
     report = build_report(model_dir, options=report_options(recipe), log=log)

@@ -1028,8 +1028,12 @@ def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path
             a.tick_params(axis="x", labelsize=11)
             a.grid(axis="x", alpha=0.3)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    from symconvert.io.files import atomic_write
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -57,7 +57,7 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
 
 
 def layer_kinds() -> list[str]:
-    return [h.kind for h in _HANDLERS]
+    return list(dict.fromkeys(h.kind for h in _HANDLERS))  # several handlers may share one
 
 
 class ConvHandler(LayerHandler):
@@ -93,4 +93,4 @@ register_layer_handler(LinearHandler())
 
 # nn.LSTM / nn.GRU / nn.RNN live in their own file (they need flat-weight care); importing
 # it here registers them whenever layers are looked up.
-from symconvert.surgery import rnn  # noqa: E402,F401
+from symconvert.surgery import attention, rnn  # noqa: E402,F401  (LSTM/GRU/RNN; nn.MultiheadAttention)

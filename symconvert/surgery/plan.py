@@ -45,7 +45,9 @@ class LayerPlan:
 
     @property
     def name(self) -> str:
-        return self.module if self.tensor == "weight" else f"{self.module}.{self.tensor}"
+        if self.tensor == "weight":
+            return self.module
+        return f"{self.module}.{self.tensor}" if self.module else self.tensor
 
     @property
     def saved(self) -> int:
@@ -194,6 +196,7 @@ def build_plan(
             entries.append(entry)
             by_param[id(weight)] = entry
 
+    entries.extend(_unhandled_weights(model, by_param, scheme))
     warnings = [
         f"--exclude {p!r} matched no layer" for p in selection.unmatched_excludes(names)
     ]
@@ -208,6 +211,40 @@ def build_plan(
     if target_reduction is not None:
         _apply_target(plan, target_reduction)
     return plan
+
+
+def _unhandled_weights(model: nn.Module, seen: dict[int, LayerPlan],
+                       scheme: Scheme) -> list[LayerPlan]:
+    """Every other parameter of >= 2 dimensions a module owns directly (embeddings,
+    position/class tokens, custom layers): skipped, with the reason, so that nothing a
+    scheme could be asked about is silently missing from the plan."""
+    from torch.nn.utils import parametrize
+
+    from symconvert.surgery.parametrization import Symmetric
+
+    out: list[LayerPlan] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (parametrize.ParametrizationList, Symmetric)):
+            continue
+        handler = handler_for(module)
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() < 2 or id(param) in seen:
+                continue
+            if handler is not None and symmetric_of(module, pname) is not None:
+                continue
+            kind = handler.kind if handler is not None else "other"
+            module_type = type(module).__name__.replace("Parametrized", "")
+            reason = (f"{module_type}.{pname} is not a layer weight symconvert converts"
+                      if handler is not None else
+                      f"no layer handler for {module_type} (embeddings, tokens and custom "
+                      "parameters stay dense)")
+            entry = LayerPlan(module=name, tensor=pname, kind=kind, layer_type=module_type,
+                              shape=list(param.shape), groups=1, scheme=scheme.spec,
+                              action=SKIP, reason=reason, params_before=param.numel(),
+                              params_after=param.numel())
+            seen[id(param)] = entry
+            out.append(entry)
+    return out
 
 
 def _apply_target(plan: Plan, fraction: float) -> None:

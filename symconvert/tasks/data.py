@@ -15,6 +15,7 @@ with any number of workers and after a resume.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import random
@@ -215,7 +216,13 @@ def parse_input_size(value: int | str | Sequence[int] | None) -> tuple[int, int]
     if len(parts) != 2 or min(parts) < 1:
         raise DataError(f"--input-size {value!r}: expected H or H,W (positive integers), "
                         "e.g. --input-size 224 or --input-size 160,128")
+    if max(parts) > MAX_INPUT_SIZE:
+        raise DataError(f"--input-size {value!r}: at most {MAX_INPUT_SIZE} pixels a side")
     return parts[0], parts[1]
+
+
+#: the largest --input-size side accepted (a typo of 100000 would ask for 100s of GB)
+MAX_INPUT_SIZE = 8192
 
 
 # ---------------------------------------------------------------------- model config
@@ -718,8 +725,9 @@ class IdxSource(ImageSource):
         if download:
             import torchvision.datasets as tvd
 
-            getattr(tvd, self.torchvision_class)(str(root), train=True, download=True)
-            getattr(tvd, self.torchvision_class)(str(root), train=False, download=True)
+            with _fetching(self, root):
+                getattr(tvd, self.torchvision_class)(str(root), train=True, download=True)
+                getattr(tvd, self.torchvision_class)(str(root), train=False, download=True)
         if not root.is_dir():
             raise self.missing(root, "no such directory")
         arrays = {}
@@ -757,6 +765,29 @@ class MnistSource(IdxSource):
     example = "--data mnist:/data/mnist"
 
 
+@contextlib.contextmanager
+def _fetching(source: Any, root: Path) -> Iterator[None]:
+    """``--download`` without network (or with a failing mirror): exit 2 naming what was
+    tried and the way out, not torchvision's traceback."""
+    from symconvert.models.sources import _looks_offline
+
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _looks_offline(exc) \
+                and "download" not in str(exc).lower():
+            raise
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        tried = [ln.split()[1].rstrip(",") for ln in lines if ln.startswith("Tried ")]
+        first = (lines[0] if lines else type(exc).__name__) + (
+            f" (tried {', '.join(tried)})" if tried else "")
+        raise DataError(
+            f"--download: could not fetch {source.name} ({getattr(source, 'torchvision_class', '')}"
+            f" via torchvision's mirrors) into {root}: {first}. Without network, download the "
+            f"archive elsewhere and place it as {source.layout}, then drop --download."
+        ) from None
+
+
 class CifarSource(ImageSource):
     """torchvision's CIFAR python batches; held in memory; crop+flip augmentation by default."""
 
@@ -778,8 +809,9 @@ class CifarSource(ImageSource):
             raise self.missing(root / self.folder, "no such directory")
         cls = getattr(tvd, self.torchvision_class)
         try:
-            train = cls(str(root), train=True, download=download)
-            test = cls(str(root), train=False, download=download)
+            with _fetching(self, root) if download else contextlib.nullcontext():
+                train = cls(str(root), train=True, download=download)
+                test = cls(str(root), train=False, download=download)
         except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
             raise self.missing(root / self.folder, str(exc)) from exc
 

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from symconvert.checks import require_finite
 from symconvert.errors import DataError, SymconvertError, TrainingError
 from symconvert.tasks import Task, get_task, task_for_data
 from symconvert.tasks.data import DataSpec, Loaders, create_loaders, describe
@@ -235,24 +235,10 @@ def seed_everything(seed: int) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
+    from symconvert.io.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -401,13 +387,10 @@ def _amp_setup(config: FinetuneConfig, device: torch.device
 
 def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl atomically (a resumed run drops lines past its checkpoint)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_NAME}.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as fh:
-        for row in metrics:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / METRICS_NAME)
+    from symconvert.io.files import atomic_write_text
+
+    atomic_write_text(out / METRICS_NAME,
+                      "".join(json.dumps(row, sort_keys=True) + "\n" for row in metrics))
 
 
 def _tensorboard(out: Path) -> Any:
@@ -533,6 +516,7 @@ class _Run:
         else:
             rngs, carries = rng, _cpu(carry)
         if dist.main:
+            require_finite(self.model, f"checkpoint {self.ckpt_path}")
             atomic_torch_save({
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -821,13 +805,19 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.P
     names another MODEL or model directory.
     """
 
+    from symconvert.checks import check_finetune_args
+    from symconvert.io.files import output_dir
+
+    check_finetune_args(num_classes=num_classes, **config)
     cfg = FinetuneConfig(**task_config(data, config))
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / "finetuned"
     _check_output(out, resume, overwrite)
     with distributed(cfg.device) as (dist, device):
-        return _finetune(model_dir, data, out, cfg, teacher, num_classes, resume, progress,
-                         dist, device)
+        # created (and locked) only now; removed again if the run fails before writing
+        with output_dir(out, inputs=[model_dir], enabled=dist.main):
+            return _finetune(model_dir, data, out, cfg, teacher, num_classes, resume,
+                             progress, dist, device)
 
 
 def task_config(data: str | DataSpec | Loaders | Task, config: dict[str, Any]) -> dict[str, Any]:
