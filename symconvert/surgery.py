@@ -46,13 +46,29 @@ def convert(
     allow_empty: bool = False,
     target_reduction: float | None = None,
     gates: str | list[str] | None = None,
+    calibrate=None,
+    calibration_samples: int = 512,
 ) -> tuple[nn.Module, Plan]:
     """Replace every selected, eligible weight by its symmetric parametrization, in place.
 
     Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
     original is dropped: the module keeps only the packed free parameters
     (``<layer>.parametrizations.weight.original``). Returns ``(model, plan)``.
+
+    ``calibrate`` (a ``--data`` spec, loader or input tensor): then fit every converted
+    layer to the source layer's output on ``calibration_samples`` inputs and re-estimate
+    BatchNorm statistics (``symconvert.calibrate``); the plan records the per-layer
+    ``output_error``. With ``target_reduction``, layers are then ranked by their
+    calibrated output error instead of the weight error.
     """
+    if calibrate is not None:
+        from symconvert.calibrate import convert_calibrated
+
+        return convert_calibrated(model, scheme, calibrate, calibration_samples,
+                                  include=include, exclude=exclude, layers=layers,
+                                  min_channels=min_channels, include_head=include_head,
+                                  allow_empty=allow_empty, target_reduction=target_reduction,
+                                  gates=gates)
     plan = inspect(
         model,
         scheme,
