@@ -73,6 +73,10 @@ def schemes_command(
     console.print(schemes_table(schemes))
 
 
+_CALIBRATE_HELP = ("Calibration data (any --data spec; its train split): fit every converted layer to "
+                   "the source layer's output on real inputs and re-estimate BatchNorm statistics, "
+                   "so the model works before fine-tuning. With --target-reduction, layers are "
+                   "ranked by this calibrated output error.")
 _SCHEME_HELP = "Symmetry scheme (see `symconvert schemes`): channel, spatial, channel+spatial, block, …"
 
 
@@ -93,6 +97,8 @@ def inspect_command(
     target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     all_layers: bool = typer.Option(False, "--all", help="Show every skipped layer too (table)."),
+    calibrate: str | None = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP),
+    calibration_samples: int = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded)."),
 ) -> None:
     """Dry run: every candidate layer, eligible or skipped with the reason, params
     before/after and symmetrisation error, with totals. Writes nothing.
@@ -104,6 +110,8 @@ def inspect_command(
       symconvert inspect timm:vit_small_patch16_224 --scheme block --no-pretrained
 
       symconvert inspect torchvision:resnet18 --no-pretrained      # all schemes
+
+      symconvert inspect timm:quickstart_digits --scheme channel --calibrate digits
     """
     import symconvert
     from symconvert.render import plan_table, totals_line
@@ -130,7 +138,15 @@ def inspect_command(
             console.print(table)
             console.print("Pass --scheme S for the per-layer plan.")
         return
-    plan = symconvert.inspect(m, scheme, allow_empty=True, target_reduction=target_reduction, **sel)
+    if calibrate is not None:
+        import copy
+
+        # the data-aware error: calibrate a copy, the plan reports both output errors
+        _, plan = symconvert.convert(copy.deepcopy(m), scheme, allow_empty=True,
+                                     target_reduction=target_reduction, calibrate=calibrate,
+                                     calibration_samples=calibration_samples, **sel)
+    else:
+        plan = symconvert.inspect(m, scheme, allow_empty=True, target_reduction=target_reduction, **sel)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
         return
@@ -162,6 +178,8 @@ def convert_command(
     gates: str | None = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih."),
     target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
     fmt: str = typer.Option("table", "--format", help="table or json (the plan)"),
+    calibrate: str | None = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP),
+    calibration_samples: int = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded)."),
 ) -> None:
     """Convert MODEL: replace every eligible layer by its symmetric equivalent (initialised
     from the nearest symmetric weight) and write the converted-model directory.
@@ -175,6 +193,8 @@ def convert_command(
       symconvert convert my.pth --weights my.pth ...   # see --weights
 
       symconvert convert timm:vit_small_patch16_224 --scheme block --exclude 're:blocks\\.(0|1)\\.'
+
+      symconvert convert timm:quickstart_digits --scheme channel --calibrate digits
     """
     import symconvert
     from symconvert.checkpoint import check_writable
@@ -185,11 +205,18 @@ def convert_command(
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     m, plan = symconvert.convert(m, scheme, allow_empty=allow_empty,
-                                 target_reduction=target_reduction, **sel)
+                                 target_reduction=target_reduction, calibrate=calibrate,
+                                 calibration_samples=calibration_samples, **sel)
     args = {"model": model, "scheme": scheme, "pretrained": pretrained, "model_kwargs": model_kwarg,
             "weights": str(weights) if weights else None, "num_classes": num_classes,
             "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
-    symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite)
+    extra = {"convert": args}
+    if calibrate is not None:
+        args.update(calibrate=calibrate, calibration_samples=calibration_samples)
+        extra["calibration"] = {**(plan.calibration or {}), "layers": {
+            e.name: {"output_error": e.output_error, "output_error_naive": e.output_error_naive}
+            for e in plan.converted}}
+    symconvert.save(m, out, extra_metadata=extra, overwrite=overwrite)
     write_plan(out, plan)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
