@@ -254,7 +254,17 @@ def _forward_order(model: nn.Module, units: list[_Unit], x: torch.Tensor,
             f"converted layer(s) never called by the model's forward: {', '.join(never[:5])}; "
             "cannot calibrate them.")
     key = {u.name: min(order[s] for s in u.sites if s in order) for u in units}
-    return sorted(units, key=lambda u: key[u.name]), calls
+    return sorted(units, key=lambda u: (key[u.name], _rnn_rank(u))), calls
+
+
+def _rnn_rank(unit: _Unit) -> tuple[int, int, int]:
+    """Inside one recurrent module: layer by layer, input weights before recurrent ones
+    (the recurrent fit sees the hidden states the fitted input weights produce)."""
+    if not isinstance(unit.module, nn.RNNBase):
+        return (0, 0, 0)
+    kind, _, rest = unit.tensor.partition("_l")
+    layer, _, direction = rest.partition("_")
+    return (int(layer), 0 if kind == "weight_ih" else 1, 1 if direction else 0)
 
 
 # ----------------------------------------------------------------------------- layer views
@@ -371,7 +381,7 @@ class _Fitter:
         return w
 
     def solve(self, p0: torch.Tensor, b0: torch.Tensor | None, mom: _Moments, *,
-              max_iter: int = 200, tol: float = 1e-7, ridge: float = 1e-7,
+              max_iter: int = 300, tol: float = 1e-9, ridge: float = 1e-12,
               eigen_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = mom.h
         scale = h.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
@@ -479,7 +489,7 @@ class CalibrationResult:
 
 def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, samples: int = 512, *,
               batch_size: int = 64, plan: Any = None, batchnorm: bool = True,
-              max_iter: int = 200, tol: float = 1e-7, eigen_steps: int = 60,
+              max_iter: int = 300, tol: float = 1e-9, eigen_steps: int = 60,
               device: str | torch.device | None = None, progress: bool | None = None,
               seed: int = 0) -> CalibrationResult:
     """Fit the converted layers of ``model`` (in place) to reproduce ``source_model``'s
