@@ -868,3 +868,28 @@ def convert_calibrated(model: nn.Module, scheme: str | Scheme, data_or_loader: A
     apply_plan(model, plan)
     calibrate(model, source, data_or_loader, samples, plan=plan, progress=progress)
     return model, plan
+
+
+def naive_from(model: nn.Module, source_model: nn.Module) -> nn.Module:
+    """A copy of the converted ``model`` with the *naive* conversion of ``source_model``:
+    every packed tensor is ``pack`` of the source weight (the nearest symmetric weight),
+    every other tensor (biases, BatchNorm statistics) the source's. What ``report`` scores
+    as "converted" next to the calibrated model."""
+    import copy
+
+    out = copy.deepcopy(model)
+    src_state = source_model.state_dict()
+    with torch.no_grad():
+        for name, module, tensor, sym in converted_tensors(out):
+            weight = src_state[f"{name}.{tensor}" if name else tensor]
+            module.parametrizations[tensor].original.copy_(
+                sym.scheme.pack(weight.to(torch.float64), sym.groups).to(weight.dtype))
+        for key, value in out.state_dict().items():
+            if ".parametrizations." not in key and key in src_state:
+                value.copy_(src_state[key])
+    for m in out.modules():
+        if isinstance(m, nn.RNNBase):
+            from symconvert.rnn import refresh_flat_weights
+
+            refresh_flat_weights(m)
+    return out
