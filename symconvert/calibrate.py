@@ -381,7 +381,7 @@ class _Fitter:
         return w
 
     def solve(self, p0: torch.Tensor, b0: torch.Tensor | None, mom: _Moments, *,
-              max_iter: int = 300, tol: float = 1e-9, ridge: float = 1e-12,
+              max_iter: int = 50, tol: float = 1e-9, ridge: float = 1e-12,
               eigen_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = mom.h
         scale = h.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
@@ -415,13 +415,28 @@ class _Fitter:
             return tuple(None if yi is None else yi + alpha * xi for xi, yi in zip(x, y))
 
         rhs = self._adjoint(c, p0)
-        # Jacobi-like preconditioner: Jᵀ of diag(H) broadcast over the weight's rows
-        diag = h.diagonal(dim1=1, dim2=2)[:, None, :].expand(c.shape).contiguous()
-        pre = tuple(None if t is None else t.clamp_min(1e-30) for t in self._adjoint(diag, p0))
+        # Preconditioner: the unconstrained solve W H⁻¹ seen through the scheme,
+        # z = D⁻¹ Jᵀ((J D⁻¹ r) H⁻¹) with D = JᵀJ (orbit sizes): symmetric positive definite,
+        # exact without the constraint, so CG needs few steps whatever H's conditioning.
+        count = self._adjoint(torch.ones_like(c), p0)
+        inv_d = tuple(None if t is None else 1.0 / t.clamp_min(1e-30) for t in count)
+        eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+        scale = h.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
+        chol, info = torch.linalg.cholesky_ex(h + 1e-8 * scale * eye)
+        if bool((info != 0).any()):
+            chol = torch.linalg.cholesky(h + 1e-4 * scale * eye)
+
+        def precondition(r):
+            u = tuple(None if ri is None else ri * di for ri, di in zip(r, inv_d))
+            w = self.wb(*u)  # [g, m, d]
+            v = torch.cholesky_solve(w.transpose(1, 2), chol).transpose(1, 2)
+            z = self._adjoint(v.contiguous(), p0)
+            return tuple(None if zi is None else zi * di for zi, di in zip(z, inv_d))
+
         x = (p0, b0)
         ax = apply(*x)
         r = axpy(-1.0, ax, rhs)
-        z = tuple(None if ri is None else ri / mi for ri, mi in zip(r, pre))
+        z = precondition(r)
         d = z
         rz = dot(r, z)
         r0 = math.sqrt(max(dot(rhs, rhs), 1e-300))
@@ -435,7 +450,7 @@ class _Fitter:
             alpha = rz / dad
             x = axpy(alpha, d, x)
             r = axpy(-alpha, ad, r)
-            z = tuple(None if ri is None else ri / mi for ri, mi in zip(r, pre))
+            z = precondition(r)
             rz_new = dot(r, z)
             beta = rz_new / max(rz, 1e-300)
             rz = rz_new
@@ -489,7 +504,7 @@ class CalibrationResult:
 
 def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, samples: int = 512, *,
               batch_size: int = 64, plan: Any = None, batchnorm: bool = True,
-              max_iter: int = 300, tol: float = 1e-9, eigen_steps: int = 60,
+              max_iter: int = 50, tol: float = 1e-9, eigen_steps: int = 60,
               device: str | torch.device | None = None, progress: bool | None = None,
               seed: int = 0) -> CalibrationResult:
     """Fit the converted layers of ``model`` (in place) to reproduce ``source_model``'s
