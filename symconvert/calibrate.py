@@ -373,6 +373,7 @@ class _Fitter:
         self.scheme, self.shape, self.groups = scheme, tuple(shape), groups
         self.cg = conv_groups  # groups of the moment matrices (conv groups; 1 for linear)
         self.has_bias = has_bias
+        self.iterations = 0  # CG steps (or L-BFGS evaluations) of the last solve
 
     def wb(self, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = _weight_view(self.scheme.unpack(packed, self.shape, self.groups), self.cg)
@@ -440,9 +441,11 @@ class _Fitter:
         d = z
         rz = dot(r, z)
         r0 = math.sqrt(max(dot(rhs, rhs), 1e-300))
+        self.iterations = 0
         for _ in range(max_iter):
             if math.sqrt(max(dot(r, r), 0.0)) <= tol * r0:
                 break
+            self.iterations += 1
             ad = apply(*d)
             dad = dot(d, ad)
             if dad <= 0:
@@ -477,6 +480,7 @@ class _Fitter:
 
         with torch.enable_grad():
             opt.step(closure)
+        self.iterations = int(opt.state[opt._params[0]].get("func_evals", 0))
         return p.detach(), (None if b is None else b.detach())
 
 
@@ -622,7 +626,7 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
         packed.copy_(p.to(packed.dtype))
         if has_bias:
             module.bias.copy_(b.to(module.bias.dtype))
-    return {"output_error_naive": naive, "output_error": fitted}
+    return {"output_error_naive": naive, "output_error": fitted, "iterations": fitter.iterations}
 
 
 # ----------------------------------------------------------------------------- RNN
