@@ -330,3 +330,18 @@ def test_quickstart_digits_calibrated_far_above_naive():
     acc_naive, acc_cal = _top1(naive), _top1(calibrated)
     assert acc_naive < 0.3
     assert acc_cal > 0.95 and acc_cal - acc_naive > 0.6
+
+
+@pytest.mark.slow
+def test_fashion_vit_calibrated_far_above_naive():
+    """Real pretrained ViT (nn.TransformerEncoder), `block` on its 12 attention-output and
+    MLP linears, 512 calibration images, top-1 on 2,000 test images. Measured: source
+    84.2 %, naive 73.2 %, calibrated 83.4 %."""
+    model = symconvert.create_model("timm:fashion_vit", pretrained=True)
+    naive, _ = symconvert.convert(copy.deepcopy(model), "block")
+    calibrated, plan = symconvert.convert(copy.deepcopy(model), "block",
+                                          calibrate="fashion-mnist", calibration_samples=512)
+    assert len(plan.converted) == 12
+    acc_src = _top1(model, "fashion-mnist", 2000)
+    acc_naive, acc_cal = _top1(naive, "fashion-mnist", 2000), _top1(calibrated, "fashion-mnist", 2000)
+    assert acc_cal - acc_naive > 0.06 and acc_cal > acc_src - 0.025
