@@ -345,3 +345,37 @@ def test_fashion_vit_calibrated_far_above_naive():
     acc_src = _top1(model, "fashion-mnist", 2000)
     acc_naive, acc_cal = _top1(naive, "fashion-mnist", 2000), _top1(calibrated, "fashion-mnist", 2000)
     assert acc_cal - acc_naive > 0.06 and acc_cal > acc_src - 0.025
+
+
+@pytest.mark.slow
+def test_fashion_resnet_calibrated_far_above_naive():
+    """Real pretrained CIFAR-style ResNet on Fashion-MNIST, `channel` (14 square convs,
+    −48 % parameters), 256 calibration images, top-1 on 1,000 test images. Measured with
+    512 images on 2,000 test images: source 86.6 %, naive 10.0 %, naive + BatchNorm
+    re-estimation 35.5 %, calibrated 79.8 %."""
+    model = symconvert.create_model("timm:fashion_resnet", pretrained=True)
+    naive, _ = symconvert.convert(copy.deepcopy(model), "channel")
+    calibrated, plan = symconvert.convert(copy.deepcopy(model), "channel",
+                                          calibrate="fashion-mnist", calibration_samples=256)
+    assert len(plan.converted) == 14
+    acc_naive = _top1(naive, "fashion-mnist", 1000)
+    acc_cal = _top1(calibrated, "fashion-mnist", 1000)
+    assert acc_naive < 0.2 and acc_cal > 0.65 and acc_cal - acc_naive > 0.5
+
+
+@pytest.mark.slow
+def test_calibrate_then_short_finetune_beats_uncalibrated_at_equal_budget(tmp_path):
+    """The same fine-tune (1 epoch of the 1,437 digits training images, defaults) from the
+    naive and from the calibrated conversion: the calibrated start ends higher."""
+    from symconvert.train import finetune
+
+    model = symconvert.create_model("timm:quickstart_digits", pretrained=True)
+    naive, _ = symconvert.convert(copy.deepcopy(model), "quarter")
+    calibrated, _ = symconvert.convert(copy.deepcopy(model), "quarter", calibrate="digits",
+                                       calibration_samples=512)
+    scores = {}
+    for name, m in (("naive", naive), ("calibrated", calibrated)):
+        symconvert.save(m, tmp_path / name)
+        finetune(tmp_path / name, "digits", tmp_path / f"{name}-ft", epochs=1, progress=False)
+        scores[name] = _top1(symconvert.load(tmp_path / f"{name}-ft"))
+    assert scores["calibrated"] > scores["naive"] + 0.02, scores
