@@ -585,6 +585,8 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
     sym_scores = acc.get("finetuned") if report["kind"] == "finetuned" else acc.get("converted")
     # "before fine-tuning": what each compression alone costs, before any training
     sym_before = acc.get("converted") if report["kind"] == "finetuned" else None
+    if sym_before is not None and "top1" in (acc.get("calibrated") or {}):
+        sym_before = acc["calibrated"]  # the fine-tune started from the calibrated model
     out: dict[str, Any] = {
         "budget": ({"fine_tuned": True, "data": train_data, "epochs": config.epochs,
                     "distill": config.distill, "lr": config.lr, "opt": config.opt,
