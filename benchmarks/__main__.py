@@ -192,11 +192,13 @@ def _calibration_setup(name: str, samples: int, size: int, batch: int):
     return model, source, x
 
 
-def bench_calibration(name: str, samples: int, size: int, batch: int) -> dict:
-    """Calibration (sequential least squares, channel, + BatchNorm re-estimation) of
-    ``samples`` inputs, as a ratio to one eval forward pass of the same inputs."""
+def _calibration_child(name: str, samples: int, size: int, batch: int) -> None:
+    """In a fresh process: one eval forward of the inputs, then calibration (channel, all
+    defaults) timed and its peak resident memory (VmHWM reset just before)."""
+    import symconvert  # noqa: F401
     from symconvert.calibrate import calibrate
 
+    base = _rss_kib("VmRSS")
     model, source, x = _calibration_setup(name, samples, size, batch)
 
     def forward():
@@ -208,44 +210,36 @@ def bench_calibration(name: str, samples: int, size: int, batch: int) -> dict:
     t0 = time.perf_counter()
     forward()
     fwd = time.perf_counter() - t0
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
     t0 = time.perf_counter()
     result = calibrate(model, source, x, samples=samples, batch_size=batch, progress=False)
     cal = time.perf_counter() - t0
     errors = list(result.layers.values())
-    return {"model": name, "samples": samples, "size": size, "batch": batch, "layers": len(errors),
-            "forward_s": fwd, "calibration_s": cal, "calibration/forward": cal / fwd,
-            "mean_output_error_naive": statistics.mean(e["output_error_naive"] for e in errors),
-            "mean_output_error": statistics.mean(e["output_error"] for e in errors)}
+    print(json.dumps({
+        "forward_s": fwd, "calibration_s": cal, "calibration/forward": cal / fwd,
+        "peak_kib": _rss_kib("VmHWM") - base, "layers": len(errors),
+        "cg_iterations": [e.get("iterations") for e in errors],
+        "mean_output_error_naive": statistics.mean(e["output_error_naive"] for e in errors),
+        "mean_output_error": statistics.mean(e["output_error"] for e in errors)}))
 
 
-def _calibration_memory_child(name: str, samples: int, size: int, batch: int) -> None:
-    import torchvision  # noqa: F401
-
-    import symconvert  # noqa: F401
-    from symconvert.calibrate import calibrate
-
-    base = _rss_kib("VmRSS")
-    model, source, x = _calibration_setup(name, samples, size, batch)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    calibrate(model, source, x, samples=samples, batch_size=batch, progress=False)
-    print(json.dumps({"peak_kib": _rss_kib("VmHWM") - base}))
-
-
-def bench_calibration_memory(name: str, samples: int, size: int, batch: int) -> dict:
-    """Peak resident memory of calibration vs a fine-tuning step at the same batch size
-    (the converted model, fresh subprocess each)."""
+def bench_calibration(name: str, samples: int, size: int, batch: int) -> dict:
+    """Calibration of ``samples`` inputs (resnet50, channel): time as a ratio to one eval
+    forward pass of the same inputs, peak memory as a ratio to a fine-tuning step of the
+    converted model at the same batch size (fresh subprocesses)."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--child-calibration", name,
                            str(samples), str(size), str(batch)],
                           capture_output=True, text=True, check=True, cwd=root)
-    cal = json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--child-memory", name, "converted",
                            str(batch), str(size)], capture_output=True, text=True, check=True, cwd=root)
     step = json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"]
-    return {"model": name, "samples": samples, "size": size, "batch": batch,
-            "calibration_mib": cal / 1024, "train_step_mib": step / 1024,
-            "calibration/train step": cal / step}
+    out.update({"model": name, "samples": samples, "size": size, "batch": batch,
+                "calibration_mib": out["peak_kib"] / 1024, "train_step_mib": step / 1024,
+                "calibration/train step": out["peak_kib"] / step})
+    return out
 
 
 TARGETS = {
@@ -273,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child_calibration:
         name, samples, size, batch = args.child_calibration
-        _calibration_memory_child(name, int(samples), int(size), int(batch))
+        _calibration_child(name, int(samples), int(size), int(batch))
         return 0
     if args.child_memory:
         name, variant, batch, size = args.child_memory
@@ -336,14 +330,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _calibration_benches(console, results: dict, samples: int, size: int, batch: int) -> None:
     setting = f"resnet50 {samples} inputs {size}px b{batch}"
-    with console.status(f"calibration time ({setting})"):
+    with console.status(f"calibration time and peak memory ({setting})"):
         results["calibration"] = bench_calibration("resnet50", samples, size, batch)
-    with console.status(f"calibration peak memory ({setting})"):
-        results["calibration_memory"] = bench_calibration_memory("resnet50", samples, size, batch)
     table = [r for r in results.get("table", []) if not r["ratio"].startswith("calibration")]
     for label, value in (("calibration time/forward", results["calibration"]["calibration/forward"]),
                          ("calibration peak memory/train step",
-                          results["calibration_memory"]["calibration/train step"])):
+                          results["calibration"]["calibration/train step"])):
         table.append({"ratio": label, "setting": setting, "value": value, "target": TARGETS[label]})
     results["table"] = table
 

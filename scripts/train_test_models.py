@@ -21,7 +21,6 @@ import math
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import timm
 import torch

@@ -115,7 +115,13 @@ class _Progress:
         self.total, self.done, self.title = total, 0, title
         self.bar = None
         if self.enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), console=self.console, transient=False)
@@ -410,10 +416,10 @@ class _Fitter:
             return self._adjoint(self.wb(p, b) @ h, p0)
 
         def dot(a, b):
-            return sum(float((x * y).sum()) for x, y in zip(a, b) if x is not None)
+            return sum(float((x * y).sum()) for x, y in zip(a, b, strict=True) if x is not None)
 
         def axpy(alpha, x, y):  # y + alpha x
-            return tuple(None if yi is None else yi + alpha * xi for xi, yi in zip(x, y))
+            return tuple(None if yi is None else yi + alpha * xi for xi, yi in zip(x, y, strict=True))
 
         rhs = self._adjoint(c, p0)
         # Preconditioner: the unconstrained solve W H⁻¹ seen through the scheme,
@@ -428,11 +434,11 @@ class _Fitter:
             chol = torch.linalg.cholesky(h + 1e-4 * scale * eye)
 
         def precondition(r):
-            u = tuple(None if ri is None else ri * di for ri, di in zip(r, inv_d))
+            u = tuple(None if ri is None else ri * di for ri, di in zip(r, inv_d, strict=True))
             w = self.wb(*u)  # [g, m, d]
             v = torch.cholesky_solve(w.transpose(1, 2), chol).transpose(1, 2)
             z = self._adjoint(v.contiguous(), p0)
-            return tuple(None if zi is None else zi * di for zi, di in zip(z, inv_d))
+            return tuple(None if zi is None else zi * di for zi, di in zip(z, inv_d, strict=True))
 
         x = (p0, b0)
         ax = apply(*x)
@@ -457,7 +463,7 @@ class _Fitter:
             rz_new = dot(r, z)
             beta = rz_new / max(rz, 1e-300)
             rz = rz_new
-            d = tuple(None if zi is None else zi + beta * di for zi, di in zip(z, d))
+            d = tuple(None if zi is None else zi + beta * di for zi, di in zip(z, d, strict=True))
         return x
 
     # -- eigen:K: the unpack is not linear; L-BFGS on the same quadratic objective
@@ -588,13 +594,13 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
         got_y: list[tuple[str, torch.Tensor]] = []
         handles = []
         for s in sites:
-            def pre(mod, args, _s=s):
-                got_x.append((_s, args[0].detach()))
+            def pre(mod, args, _s=s, _got=got_x):
+                _got.append((_s, args[0].detach()))
                 if once:
                     raise _Stop
 
-            def post(mod, args, out, _s=s):
-                got_y.append((_s, (out[0] if isinstance(out, tuple) else out).detach()))
+            def post(mod, args, out, _s=s, _got=got_y):
+                _got.append((_s, (out[0] if isinstance(out, tuple) else out).detach()))
                 if once:
                     raise _Stop
             handles.append(conv_mods[s].register_forward_pre_hook(pre))
@@ -608,7 +614,7 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
         if len(got_x) != len(got_y):
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
                                    "a different number of times.")
-        for (_, xi), (_, yi) in zip(got_x, got_y):
+        for (_, xi), (_, yi) in zip(got_x, got_y, strict=True):
             xs, ys = _layer_io(module, xi, yi)
             mom.add(xs, ys)
     scheme = unit.sym.scheme
@@ -709,9 +715,9 @@ def _fit_rnn(model, source_model, unit: _Unit, batches, device, max_iter, tol,
     for x in batches:
         got: dict[str, tuple] = {}
 
-        def grab(tag):
+        def grab(tag, _got=got):
             def pre(mod, args, kwargs):
-                got[tag] = _rnn_inputs(mod, args, kwargs)
+                _got[tag] = _rnn_inputs(mod, args, kwargs)
                 raise _Stop
             return pre
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import symconvert
-from symconvert.calibrate import calibrate, calibrated_costs, reestimate_batchnorm
+from symconvert.calibrate import calibrated_costs, reestimate_batchnorm
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
