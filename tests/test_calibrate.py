@@ -379,3 +379,19 @@ def test_calibrate_then_short_finetune_beats_uncalibrated_at_equal_budget(tmp_pa
         finetune(tmp_path / name, "digits", tmp_path / f"{name}-ft", epochs=1, progress=False)
         scores[name] = _top1(symconvert.load(tmp_path / f"{name}-ft"))
     assert scores["calibrated"] > scores["naive"] + 0.02, scores
+
+
+def test_target_reduction_ranks_by_calibrated_error():
+    """With calibration data, --target-reduction keeps the layers with the lowest
+    calibrated output error per parameter saved (not the lowest weight error)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())],
+                          nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    x = torch.randn(64, 8, 4, 4)
+    costs = calibrated_costs(model, x, ["channel"], samples=64)
+    _, plan = symconvert.convert(copy.deepcopy(model), "channel", calibrate=x,
+                                 calibration_samples=64, target_reduction=0.2)
+    chosen = {e.name for e in plan.converted}
+    ranked = sorted((n for n, _ in costs), key=lambda n: costs[(n, "channel")])
+    assert chosen == set(ranked[: len(chosen)]) and 0 < len(chosen) < 4
+    assert plan.saved_fraction >= 0.2
