@@ -9,6 +9,10 @@
 __version__ = "0.1.0"
 
 from symconvert import models  # noqa: E402,F401  (registers symconvert's timm models)
+
+# the function shadows the submodule attribute on purpose: `symconvert.calibrate(...)`;
+# `from symconvert.calibrate import ...` still reaches the module
+from symconvert.calibrate import calibrate, calibrated_costs  # noqa: E402
 from symconvert.checkpoint import load, read_metadata, save  # noqa: E402
 from symconvert.errors import SymconvertError  # noqa: E402
 from symconvert.plan import Plan, count_parameters  # noqa: E402
@@ -19,6 +23,8 @@ from symconvert.surgery import convert, fold, inspect  # noqa: E402
 __all__ = [
     "Plan",
     "SymconvertError",
+    "calibrate",
+    "calibrated_costs",
     "convert",
     "count_parameters",
     "create_model",
