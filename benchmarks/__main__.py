@@ -177,6 +177,72 @@ def bench_peak_memory(name: str, batch: int, size: int) -> dict:
             "converted/original": out["converted"] / out["original"]}
 
 
+def _calibration_setup(name: str, samples: int, size: int, batch: int):
+    import copy
+
+    import torchvision
+
+    import symconvert
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    x = torch.randn(samples, 3, size, size)
+    source = copy.deepcopy(model)
+    symconvert.convert(model, "channel")
+    return model, source, x
+
+
+def _calibration_child(name: str, samples: int, size: int, batch: int) -> None:
+    """In a fresh process: one eval forward of the inputs, then calibration (channel, all
+    defaults) timed and its peak resident memory (VmHWM reset just before)."""
+    from symconvert.surgery.calibrate import calibrate
+
+    import symconvert  # noqa: F401
+
+    base = _rss_kib("VmRSS")
+    model, source, x = _calibration_setup(name, samples, size, batch)
+
+    def forward():
+        with torch.no_grad():
+            for chunk in x.split(batch):
+                source(chunk)
+
+    forward()  # warm-up
+    t0 = time.perf_counter()
+    forward()
+    fwd = time.perf_counter() - t0
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    t0 = time.perf_counter()
+    result = calibrate(model, source, x, samples=samples, batch_size=batch, progress=False)
+    cal = time.perf_counter() - t0
+    errors = list(result.layers.values())
+    print(json.dumps({
+        "forward_s": fwd, "calibration_s": cal, "calibration/forward": cal / fwd,
+        "peak_kib": _rss_kib("VmHWM") - base, "layers": len(errors),
+        "cg_iterations": [e.get("iterations") for e in errors],
+        "mean_output_error_naive": statistics.mean(e["output_error_naive"] for e in errors),
+        "mean_output_error": statistics.mean(e["output_error"] for e in errors)}))
+
+
+def bench_calibration(name: str, samples: int, size: int, batch: int) -> dict:
+    """Calibration of ``samples`` inputs (resnet50, channel): time as a ratio to one eval
+    forward pass of the same inputs, peak memory as a ratio to a fine-tuning step of the
+    converted model at the same batch size (fresh subprocesses)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--child-calibration", name,
+                           str(samples), str(size), str(batch)],
+                          capture_output=True, text=True, check=True, cwd=root)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--child-memory", name, "converted",
+                           str(batch), str(size)], capture_output=True, text=True, check=True, cwd=root)
+    step = json.loads(proc.stdout.strip().splitlines()[-1])["peak_kib"]
+    out.update({"model": name, "samples": samples, "size": size, "batch": batch,
+                "calibration_mib": out["peak_kib"] / 1024, "train_step_mib": step / 1024,
+                "calibration/train step": out["peak_kib"] / step})
+    return out
+
+
 TARGETS = {
     "surgery/build": 1.0,
     "eval converted/original": 1.05,
@@ -185,6 +251,8 @@ TARGETS = {
     "train step converted/original": 1.05,
     "peak memory converted/original": 1.0,
     "onnxruntime packed/dense latency": 1.05,
+    "calibration time/forward": 30.0,
+    "calibration peak memory/train step": 1.5,
 }
 
 
@@ -193,7 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller inputs")
     parser.add_argument("--child-memory", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "SIZE"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["calibration"], help="run one group of benchmarks")
+    parser.add_argument("--calibration", nargs=3, type=int, metavar=("SAMPLES", "SIZE", "BATCH"),
+                        default=None, help="calibration setting (default 64 128 32; the issue's "
+                        "512 224 is too slow for a shared CPU)")
+    parser.add_argument("--child-calibration", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_calibration:
+        name, samples, size, batch = args.child_calibration
+        _calibration_child(name, int(samples), int(size), int(batch))
+        return 0
     if args.child_memory:
         name, variant, batch, size = args.child_memory
         _peak_memory_child(name, variant, int(batch), int(size))
@@ -206,6 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cpu_count": os.cpu_count(), "quick": args.quick}
+    samples, size, batch = args.calibration or ((32, 96, 32) if args.quick else (64, 128, 32))
+    if args.only == "calibration":
+        results.update(json.loads(RESULTS.read_text()) if RESULTS.is_file() else {})
+        results.update({"torch": torch.__version__, "threads": torch.get_num_threads()})
+        _calibration_benches(console, results, samples, size, batch)
+        for row in results["table"]:
+            if row["ratio"].startswith("calibration"):
+                console.print(f"{row['ratio']} ({row['setting']}): {row['value']:.3f}")
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     with console.status("surgery vs build (resnet101)"):
         results["surgery"] = bench_surgery("resnet101", reps)
     with console.status("eval forward (resnet101)"):
@@ -235,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         ("onnxruntime packed/dense latency", "resnet50 b1 224px", results["deploy"]["b1"]["packed/dense"]),
         ("onnxruntime packed/dense latency", "resnet50 b8 224px", results["deploy"]["b8"]["packed/dense"]),
     ]
+    results["table"] = [{"ratio": r, "setting": st, "value": v, "target": TARGETS.get(r)} for r, st, v in rows]
+    _calibration_benches(console, results, samples, size, batch)
+    rows = [(r["ratio"], r["setting"], r["value"]) for r in results["table"]]
     table = Table(title=f"symconvert benchmarks (CPU, {results['threads']} threads, torch {torch.__version__})")
     for col in ("ratio", "setting", "value", "target"):
         table.add_column(col, justify="right" if col in ("value", "target") else "left")
@@ -242,11 +332,22 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS.get(label)
         mark = "" if target is None else (" ✓" if value <= target else " ✗")
         table.add_row(label, setting, f"{value:.4f}{mark}", "—" if target is None else f"≤ {target}")
-    results["table"] = [{"ratio": r, "setting": s, "value": v, "target": TARGETS.get(r)} for r, s, v in rows]
     console.print(table)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {RESULTS}")
     return 0
+
+
+def _calibration_benches(console, results: dict, samples: int, size: int, batch: int) -> None:
+    setting = f"resnet50 {samples} inputs {size}px b{batch}"
+    with console.status(f"calibration time and peak memory ({setting})"):
+        results["calibration"] = bench_calibration("resnet50", samples, size, batch)
+    table = [r for r in results.get("table", []) if not r["ratio"].startswith("calibration")]
+    for label, value in (("calibration time/forward", results["calibration"]["calibration/forward"]),
+                         ("calibration peak memory/train step",
+                          results["calibration"]["calibration/train step"])):
+        table.append({"ratio": label, "setting": setting, "value": value, "target": TARGETS[label]})
+    results["table"] = table
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from symconvert import models  # noqa: E402,F401  (registers symconvert's timm models)
+from symconvert.surgery.calibrate import calibrate, calibrated_costs  # noqa: E402
 from symconvert.errors import SymconvertError  # noqa: E402
 from symconvert.io.checkpoint import load, read_metadata, save  # noqa: E402
 from symconvert.models.sources import create_model  # noqa: E402
@@ -19,6 +20,8 @@ from symconvert.surgery.plan import Plan, count_parameters  # noqa: E402
 __all__ = [
     "Plan",
     "SymconvertError",
+    "calibrate",
+    "calibrated_costs",
     "convert",
     "count_parameters",
     "create_model",

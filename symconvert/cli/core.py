@@ -99,6 +99,10 @@ _SCHEMES_HELP = ("With --scheme auto: the candidate schemes, comma-separated (de
 DTYPE_HELP = ("Storage precision of the written tensors: float32, bfloat16 or float16 (half "
               "the bytes; `load` computes in float32).")
 
+_CALIBRATE_HELP = ("Calibration data (any --data spec; its train split): fit every converted layer to "
+                   "the source layer's output on real inputs and re-estimate BatchNorm statistics, "
+                   "so the model works before fine-tuning. With --target-reduction, layers are "
+                   "ranked by this calibrated output error.")
 
 
 @app.command("inspect")
@@ -119,6 +123,8 @@ def inspect_command(
     schemes: str | None = typer.Option(None, "--schemes", help=_SCHEMES_HELP),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     all_layers: bool = typer.Option(False, "--all", help="Show every skipped layer too (table)."),
+    calibrate: str | None = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP),
+    calibration_samples: int = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded)."),
 ) -> None:
     """Dry run: every candidate layer, eligible or skipped with the reason, params
     before/after and symmetrisation error, with totals. Writes nothing.
@@ -132,12 +138,15 @@ def inspect_command(
       symconvert inspect torchvision:resnet18 --no-pretrained      # all schemes
 
       symconvert inspect torchvision:resnet50 --scheme auto --target-reduction 0.4   # per layer: chosen scheme, alternatives' costs
+
+      symconvert inspect timm:quickstart_digits --scheme channel --calibrate digits
     """
     import symconvert
     from symconvert.checks import check_number_args
     from symconvert.schemes import list_schemes
 
     check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
+                      calibration_samples=calibration_samples,
                       formats=("table", "json"))
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
@@ -160,8 +169,17 @@ def inspect_command(
             console.print(table)
             console.print("Pass --scheme S for the per-layer plan.")
         return
-    plan = symconvert.inspect(m, scheme, allow_empty=True, target_reduction=target_reduction,
-                              schemes=schemes, **sel)
+    if calibrate is not None:
+        import copy
+
+        # the data-aware error: calibrate a copy, the plan reports both output errors
+        _, plan = symconvert.convert(copy.deepcopy(m), scheme, allow_empty=True,
+                                     target_reduction=target_reduction, schemes=schemes,
+                                     calibrate=calibrate,
+                                     calibration_samples=calibration_samples, **sel)
+    else:
+        plan = symconvert.inspect(m, scheme, allow_empty=True,
+                                  target_reduction=target_reduction, schemes=schemes, **sel)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
         return
@@ -195,6 +213,8 @@ def convert_command(
     schemes: str | None = typer.Option(None, "--schemes", help=_SCHEMES_HELP),
     fmt: str = typer.Option("table", "--format", help="table or json (the plan)"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    calibrate: str | None = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP),
+    calibration_samples: int = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded)."),
 ) -> None:
     """Convert MODEL: replace every eligible layer by its symmetric equivalent (initialised
     from the nearest symmetric weight) and write the converted-model directory.
@@ -214,6 +234,8 @@ def convert_command(
       symconvert convert timm:vit_small_patch16_224 --scheme block --exclude 're:blocks\\.(0|1)\\.'
 
       symconvert convert timm:resnet50 --scheme channel --dtype bfloat16   # half the bytes
+
+      symconvert convert timm:quickstart_digits --scheme channel --calibrate digits
     """
     import symconvert
     from symconvert.checks import check_number_args
@@ -222,6 +244,7 @@ def convert_command(
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
     check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
+                      calibration_samples=calibration_samples,
                       formats=("table", "json"))
     refuse_inputs(out, [weights])
     check_writable(out, overwrite=overwrite)
@@ -231,17 +254,24 @@ def convert_command(
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
     sel = _selection(include, exclude, layers, min_channels, include_head, gates)
     m, plan = symconvert.convert(m, scheme, allow_empty=allow_empty,
-                                 target_reduction=target_reduction, schemes=schemes, **sel)
+                                 target_reduction=target_reduction, schemes=schemes,
+                                 calibrate=calibrate, calibration_samples=calibration_samples,
+                                 **sel)
     args = {"model": model, "scheme": scheme, "pretrained": pretrained, "model_kwargs": model_kwarg,
             **({"schemes": plan.schemes} if schemes is not None or scheme == "auto" else {}),
             "weights": str(weights) if weights else None, "num_classes": num_classes,
             "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
+    extra = {"convert": args}
+    if calibrate is not None:
+        args.update(calibrate=calibrate, calibration_samples=calibration_samples)
+        extra["calibration"] = {**(plan.calibration or {}), "layers": {
+            e.name: {"output_error": e.output_error, "output_error_naive": e.output_error_naive}
+            for e in plan.converted}}
     # a model directory is all or nothing: a failure (Ctrl-C included) removes what this
     # run wrote; the lock makes a concurrent convert into the same --out exit 2
     with output_dir(out, inputs=[weights], keep_partial=False):
         check_writable(out, overwrite=overwrite)  # again, under the lock
-        symconvert.save(m, out, extra_metadata={"convert": args}, overwrite=overwrite,
-                        dtype=dtype)
+        symconvert.save(m, out, extra_metadata=extra, overwrite=overwrite, dtype=dtype)
         write_plan(out, plan)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))

@@ -16,7 +16,7 @@ Registration only defines classes and config dicts (no weights are read), so the
 importing this package is the cost of importing timm.
 """
 
-from symconvert.models import cifar_resnet, wrn  # noqa: F401  (registers with timm)
+from symconvert.models import cifar_resnet, fashion, wrn  # noqa: F401  (registers with timm)
 from symconvert.models.cifar_resnet import CifarResNet
 from symconvert.models.lstm_lm import LSTMLanguageModel, lstm_lm
 from symconvert.models.wrn import WideResNet

@@ -302,6 +302,9 @@ def _layer_entry(entry: dict[str, Any]) -> dict[str, Any]:
         "params_after": int(entry["params_after"]),
         "symmetrization_error": entry.get("symmetrization_error"),
         "aliases": list(entry.get("aliases") or []),
+        # relative output error on the calibration data (convert --calibrate), else None
+        "output_error": entry.get("output_error"),
+        "output_error_naive": entry.get("output_error_naive"),
     }
 
 
@@ -335,6 +338,7 @@ def _recompute_layers(records: dict[str, Any], sources: _SourceCache) -> list[di
             "groups": groups, "params_before": math.prod(shape),
             "params_after": scheme.free_count(shape, groups),
             "symmetrization_error": error, "aliases": list(record.get("aliases") or []),
+            "output_error": None, "output_error_naive": None,
         })
     return out
 
@@ -501,7 +505,37 @@ def _accuracy(model: nn.Module, directory: Path, meta: dict[str, Any], parent: P
             except SymconvertError as exc:
                 acc["converted"] = {"reason": str(exc)}
         acc["finetuned"] = _scores(own)
-    return {k: acc[k] for k in ("source", "converted", "finetuned", "split", "n")}
+    _calibrated_accuracy(acc, model, directory, meta, parent, kind, sources, options, device, say)
+    return {k: acc[k] for k in ("source", "converted", "calibrated", "finetuned", "split", "n")}
+
+
+def _calibrated_accuracy(acc: dict[str, Any], model: nn.Module, directory: Path,
+                         meta: dict[str, Any], parent: Path | None, kind: str,
+                         sources: _SourceCache, options: ReportOptions, device: torch.device,
+                         say: Log) -> None:
+    """With calibration (``convert --calibrate``) the row "converted" is the naive
+    conversion (nearest symmetric weights, rebuilt from the source) and "calibrated" the
+    calibrated directory before any fine-tuning."""
+    import symconvert
+    from symconvert.surgery.calibrate import naive_from
+
+    cal_dir = directory if kind == "converted" else parent
+    try:
+        cal_meta = meta if kind == "converted" else (
+            symconvert.read_metadata(parent) if parent is not None else {})
+    except SymconvertError:
+        cal_meta = {}
+    if not cal_meta.get("calibration"):
+        acc["calibrated"] = {"reason": "not calibrated (convert --calibrate DATA)"}
+        return
+    calibrated = acc["converted"]
+    acc["calibrated"] = calibrated
+    say("evaluating the naive conversion (nearest symmetric weights of the source)")
+    try:
+        base = model if kind == "converted" else symconvert.load(cal_dir)
+        acc["converted"] = _scores(_eval(naive_from(base, sources.weighted()), options, device))
+    except SymconvertError as exc:
+        acc["converted"] = {"reason": str(exc)}
 
 
 def _same_corpus(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
@@ -568,6 +602,8 @@ def _compare(report: Report, meta: dict[str, Any], sources: _SourceCache,
     sym_scores = acc.get("finetuned") if report["kind"] == "finetuned" else acc.get("converted")
     # "before fine-tuning": what each compression alone costs, before any training
     sym_before = acc.get("converted") if report["kind"] == "finetuned" else None
+    if sym_before is not None and "top1" in (acc.get("calibrated") or {}):
+        sym_before = acc["calibrated"]  # the fine-tune started from the calibrated model
     out: dict[str, Any] = {
         "budget": ({"fine_tuned": True, "data": train_data, "epochs": config.epochs,
                     "distill": config.distill, "lr": config.lr, "opt": config.opt,
@@ -809,6 +845,7 @@ def sections(report: Report) -> list[Section]:
             columns=["model", "top-1", "top-5", "note"], right=[False, True, True, False],
             rows=[[label, *_acc_cells(acc.get(key))] for key, label in
                   (("source", "source"), ("converted", "converted, before fine-tuning"),
+                   ("calibrated", "converted, calibrated"),
                    ("finetuned", "fine-tuned"))]))
 
     cmp_ = report.get("compare")
@@ -846,12 +883,16 @@ def sections(report: Report) -> list[Section]:
 
     layer_rows = [[e["name"], "×".join(str(s) for s in e["shape"]), e["scheme"],
                    fmt_int(e["params_before"]), fmt_int(e["params_after"]),
-                   fmt_err(e["symmetrization_error"])] for e in report["layers"]]
+                   fmt_err(e["symmetrization_error"]), fmt_err(e.get("output_error"))]
+                  for e in report["layers"]]
     out.append(Section(
         title=f"per layer ({len(layer_rows)} converted)",
-        columns=["layer", "shape", "scheme", "params before", "params after", "sym. error"],
-        right=[False, False, False, True, True, True], rows=layer_rows,
-        note="sym. error = ‖W − unpack(pack(W))‖ / ‖W‖ on the source weights; rows from "
+        columns=["layer", "shape", "scheme", "params before", "params after", "sym. error",
+                 "output error"],
+        right=[False, False, False, True, True, True, True], rows=layer_rows,
+        note="sym. error = ‖W − unpack(pack(W))‖ / ‖W‖ on the source weights; output error = "
+             "relative error of the layer's output on the calibration data after the "
+             "least-squares fit (convert --calibrate; — without); rows from "
              f"{report.get('layers_from')}."))
 
     prov = report["provenance"]
@@ -1092,7 +1133,7 @@ def _plot_accuracy(ax: Any, report: Report) -> None:
     key, scale, name = ("perplexity", 1.0, "perplexity") if ppl else ("top1", 100.0, "top-1 (%)")
     bars = [(label, acc[k][key]) for k, label in
             (("source", "source"), ("converted", "converted\n(before FT)"),
-             ("finetuned", "fine-tuned"))
+             ("calibrated", "calibrated\n(before FT)"), ("finetuned", "fine-tuned"))
             if isinstance(acc.get(k), dict) and key in acc[k]]
     for kind in COMPARE_KINDS:
         entry = (report.get("compare") or {}).get(kind) or {}

@@ -29,9 +29,12 @@ def schemes_table(schemes) -> Table:
 
 def plan_table(plan: Plan, title: str, show_skipped: bool = True, max_rows: int | None = None) -> Table:
     table = Table(title=title, show_lines=False)
+    # data-aware errors (convert/inspect --calibrate): naive and calibrated output error
+    calibrated = any(e.output_error is not None for e in plan.layers)
+    extra = (("out. error naive", "right"), ("out. error calib.", "right")) if calibrated else ()
     for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("action", "left"),
                       ("params before", "right"), ("params after", "right"),
-                      ("sym. error", "right"), ("reason / note", "left")):
+                      ("sym. error", "right"), *extra, ("reason / note", "left")):
         table.add_column(col, justify=just, overflow="fold")
     rows = [e for e in plan.layers if show_skipped or e.converted]
     shown = rows if max_rows is None else rows[:max_rows]
@@ -41,10 +44,11 @@ def plan_table(plan: Plan, title: str, show_skipped: bool = True, max_rows: int 
         if e.aliases:
             note = (note + " " if note else "") + f"tied with {', '.join(e.aliases)}"
         action = "[green]convert[/]" if e.converted else "[dim]skip[/]"
+        cells = [fmt_err(e.output_error_naive), fmt_err(e.output_error)] if calibrated else []
         table.add_row(escape(e.name), e.layer_type, shape, action, fmt_int(e.params_before),
-                      fmt_int(e.params_after), fmt_err(e.symmetrization_error), escape(note))
+                      fmt_int(e.params_after), fmt_err(e.symmetrization_error), *cells, escape(note))
     if max_rows is not None and len(rows) > max_rows:
-        table.add_row(f"… {len(rows) - max_rows} more", "", "", "", "", "", "", "")
+        table.add_row(f"… {len(rows) - max_rows} more", *([""] * (len(table.columns) - 1)))
     return table
 
 

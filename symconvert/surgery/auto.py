@@ -341,7 +341,8 @@ def candidates(
 
 
 def _resolve_costs(costs: Costs, pairs: list[tuple[str, str]],
-                   alt_names: dict[tuple[str, str], str]) -> dict[tuple[str, str], float]:
+                   alt_names: dict[tuple[str, str], str],
+                   partial: bool = False) -> dict[tuple[str, str], float]:
     table = costs(list(pairs)) if callable(costs) else costs
     if not isinstance(table, Mapping):
         raise SymconvertError("costs= must be a mapping {(layer_name, scheme): cost} or a "
@@ -364,7 +365,7 @@ def _resolve_costs(costs: Costs, pairs: list[tuple[str, str]],
             raise SymconvertError(f"costs= gives {pair[0]} with {pair[1]} the cost {value!r}; "
                                   "costs must be finite and >= 0.")
         out[pair] = value
-    if missing:
+    if missing and not partial:
         shown = ", ".join(f"({n!r}, {s!r})" for n, s in missing[:3])
         raise SymconvertError(f"costs= has no cost for {len(missing)} eligible (layer, scheme) "
                               f"pairs, e.g. {shown}; price every pair of symconvert.surgery.auto.candidates().")
@@ -399,7 +400,10 @@ def build_auto_plan(
     if not 0 < target_reduction < 1:
         raise SymconvertError(f"--target-reduction must be in (0, 1), got {target_reduction}.")
     specs = parse_schemes(schemes)
-    plans = _scheme_plans(model, specs, selection, with_error=costs is None)
+    # a partial cost table (``costs.partial``, e.g. calibration, which prices conv and
+    # linear layers) falls back to the weight error for the pairs it leaves out
+    partial = bool(getattr(costs, "partial", False))
+    plans = _scheme_plans(model, specs, selection, with_error=costs is None or partial)
     keys = [(e.module, e.tensor) for e in plans[0].layers]
     by_scheme = [{(e.module, e.tensor): e for e in p.layers} for p in plans]
 
@@ -408,7 +412,7 @@ def build_auto_plan(
     else:
         pairs = [(e.name, p.scheme) for p in plans for e in p.converted]
         alt = {(e.name, p.scheme): f"{e.module}.{e.tensor}" for p in plans for e in p.converted}
-        table = _resolve_costs(costs, pairs, alt)
+        table = _resolve_costs(costs, pairs, alt, partial=partial)
 
     options: list[list[Option]] = []
     option_entries: list[list[LayerPlan]] = []
@@ -418,9 +422,8 @@ def build_auto_plan(
             e = by[key]
             if not e.converted:
                 continue
-            if table is not None:
-                c = table[(e.name, e.scheme)]
-            else:
+            c = table.get((e.name, e.scheme)) if table is not None else None
+            if c is None:
                 c = weight_cost(e.symmetrization_error)
             # same saving at the same cost as an earlier candidate (block on a square
             # layer is channel): keep the earlier one

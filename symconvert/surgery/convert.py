@@ -64,6 +64,8 @@ def convert(
     gates: str | list[str] | None = None,
     schemes: str | list[str] | None = None,
     costs=None,
+    calibrate=None,
+    calibration_samples: int = 512,
 ) -> tuple[nn.Module, Plan]:
     """Replace every selected, eligible weight by its symmetric parametrization, in place.
 
@@ -71,9 +73,23 @@ def convert(
     original is dropped: the module keeps only the packed free parameters
     (``<layer>.parametrizations.weight.original``). Returns ``(model, plan)``.
     ``scheme="auto"``: see ``inspect``; an unreachable ``target_reduction`` is an error.
+
+    ``calibrate`` (a ``--data`` spec, loader or input tensor): then fit every converted
+    layer to the source layer's output on ``calibration_samples`` inputs and re-estimate
+    BatchNorm statistics (``symconvert.surgery.calibrate``); the plan records the per-layer
+    ``output_error``. With ``target_reduction`` (or ``scheme="auto"``), layers are then
+    ranked by their calibrated output error instead of the weight error.
     """
     from symconvert.surgery.auto import require_reachable
 
+    if calibrate is not None:
+        from symconvert.surgery.calibrate import convert_calibrated
+
+        return convert_calibrated(model, scheme, calibrate, calibration_samples,
+                                  include=include, exclude=exclude, layers=layers,
+                                  min_channels=min_channels, include_head=include_head,
+                                  allow_empty=allow_empty, target_reduction=target_reduction,
+                                  gates=gates, schemes=schemes, costs=costs)
     plan = inspect(
         model,
         scheme,

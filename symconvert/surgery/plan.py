@@ -42,6 +42,10 @@ class LayerPlan:
     #: {"params_after", "saved", "cost", "symmetrization_error"}
     cost: float | None = None
     alternatives: dict | None = None
+    #: relative output error on the calibration data after the least-squares fit
+    #: (``convert --calibrate``), and that of the nearest symmetric weight on the same inputs
+    output_error: float | None = None
+    output_error_naive: float | None = None
 
     @property
     def name(self) -> str:
@@ -71,6 +75,8 @@ class Plan:
     layers: list[LayerPlan]
     warnings: list[str] = field(default_factory=list)
     target_reduction: float | None = None
+    #: set by calibration: samples, data spec, BatchNorm layers re-estimated, seconds
+    calibration: dict | None = None
 
     @property
     def converted(self) -> list[LayerPlan]:
@@ -105,6 +111,7 @@ class Plan:
             "converted": len(self.converted),
             "skipped": len(self.skipped),
             "warnings": self.warnings,
+            **({"calibration": self.calibration} if self.calibration else {}),
             "layers": [entry.to_dict() for entry in self.layers],
         }
 
@@ -247,9 +254,10 @@ def _unhandled_weights(model: nn.Module, seen: dict[int, LayerPlan],
     return out
 
 
-def _apply_target(plan: Plan, fraction: float) -> None:
+def _apply_target(plan: Plan, fraction: float, errors: dict[str, float] | None = None) -> None:
     """Keep the eligible layers with the lowest symmetrisation error per parameter saved
-    until the model has ``fraction`` fewer parameters."""
+    until the model has ``fraction`` fewer parameters. ``errors`` (layer name -> error,
+    e.g. the calibrated output error) replaces the weight error where given."""
     if not 0 < fraction < 1:
         raise SymconvertError(f"--target-reduction must be in (0, 1), got {fraction}.")
     goal = fraction * plan.total_before
@@ -266,6 +274,8 @@ def _apply_target(plan: Plan, fraction: float) -> None:
 
     def cost(e: LayerPlan) -> float:
         err = e.symmetrization_error if e.symmetrization_error is not None else 1.0
+        if errors is not None and e.name in errors:
+            err = errors[e.name]
         return err / e.saved
 
     saved = 0
