@@ -195,9 +195,8 @@ def _calibration_setup(name: str, samples: int, size: int, batch: int):
 def _calibration_child(name: str, samples: int, size: int, batch: int) -> None:
     """In a fresh process: one eval forward of the inputs, then calibration (channel, all
     defaults) timed and its peak resident memory (VmHWM reset just before)."""
-    from symconvert.surgery.calibrate import calibrate
-
     import symconvert  # noqa: F401
+    from symconvert.surgery.calibrate import calibrate
 
     base = _rss_kib("VmRSS")
     model, source, x = _calibration_setup(name, samples, size, batch)

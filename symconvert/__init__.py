@@ -9,11 +9,11 @@
 __version__ = "0.1.0"
 
 from symconvert import models  # noqa: E402,F401  (registers symconvert's timm models)
-from symconvert.surgery.calibrate import calibrate, calibrated_costs  # noqa: E402
 from symconvert.errors import SymconvertError  # noqa: E402
 from symconvert.io.checkpoint import load, read_metadata, save  # noqa: E402
 from symconvert.models.sources import create_model  # noqa: E402
 from symconvert.schemes import get_scheme, list_schemes  # noqa: E402
+from symconvert.surgery.calibrate import calibrate, calibrated_costs  # noqa: E402
 from symconvert.surgery.convert import convert, fold, inspect  # noqa: E402
 from symconvert.surgery.plan import Plan, count_parameters  # noqa: E402
 

@@ -264,9 +264,9 @@ def convert_command(
     extra = {"convert": args}
     if calibrate is not None:
         args.update(calibrate=calibrate, calibration_samples=calibration_samples)
-        extra["calibration"] = {**(plan.calibration or {}), "layers": {
-            e.name: {"output_error": e.output_error, "output_error_naive": e.output_error_naive}
-            for e in plan.converted}}
+        from symconvert.surgery.calibrate import calibration_record
+
+        extra["calibration"] = calibration_record(plan)
     # a model directory is all or nothing: a failure (Ctrl-C included) removes what this
     # run wrote; the lock makes a concurrent convert into the same --out exit 2
     with output_dir(out, inputs=[weights], keep_partial=False):

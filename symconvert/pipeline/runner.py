@@ -513,7 +513,12 @@ def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
             "weights": m.weights, "num_classes": m.num_classes, "model_kwargs": m.kwargs,
             **selection,
             **({"schemes": plan.schemes} if hasattr(plan, "schemes") else {})}
-    symconvert.save(model, out, extra_metadata={"convert": args}, overwrite=True)
+    extra = {"convert": args}
+    if selection.get("calibrate") is not None:
+        from symconvert.surgery.calibrate import calibration_record
+
+        extra["calibration"] = calibration_record(plan)
+    symconvert.save(model, out, extra_metadata=extra, overwrite=True)
     # the same plan.json as `symconvert convert` writes
     text = json.dumps(plan.to_dict(), indent=2) + "\n"
     _atomic_write(out / "plan.json", lambda p: Path(p).write_text(text))

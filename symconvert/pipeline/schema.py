@@ -181,6 +181,10 @@ class SelectionSection(Section):
                                            "cheapest layers until the model is this fraction smaller")
     gates: Annotated[list[str] | None, _as_list(True), _one_of(("hh", "ih"))] = Field(
         None, description="recurrent weights to convert: hh (default) or hh,ih")
+    calibrate: Annotated[str | None, _checked(_check_data)] = Field(
+        None, description="calibration data (a --data spec; its train split): fit every "
+        "converted layer to the source's outputs before fine-tuning (convert --calibrate)")
+    calibration_samples: int = Field(512, ge=1, description="calibration inputs")
     schemes: Annotated[list[str] | None, _as_list(True), _checked(_check_schemes)] = Field(
         None, description="scheme: auto — the candidate schemes (default "
         "channel,block,spatial,channel+spatial,quarter)")

@@ -906,6 +906,14 @@ def convert_calibrated(model: nn.Module, scheme: str | Scheme, data_or_loader: A
     return model, plan
 
 
+def calibration_record(plan: Any) -> dict[str, Any]:
+    """What a model directory records of its calibration (``symconvert.json`` key
+    ``calibration``): the run's settings and per layer the naive and fitted output error."""
+    return {**(getattr(plan, "calibration", None) or {}), "layers": {
+        e.name: {"output_error": e.output_error, "output_error_naive": e.output_error_naive}
+        for e in plan.converted}}
+
+
 def _auto_costs(source: nn.Module, data_or_loader: Any, samples: int, include_head: bool):
     """The ``--scheme auto`` cost function of a calibrated conversion: the squared relative
     output error after the least-squares fit, for every (layer, scheme) pair calibration
