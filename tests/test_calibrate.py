@@ -227,6 +227,9 @@ def test_every_scheme_and_layer_kind_calibrates(kind, scheme):
                                          calibration_samples=48, **options)
     assert len(plan.converted) == len(plan0.converted)
     for e in plan.converted:
+        if e.name.endswith("in_proj_weight"):  # MultiheadAttention's packed q/k/v: not
+            assert e.output_error is None      # fitted, kept at the nearest symmetric weight
+            continue
         assert e.output_error is not None and e.output_error <= e.output_error_naive + 1e-9
     with torch.no_grad():
         ys = source(x)
@@ -338,8 +341,11 @@ def test_fashion_vit_calibrated_far_above_naive():
     MLP linears, 512 calibration images, top-1 on 2,000 test images. Measured: source
     84.2 %, naive 73.2 %, calibrated 83.4 %."""
     model = symconvert.create_model("timm:fashion_vit", pretrained=True)
-    naive, _ = symconvert.convert(copy.deepcopy(model), "block")
-    calibrated, plan = symconvert.convert(copy.deepcopy(model), "block",
+    # the attention-output and MLP linears (in_proj_weight, which calibration does not fit,
+    # stays dense here: the setting of the measurement above)
+    sel = {"exclude": ["*.self_attn"]}
+    naive, _ = symconvert.convert(copy.deepcopy(model), "block", **sel)
+    calibrated, plan = symconvert.convert(copy.deepcopy(model), "block", **sel,
                                           calibrate="fashion-mnist", calibration_samples=512)
     assert len(plan.converted) == 12
     acc_src = _top1(model, "fashion-mnist", 2000)

@@ -21,6 +21,16 @@ LM_KWARGS = ["--model-kwarg", "vocab_size=50", "--model-kwarg", "emb=16",
 pytestmark = pytest.mark.xdist_group("export_packed")
 
 
+@pytest.fixture(autouse=True)
+def _trust_test_models():
+    """Some directories here record `py:toy_models:...` sources (this suite's own models):
+    the tests opt in as `--trust-code` would."""
+    from symconvert.io.metadata import trusting_code
+
+    with trusting_code():
+        yield
+
+
 def _session(path):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -25,6 +25,14 @@ LM = "py:symconvert.models.lstm_lm:lstm_lm"
 SMALL = {"emb": 32, "hidden": 32, "layers": 1}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The killed run is a one-thread child process: the in-process runs it is compared
+    with use one thread too (a different thread count sums in another order)."""
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory) -> Path:
     assert WIKITEXT.is_dir(), f"WikiText-2 expected at {WIKITEXT} (shared/ beside the repo)"

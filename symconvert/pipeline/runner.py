@@ -391,7 +391,10 @@ def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
 
         try:
             model = build_source(recipe)
-            plan = symconvert.inspect(model, recipe.scheme, **recipe.convert_kwargs())
+            kwargs = recipe.convert_kwargs()
+            for key in ("calibrate", "calibration_samples"):  # convert-only (a dry run
+                kwargs.pop(key, None)                         # measures nothing)
+            plan = symconvert.inspect(model, recipe.scheme, **kwargs)
         except RecipeError as exc:
             problems.append(str(exc))
         except SymconvertError as exc:

@@ -531,7 +531,14 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
                                   batch_size=batch_size, seed=seed)
     n = sum(len(b) for b in batches)
     units = _units(model)
-    layers: dict[str, dict[str, float]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for unit in [u for u in units if not _fittable(u)]:
+        # e.g. nn.MultiheadAttention's in_proj_weight (called functionally inside the
+        # attention): kept at the nearest symmetric weight, and the record says so
+        units.remove(unit)
+        layers[unit.name] = {"output_error": None, "output_error_naive": None,
+                             "note": f"not fitted ({type(unit.module).__name__.replace('Parametrized', '')}"
+                                     f".{unit.tensor}): kept at the nearest symmetric weight"}
     src_modules = dict(source_model.named_modules())
     with _calibration_mode(model, source_model):
         if units:
@@ -573,6 +580,13 @@ def annotate_plan(plan: Any, result: CalibrationResult) -> None:
 
 def _packed(unit: _Unit) -> torch.Tensor:
     return unit.module.parametrizations[unit.tensor].original
+
+
+def _fittable(unit: _Unit) -> bool:
+    """Layers calibration fits: conv/linear weights and LSTM/GRU gate blocks."""
+    if isinstance(unit.module, nn.RNNBase):
+        return True
+    return isinstance(unit.module, (nn.Linear, nn.modules.conv._ConvNd)) and unit.tensor == "weight"
 
 
 def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
