@@ -14,10 +14,12 @@ from symconvert.io.checkpoint import load, read_metadata, save  # noqa: E402
 from symconvert.models.sources import create_model  # noqa: E402
 from symconvert.schemes import get_scheme, list_schemes  # noqa: E402
 from symconvert.surgery.calibrate import calibrate, calibrated_costs  # noqa: E402
+from symconvert.surgery.config import ConvertConfig  # noqa: E402
 from symconvert.surgery.convert import convert, fold, inspect  # noqa: E402
 from symconvert.surgery.plan import Plan, count_parameters  # noqa: E402
 
 __all__ = [
+    "ConvertConfig",
     "Plan",
     "SymconvertError",
     "calibrate",

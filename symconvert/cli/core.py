@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -61,9 +62,13 @@ def parse_kwargs(items: list[str]) -> dict:
 _MODEL_KWARG_HELP = "Keyword argument for the model builder, KEY=VALUE (repeatable; recorded for load)."
 
 
-def _selection(include, exclude, layers, min_channels, include_head, gates):
-    return dict(include=include or None, exclude=exclude or None, layers=layers,
-                min_channels=min_channels, include_head=include_head, gates=gates)
+def _config(scheme, **flags):
+    """The ConvertConfig of the convert/inspect flags (empty repeatables: no filter)."""
+    from symconvert.surgery.config import ConvertConfig
+
+    for key in ("include", "exclude"):
+        flags[key] = flags.get(key) or None
+    return ConvertConfig.of(scheme, **flags)
 
 
 @app.command("schemes")
@@ -105,26 +110,42 @@ _CALIBRATE_HELP = ("Calibration data (any --data spec; its train split): fit eve
                    "ranked by this calibrated output error.")
 
 
+# The convert/inspect options, defined once (ConvertConfig's fields and the model's).
+_INCLUDE = typer.Option([], "--include", help="Only layers whose name matches (glob, or re:REGEX). Repeatable.")
+_EXCLUDE = typer.Option([], "--exclude", help="Skip layers whose name matches (glob, or re:REGEX). Repeatable.")
+_LAYERS = typer.Option(None, "--layers", help="Layer kinds to consider: conv,linear,rnn (default all).")
+_MIN_CHANNELS = typer.Option(0, "--min-channels", help="Skip layers with fewer channels.")
+_INCLUDE_HEAD = typer.Option(False, "--include-head", help="Also convert the classifier head.")
+_GATES = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih.")
+_TARGET_REDUCTION = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25).")
+_SCHEMES = typer.Option(None, "--schemes", help=_SCHEMES_HELP)
+_CALIBRATE = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP)
+_CALIBRATION_SAMPLES = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded).")
+_WEIGHTS = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download.")
+_NUM_CLASSES = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes.")
+_MODEL_KWARG = typer.Option([], "--model-kwarg", help=_MODEL_KWARG_HELP)
+
+
 @app.command("inspect")
 def inspect_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     scheme: str | None = typer.Option(None, "--scheme", "-s", help=_SCHEME_HELP + " Without it: a summary of every scheme."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights (needed for the symmetrisation error)."),
-    weights: Path | None = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download."),
-    num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes."),
-    model_kwarg: list[str] = typer.Option([], "--model-kwarg", help=_MODEL_KWARG_HELP),
-    include: list[str] = typer.Option([], "--include", help="Only layers whose name matches (glob, or re:REGEX). Repeatable."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Skip layers whose name matches (glob, or re:REGEX). Repeatable."),
-    layers: str | None = typer.Option(None, "--layers", help="Layer kinds to consider: conv,linear,rnn (default all)."),
-    min_channels: int = typer.Option(0, "--min-channels", help="Skip layers with fewer channels."),
-    include_head: bool = typer.Option(False, "--include-head", help="Also convert the classifier head."),
-    gates: str | None = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih."),
-    target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
-    schemes: str | None = typer.Option(None, "--schemes", help=_SCHEMES_HELP),
+    weights: Path | None = _WEIGHTS,
+    num_classes: int | None = _NUM_CLASSES,
+    model_kwarg: list[str] = _MODEL_KWARG,
+    include: list[str] = _INCLUDE,
+    exclude: list[str] = _EXCLUDE,
+    layers: str | None = _LAYERS,
+    min_channels: int = _MIN_CHANNELS,
+    include_head: bool = _INCLUDE_HEAD,
+    gates: str | None = _GATES,
+    target_reduction: float | None = _TARGET_REDUCTION,
+    schemes: str | None = _SCHEMES,
     fmt: str = typer.Option("table", "--format", help="table or json"),
     all_layers: bool = typer.Option(False, "--all", help="Show every skipped layer too (table)."),
-    calibrate: str | None = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP),
-    calibration_samples: int = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded)."),
+    calibrate: str | None = _CALIBRATE,
+    calibration_samples: int = _CALIBRATION_SAMPLES,
 ) -> None:
     """Dry run: every candidate layer, eligible or skipped with the reason, params
     before/after and symmetrisation error, with totals. Writes nothing.
@@ -149,7 +170,10 @@ def inspect_command(
                       calibration_samples=calibration_samples,
                       formats=("table", "json"))
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
-    sel = _selection(include, exclude, layers, min_channels, include_head, gates)
+    config = _config(scheme, include=include, exclude=exclude, layers=layers,
+                     min_channels=min_channels, include_head=include_head, gates=gates,
+                     allow_empty=True, target_reduction=target_reduction, schemes=schemes,
+                     calibrate=calibrate, calibration_samples=calibration_samples)
     if scheme is None:
         from rich.table import Table
 
@@ -158,7 +182,8 @@ def inspect_command(
             table.add_column(col, justify="right" if col != "scheme" else "left")
         rows = []
         for s in list_schemes():
-            plan = symconvert.inspect(m, s, allow_empty=True, **sel)
+            plan = symconvert.inspect(m, dataclasses.replace(
+                config, scheme=s, target_reduction=None, schemes=None, calibrate=None))
             rows.append({"scheme": s.spec, "converted": len(plan.converted),
                          "params_before": plan.total_before, "params_after": plan.total_after,
                          "saved_fraction": plan.saved_fraction})
@@ -173,13 +198,9 @@ def inspect_command(
         import copy
 
         # the data-aware error: calibrate a copy, the plan reports both output errors
-        _, plan = symconvert.convert(copy.deepcopy(m), scheme, allow_empty=True,
-                                     target_reduction=target_reduction, schemes=schemes,
-                                     calibrate=calibrate,
-                                     calibration_samples=calibration_samples, **sel)
+        _, plan = symconvert.convert(copy.deepcopy(m), config)
     else:
-        plan = symconvert.inspect(m, scheme, allow_empty=True,
-                                  target_reduction=target_reduction, schemes=schemes, **sel)
+        plan = symconvert.inspect(m, config)
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
         return
@@ -199,22 +220,22 @@ def convert_command(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default: ./<model>-<scheme>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in --out."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights."),
-    weights: Path | None = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download."),
-    num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes."),
-    model_kwarg: list[str] = typer.Option([], "--model-kwarg", help=_MODEL_KWARG_HELP),
-    include: list[str] = typer.Option([], "--include", help="Only layers whose name matches (glob, or re:REGEX). Repeatable."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Skip layers whose name matches (glob, or re:REGEX). Repeatable."),
-    layers: str | None = typer.Option(None, "--layers", help="Layer kinds to consider: conv,linear,rnn (default all)."),
-    min_channels: int = typer.Option(0, "--min-channels", help="Skip layers with fewer channels."),
-    include_head: bool = typer.Option(False, "--include-head", help="Also convert the classifier head."),
+    weights: Path | None = _WEIGHTS,
+    num_classes: int | None = _NUM_CLASSES,
+    model_kwarg: list[str] = _MODEL_KWARG,
+    include: list[str] = _INCLUDE,
+    exclude: list[str] = _EXCLUDE,
+    layers: str | None = _LAYERS,
+    min_channels: int = _MIN_CHANNELS,
+    include_head: bool = _INCLUDE_HEAD,
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Write the model even if nothing is converted."),
-    gates: str | None = typer.Option(None, "--gates", help="RNN weights: hh (default) or hh,ih."),
-    target_reduction: float | None = typer.Option(None, "--target-reduction", help="Convert the cheapest layers until the model is this fraction smaller (e.g. 0.25)."),
-    schemes: str | None = typer.Option(None, "--schemes", help=_SCHEMES_HELP),
+    gates: str | None = _GATES,
+    target_reduction: float | None = _TARGET_REDUCTION,
+    schemes: str | None = _SCHEMES,
     fmt: str = typer.Option("table", "--format", help="table or json (the plan)"),
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
-    calibrate: str | None = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP),
-    calibration_samples: int = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded)."),
+    calibrate: str | None = _CALIBRATE,
+    calibration_samples: int = _CALIBRATION_SAMPLES,
 ) -> None:
     """Convert MODEL: replace every eligible layer by its symmetric equivalent (initialised
     from the nearest symmetric weight) and write the converted-model directory.
@@ -252,18 +273,18 @@ def convert_command(
 
     parse_dtype(dtype)  # a bad --dtype fails before any work
     m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
-    sel = _selection(include, exclude, layers, min_channels, include_head, gates)
-    m, plan = symconvert.convert(m, scheme, allow_empty=allow_empty,
-                                 target_reduction=target_reduction, schemes=schemes,
-                                 calibrate=calibrate, calibration_samples=calibration_samples,
-                                 **sel)
-    args = {"model": model, "scheme": scheme, "pretrained": pretrained, "model_kwargs": model_kwarg,
-            **({"schemes": plan.schemes} if schemes is not None or scheme == "auto" else {}),
+    config = _config(scheme, include=include, exclude=exclude, layers=layers,
+                     min_channels=min_channels, include_head=include_head, gates=gates,
+                     allow_empty=allow_empty, target_reduction=target_reduction,
+                     schemes=schemes, calibrate=calibrate,
+                     calibration_samples=calibration_samples)
+    m, plan = symconvert.convert(m, config)
+    args = {"model": model, "pretrained": pretrained, "model_kwargs": model_kwarg,
             "weights": str(weights) if weights else None, "num_classes": num_classes,
-            "target_reduction": target_reduction, "allow_empty": allow_empty, **sel}
+            **config.to_record(),
+            **({"schemes": plan.schemes} if schemes is not None or scheme == "auto" else {})}
     extra = {"convert": args}
     if calibrate is not None:
-        args.update(calibrate=calibrate, calibration_samples=calibration_samples)
         from symconvert.surgery.calibrate import calibration_record
 
         extra["calibration"] = calibration_record(plan)

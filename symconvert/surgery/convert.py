@@ -2,35 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from symconvert.errors import SymconvertError
 from symconvert.schemes import Scheme
+from symconvert.surgery.config import ConvertConfig
 from symconvert.surgery.layers import handler_for
 from symconvert.surgery.parametrization import Symmetric, converted_tensors
 from symconvert.surgery.plan import Plan, build_plan, require_nonempty
-from symconvert.surgery.selection import Selection
 
 
-def inspect(
-    model: nn.Module,
-    scheme: str | Scheme,
-    *,
-    include: str | list[str] | None = None,
-    exclude: str | list[str] | None = None,
-    layers: str | list[str] | None = None,
-    min_channels: int = 0,
-    include_head: bool = False,
-    allow_empty: bool = True,
-    target_reduction: float | None = None,
-    gates: str | list[str] | None = None,
-    schemes: str | list[str] | None = None,
-    costs=None,
-    _with_error: bool = True,
-) -> Plan:
-    """The plan ``convert`` would carry out; the model is not changed.
+def inspect(model: nn.Module, scheme: str | Scheme | ConvertConfig, /, *,
+            _with_error: bool = True, **options: Any) -> Plan:
+    """The plan ``convert`` would carry out; the model is not changed. Takes a
+    ``ConvertConfig`` or its fields as keywords (``include``, ``exclude``, ``layers``,
+    ``min_channels``, ``include_head``, ``gates``, ``allow_empty`` (default True here),
+    ``target_reduction``, ``schemes``, ``costs``); calibration keys are ignored.
 
     ``scheme="auto"`` (with ``target_reduction``) chooses per layer one of ``schemes``
     (default ``symconvert.surgery.auto.DEFAULT_SCHEMES``) or none, at the least total cost: the
@@ -38,36 +29,31 @@ def inspect(
     candidate pairs returning it). See ``symconvert.surgery.auto``."""
     from symconvert.surgery.auto import build_auto_plan, is_auto
 
-    selection = Selection.build(include, exclude, layers, min_channels, include_head, gates)
-    if is_auto(scheme):
-        plan = build_auto_plan(model, selection, target_reduction, schemes, costs)
-    elif schemes is not None or costs is not None:
+    if not isinstance(scheme, ConvertConfig):
+        options.setdefault("allow_empty", True)
+    config = ConvertConfig.of(scheme, **options)
+    selection = config.selection()
+    if is_auto(config.scheme):
+        plan = build_auto_plan(model, selection, config.target_reduction, config.schemes,
+                               config.costs)
+    elif config.schemes is not None or config.costs is not None:
         raise SymconvertError("--schemes (and costs=) choose among candidates for --scheme auto; "
-                              f"with --scheme {scheme} leave them out.")
+                              f"with --scheme {config.scheme} leave them out.")
     else:
-        plan = build_plan(model, scheme, selection, target_reduction, with_error=_with_error)
-    require_nonempty(plan, allow_empty)
+        plan = build_plan(model, config.scheme, selection, config.target_reduction,
+                          with_error=_with_error)
+    require_nonempty(plan, config.allow_empty)
     return plan
 
 
-def convert(
-    model: nn.Module,
-    scheme: str | Scheme,
-    *,
-    include: str | list[str] | None = None,
-    exclude: str | list[str] | None = None,
-    layers: str | list[str] | None = None,
-    min_channels: int = 0,
-    include_head: bool = False,
-    allow_empty: bool = False,
-    target_reduction: float | None = None,
-    gates: str | list[str] | None = None,
-    schemes: str | list[str] | None = None,
-    costs=None,
-    calibrate=None,
-    calibration_samples: int = 512,
-) -> tuple[nn.Module, Plan]:
+def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
+            **options: Any) -> tuple[nn.Module, Plan]:
     """Replace every selected, eligible weight by its symmetric parametrization, in place.
+
+    Takes a ``ConvertConfig`` or its fields as keywords: the selection (``include``,
+    ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
+    ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
+    ``calibrate``/``calibration_samples``.
 
     Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
     original is dropped: the module keeps only the packed free parameters
@@ -82,31 +68,18 @@ def convert(
     """
     from symconvert.surgery.auto import require_reachable
 
-    if calibrate is not None:
+    config = ConvertConfig.of(scheme, **options)
+    if config.calibrate is not None:
         from symconvert.surgery.calibrate import convert_calibrated
 
-        return convert_calibrated(model, scheme, calibrate, calibration_samples,
-                                  include=include, exclude=exclude, layers=layers,
-                                  min_channels=min_channels, include_head=include_head,
-                                  allow_empty=allow_empty, target_reduction=target_reduction,
-                                  gates=gates, schemes=schemes, costs=costs)
-    plan = inspect(
-        model,
-        scheme,
-        include=include,
-        exclude=exclude,
-        layers=layers,
-        min_channels=min_channels,
-        include_head=include_head,
-        allow_empty=allow_empty,
-        target_reduction=target_reduction,
-        gates=gates,
-        schemes=schemes,
-        costs=costs,
-        # the error is measured while attaching (one pack per layer instead of two),
-        # unless --target-reduction needs it to choose the layers
-        _with_error=target_reduction is not None,
-    )
+        return convert_calibrated(model, config.scheme, config.calibrate,
+                                  config.calibration_samples, allow_empty=config.allow_empty,
+                                  target_reduction=config.target_reduction,
+                                  schemes=config.schemes, costs=config.costs,
+                                  **config.selection_kwargs())
+    # the error is measured while attaching (one pack per layer instead of two), unless
+    # --target-reduction needs it to choose the layers
+    plan = inspect(model, config, _with_error=config.target_reduction is not None)
     require_reachable(plan)
     apply_plan(model, plan)
     return model, plan
