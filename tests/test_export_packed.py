@@ -273,7 +273,7 @@ def test_report_deployment_section(cli, tmp_path):
     """`report` shows the bytes of every export format, measured, and per dtype."""
     import json
 
-    from symconvert.report.build import render_markdown
+    from symconvert.report.render import render_markdown
 
     directory = tmp_path / "lm"
     wide = ["--model-kwarg", "vocab_size=50", "--model-kwarg", "emb=96", "--model-kwarg", "hidden=96"]

@@ -19,14 +19,9 @@ from torch import nn
 
 import symconvert
 from symconvert.errors import SymconvertError
-from symconvert.report.build import (
-    compare_sentence,
-    parse_compare,
-    read_metrics,
-    render_markdown,
-    render_text,
-    sections,
-)
+from symconvert.report.build import parse_compare
+from symconvert.report.measure import read_metrics
+from symconvert.report.render import compare_sentence, render_markdown, render_text, sections
 
 MODEL = "timm:quickstart_digits"
 FT_EPOCHS = "1"
@@ -420,7 +415,7 @@ def test_plot_with_partial_metrics(tmp_path):
     """Missing keys in metrics.jsonl and unmeasured accuracy still give a full plot."""
     import matplotlib.image
 
-    from symconvert.report.build import plot_report
+    from symconvert.report.plot import plot_report
 
     report = _synthetic_report()
     report["curves"] = {"finetuned": [{"epoch": 1, "train_loss": 1.0}, {"epoch": 2},

@@ -54,7 +54,9 @@ def report_command(
     from symconvert.io.checkpoint import META_NAME, WEIGHTS_NAME
     from symconvert.io.files import atomic_write_text, check_output_file
     from symconvert.io.metadata import trusting_code
-    from symconvert.report.build import FORMATS, ReportOptions, build_report, plot_report, render
+    from symconvert.report.build import ReportOptions, build_report
+    from symconvert.report.plot import plot_report
+    from symconvert.report.render import FORMATS, render
 
     if fmt not in FORMATS:
         raise SymconvertError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}.")
@@ -89,7 +91,7 @@ def report_command(
         atomic_write_text(out, text + "\n")
         err_console.print(f"wrote [bold]{out}[/] ({fmt})", highlight=False)
     elif fmt == "table":
-        from symconvert.report.build import render_table
+        from symconvert.report.render import render_table
 
         for item in render_table(report):
             console.print(item)

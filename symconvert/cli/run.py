@@ -94,7 +94,7 @@ def run_command(
                      echo=lambda text: err_console.print(text, highlight=False, markup=False))
     if not result.report:  # a non-zero torchrun rank: rank 0 prints
         return
-    from symconvert.report.build import render_table
+    from symconvert.report.render import render_table
 
     console.print(*render_table(result.report))
     wall = time.perf_counter() - start

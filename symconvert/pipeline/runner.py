@@ -692,7 +692,9 @@ def report_stage(recipe: Recipe, model_dir: Path, out: Path,
                                                                     dict[str, Path]]:
     """Build the report of ``model_dir`` and write the files ``recipe.report`` asks for."""
     from symconvert.io.files import atomic_write as _atomic_write
-    from symconvert.report.build import build_report, plot_report, render
+    from symconvert.report.build import build_report
+    from symconvert.report.plot import plot_report
+    from symconvert.report.render import render
 
     report = build_report(model_dir, options=report_options(recipe), log=log)
     files: dict[str, Path] = {}

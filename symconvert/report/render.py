@@ -1,0 +1,357 @@
+"""The report as text (SPEC §7): ``sections(report)`` turns the dict ``build_report`` returns
+into titled tables of already-formatted strings; ``render_table`` (rich), ``render_markdown``
+and ``render_text`` lay them out and ``render_json`` dumps the dict. Every number passes through
+the ``fmt_*`` helpers here, so the formats cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from symconvert.errors import SymconvertError
+
+COMPARE_KINDS = ("prune", "dense")
+FORMATS = ("table", "json", "markdown")
+
+Report = dict[str, Any]
+
+
+# ------------------------------------------------------------------- sentences
+
+
+def compare_sentence(compare: dict[str, Any]) -> str:
+    """One sentence: which won at the same parameter budget and by how much."""
+    sym = compare["symmetric"]
+    parts = []
+    if "perplexity" in sym:
+        return _perplexity_sentence(compare)
+    if "top1" not in sym:
+        return "The symmetric model has no top-1 to compare."
+    n = compare.get("n")
+
+    def images(diff_pt: float) -> str:
+        # on a small eval split a point is a handful of images: say how many
+        return f" = {round(abs(diff_pt) * n / 100)} of {n:,} images" if n else ""
+
+    if "prune" in compare and "top1" in compare["prune"]:
+        diff = (sym["top1"] - compare["prune"]["top1"]) * 100
+        verdict = ("symmetry wins" if diff > 0 else "pruning wins" if diff < 0 else "a tie")
+        margin = f" by {abs(diff):.2f} pt{images(diff)}" if diff else ""
+        parts.append(
+            f"with {compare['removed']:,} parameters removed from each, {sym['label']} reaches "
+            f"{fmt_pct(sym['top1'])} top-1 and magnitude pruning {fmt_pct(compare['prune']['top1'])}"
+            f" ({verdict}{margin}), but only the symmetric file is smaller "
+            f"({sym['bytes']:,} vs {compare['prune']['bytes']:,} bytes)")
+    if "dense" in compare and "top1" in compare["dense"]:
+        diff = (compare["dense"]["top1"] - sym["top1"]) * 100
+        cost = (f"symmetry costs {diff:.2f} pt{images(diff)}" if diff > 0 else
+                f"symmetry is {-diff:.2f} pt ahead{images(diff)}" if diff < 0 else
+                "no difference")
+        parts.append(f"the dense control fine-tuned with the same budget reaches "
+                     f"{fmt_pct(compare['dense']['top1'])} ({cost})")
+    text = "; ".join(parts)
+    return (text[0].upper() + text[1:] + ".") if text else ""
+
+
+def _perplexity_sentence(compare: dict[str, Any]) -> str:
+    """``compare_sentence`` for a language model: perplexity, lower is better."""
+    sym = compare["symmetric"]
+    parts = []
+    for kind, what in (("prune", "magnitude pruning at the same parameter count"),
+                       ("dense", "the dense control fine-tuned with the same budget")):
+        other = (compare.get(kind) or {}).get("perplexity")
+        if other is None:
+            continue
+        ratio = sym["perplexity"] / other - 1
+        parts.append(f"{what} reaches perplexity {other:.2f} against {sym['perplexity']:.2f} "
+                     f"for {sym['label']} ({ratio:+.1%})")
+    text = "; ".join(parts)
+    return (text[0].upper() + text[1:] + ".") if text else ""
+
+
+# ------------------------------------------------------------------------ rendering
+
+
+def fmt_int(n: int | None) -> str:
+    return "—" if n is None else f"{n:,}"
+
+
+def fmt_pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.2f} %"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f} ms"
+
+
+def fmt_err(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+@dataclass
+class Section:
+    """One titled table of already-formatted cells; the renderers only lay it out."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    right: list[bool] = field(default_factory=list)  # right-justify column i
+    note: str | None = None
+
+
+def _perplexity_report(acc: dict[str, Any]) -> bool:
+    """A language model's report: its entries are perplexities (lower is better)."""
+    return any(isinstance(acc.get(k), dict) and "perplexity" in acc[k]
+               for k in ("source", "converted", "finetuned"))
+
+
+def fmt_ppl(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _ppl_cells(entry: dict[str, Any] | None) -> list[str]:
+    if not entry or "reason" in entry:
+        return ["—", f"not measured: {(entry or {}).get('reason', 'not measured')}"]
+    return [fmt_ppl(entry.get("perplexity")), ""]
+
+
+def _acc_cells(entry: dict[str, Any] | None) -> list[str]:
+    if not entry or "reason" in entry:
+        reason = (entry or {}).get("reason", "not measured")
+        return ["—", "—", f"not measured: {reason}"]
+    note = f"perplexity {entry['perplexity']:.2f}" if "perplexity" in entry else ""
+    return [fmt_pct(entry.get("top1")), fmt_pct(entry.get("top5")), note]
+
+
+def sections(report: Report) -> list[Section]:
+    """The report as tables of strings: what ``render_table`` and ``render_markdown`` show."""
+    out = [_summary_section(report), _accuracy_section(report["accuracy"])]
+    if report.get("compare"):
+        out.append(_compare_section(report["compare"], _perplexity_report(report["accuracy"])))
+    if report.get("deployment"):
+        out.append(_deployment_section(report["deployment"]))
+    out.append(_layers_section(report))
+    out.append(_provenance_section(report))
+    return out
+
+
+def _summary_section(report: Report) -> Section:
+    """Parameters, bytes, FLOPs and latency, source against symmetric."""
+    p, b, f, lat = report["params"], report["bytes"], report["flops"], report["latency"]
+    notes = ["bytes: dense = the folded export (`symconvert export --format dense`)."]
+    if "reason" in lat:
+        notes.append(f"latency not measured: {lat['reason']}.")
+    else:
+        notes.append(f"latency: median of {lat.get('runs')} runs, the symmetric model folded; "
+                     f"unfolded it takes {fmt_ms(lat['converted_ms'])}.")
+    if "reason" in f:
+        notes.append(f"FLOPs not counted: {f['reason']}.")
+    return Section(
+        title=f"{report['model']} — {report['scheme']} ({report['kind']})",
+        columns=["quantity", "source / dense", "symmetric", "change"],
+        right=[False, True, True, True],
+        rows=[
+            ["parameters", fmt_int(p["before"]), fmt_int(p["after"]),
+             f"−{fmt_int(p['saved'])} (−{fmt_pct(p['saved_fraction'])})"],
+            ["bytes on disk", fmt_int(b["dense"]), fmt_int(b["symconvert"]),
+             f"−{fmt_pct(b['saved_fraction'])}"],
+            ["FLOPs per input", fmt_int(f.get("source")), fmt_int(f.get("folded")),
+             fmt_ratio(f["folded"] / f["source"] if f.get("source") else None)],
+            [f"latency, batch {lat['batch']} ({lat['device']})", fmt_ms(lat.get("source_ms")),
+             fmt_ms(lat.get("folded_ms")), fmt_ratio(lat.get("folded_vs_source"))],
+        ],
+        note=" ".join(notes),
+    )
+
+
+def _accuracy_section(acc: dict[str, Any]) -> Section:
+    """Top-1/top-5 (or perplexity for a language model) of every model measured."""
+    if "reason" in acc and not any(k in acc for k in ("source", "converted", "finetuned")):
+        return Section(title="accuracy", columns=["model", "top-1", "top-5", "note"],
+                       right=[False, True, True, False],
+                       rows=[[m, "—", "—", f"not measured: {acc['reason']}"]
+                             for m in ("source", "converted", "fine-tuned")])
+    if _perplexity_report(acc):
+        return Section(
+            title=f"perplexity on the {acc.get('split')} split ({fmt_int(acc.get('n'))} tokens)",
+            columns=["model", "perplexity", "note"], right=[False, True, False],
+            rows=[[label, *_ppl_cells(acc.get(key))] for key, label in
+                  (("source", "source"), ("converted", "converted, before fine-tuning"),
+                   ("finetuned", "fine-tuned"))])
+    return Section(
+        title=f"accuracy on the {acc.get('split')} split (n = {fmt_int(acc.get('n'))})",
+        columns=["model", "top-1", "top-5", "note"], right=[False, True, True, False],
+        rows=[[label, *_acc_cells(acc.get(key))] for key, label in
+              (("source", "source"), ("converted", "converted, before fine-tuning"),
+               ("calibrated", "converted, calibrated"),
+               ("finetuned", "fine-tuned"))])
+
+
+def _compare_section(cmp_: dict[str, Any], ppl: bool) -> Section:
+    """``--compare``: the symmetric model and the baselines side by side."""
+    rows = []
+    for key in ("symmetric", *COMPARE_KINDS):
+        e = cmp_.get(key)
+        if not e:
+            continue
+        before = e.get("before_finetune") or {}
+        scores = ([fmt_ppl(before.get("perplexity")), fmt_ppl(e.get("perplexity"))] if ppl
+                  else [fmt_pct(before.get("top1")), fmt_pct(e.get("top1")),
+                        fmt_pct(e.get("top5"))])
+        rows.append([e["label"], fmt_int(e["params_stored"]), fmt_int(e["params_nonzero"]),
+                     fmt_int(e["bytes"]), *scores])
+    budget = cmp_["budget"]
+    budget_text = (f"Budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
+                   f"{'on' if budget['distill'] else 'off'}, seed {budget['seed']}"
+                   if budget.get("fine_tuned") else f"Budget: {budget['note']}")
+    notes = [cmp_["summary"], budget_text + "."] + [
+        f"{cmp_[k]['label'][0].upper()}{cmp_[k]['label'][1:]}: {cmp_[k]['note']}."
+        for k in COMPARE_KINDS if k in cmp_]
+    return Section(
+        title=f"side by side, {fmt_int(cmp_['removed'])} parameters removed",
+        columns=["model", "params stored", "params non-zero", "file bytes",
+                 *(["perplexity before FT", "perplexity"] if ppl else
+                   ["top-1 before FT", "top-1", "top-5"])],
+        right=[False] + [True] * (len(rows[0]) - 1 if rows else 6), rows=rows,
+        note=" ".join(notes))
+
+
+def _layers_section(report: Report) -> Section:
+    """One row per converted layer: shape, scheme, parameters and errors."""
+    layer_rows = [[e["name"], "×".join(str(s) for s in e["shape"]), e["scheme"],
+                   fmt_int(e["params_before"]), fmt_int(e["params_after"]),
+                   fmt_err(e["symmetrization_error"]), fmt_err(e.get("output_error"))]
+                  for e in report["layers"]]
+    return Section(
+        title=f"per layer ({len(layer_rows)} converted)",
+        columns=["layer", "shape", "scheme", "params before", "params after", "sym. error",
+                 "output error"],
+        right=[False, False, False, True, True, True, True], rows=layer_rows,
+        note="sym. error = ‖W − unpack(pack(W))‖ / ‖W‖ on the source weights; output error = "
+             "relative error of the layer's output on the calibration data after the "
+             "least-squares fit (convert --calibrate; — without); rows from "
+             f"{report.get('layers_from')}.")
+
+
+def _provenance_section(report: Report) -> Section:
+    """Where the numbers come from: directory, data, device, versions, arguments."""
+    prov = report["provenance"]
+    v = prov["versions"]
+    return Section(
+        title="provenance", columns=["", ""], right=[False, False],
+        rows=[
+            ["directory", report["directory"]],
+            ["data", f"{prov['data'] or '—'} (split {prov['split'] or '—'}, "
+                     f"n = {fmt_int(prov['n'])})"],
+            ["device", prov["device"]],
+            ["versions", ", ".join(f"{k} {v[k]}" for k in v)],
+            ["convert", _args_text(prov.get("convert"))],
+            ["finetune", _args_text(prov.get("finetune"))],
+            ["parent", prov.get("parent") or "—"],
+        ])
+
+
+def _deployment_section(dep: dict[str, Any]) -> Section:
+    dtypes = list(dep.get("by_dtype", {}))
+    labels = {"symconvert": "symconvert directory", "dense_onnx": "ONNX, dense",
+              "packed_onnx": "ONNX, --packed", "dense_torchscript": "TorchScript, dense",
+              "packed_torchscript": "TorchScript, --packed"}
+    rows = []
+    for key, label in labels.items():
+        by = {d: dep["by_dtype"][d].get("dense" if key.startswith("dense") else key)
+              for d in dtypes}
+        measured = fmt_int(dep.get(key)) if key in dep else \
+            f"— ({dep.get('reasons', {}).get(key, 'not written')})"
+        rows.append([label, measured, *[fmt_int(by[d]) for d in dtypes]])
+    return Section(
+        title="deployment: bytes of what you ship",
+        columns=["format", f"file bytes ({dep.get('stored_dtype', 'float32')})",
+                 *[f"tensors, {d}" for d in dtypes]],
+        right=[False, True, *[True] * len(dtypes)], rows=rows,
+        note=(f"file bytes: written and measured (`symconvert export --format F [--packed]`); "
+              f"tensors: what each format stores per --dtype, packed ones including "
+              f"{fmt_int(dep.get('index_bytes'))} bytes of int32 index tables; a dense ONNX "
+              "file is smaller by the BatchNorms the exporter folds."))
+
+
+def _args_text(args: dict[str, Any] | None) -> str:
+    if not args:
+        return "—"
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in args.items() if v not in (None, [], {}))
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report, indent=2, default=str)
+
+
+def render_markdown(report: Report) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"# symconvert report: {cell(report['model'])}", ""]
+    for sec in sections(report):
+        lines += [f"## {cell(sec.title)}", ""]
+        lines.append("| " + " | ".join(cell(c) or " " for c in sec.columns) + " |")
+        lines.append("|" + "|".join("---:" if (sec.right[i] if i < len(sec.right) else False)
+                                    else "---" for i in range(len(sec.columns))) + "|")
+        for row in sec.rows:
+            lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+        if sec.note:
+            lines += ["", cell(sec.note)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_table(report: Report) -> list[Any]:
+    """rich renderables (one Table per section) for ``console.print(*render_table(r))``."""
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[Any] = [Text(f"symconvert report: {report['model']}", style="bold")]
+    for sec in sections(report):
+        table = Table(title=escape(sec.title), title_justify="left", show_header=any(sec.columns))
+        for i, col in enumerate(sec.columns):
+            table.add_column(escape(col), justify="right" if (sec.right[i] if i < len(
+                sec.right) else False) else "left", overflow="fold")
+        for row in sec.rows:
+            table.add_row(*(escape(c) for c in row))
+        out.append(table)
+        if sec.note:
+            out.append(Text(sec.note, style="dim"))
+    return out
+
+
+def render_text(report: Report, width: int = 160) -> str:
+    """The rich table as plain text (for ``--out FILE`` and tests)."""
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open(os.devnull, "w"),  # noqa: SIM115
+                      color_system=None)
+    for item in render_table(report):
+        console.print(item)
+    text = console.export_text()
+    console.file.close()
+    return text
+
+
+def render(report: Report, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise SymconvertError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}.")
+    if fmt == "json":
+        return render_json(report)
+    if fmt == "markdown":
+        return render_markdown(report)
+    return render_text(report)
+
+
+__all__ = ["COMPARE_KINDS", "FORMATS", "Section", "compare_sentence", "fmt_err", "fmt_int",
+           "fmt_ms", "fmt_pct", "fmt_ppl", "fmt_ratio", "render", "render_json",
+           "render_markdown", "render_table", "render_text", "sections"]

@@ -1,0 +1,244 @@
+"""Calibration plumbing (``symconvert.surgery.calibrate``): running the models with hooks,
+the converted tensors as fit units in forward order, each layer's (input, output) rows and the
+float64 moments H = X Xᵀ, C = Y Xᵀ, ||Y||² accumulated from them. No solver here."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from symconvert.errors import SymconvertError
+from symconvert.surgery.parametrization import converted_tensors
+
+
+class CalibrationError(SymconvertError):
+    """Calibration cannot run on this model/data (exit code 2 on the CLI).
+
+    Defined here, the lowest of the calibration modules, so that the helpers can raise it;
+    ``symconvert.surgery.calibrate`` re-exports it."""
+
+
+# ----------------------------------------------------------------------------- hooks / forward
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward is skipped."""
+
+
+@contextlib.contextmanager
+def _calibration_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode, no fused transformer fast path, and nn.MultiheadAttention calling its
+    ``out_proj`` as a module (so hooks on it fire), for the duration."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    patched: list[nn.Module] = []
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        for model in models:
+            model.eval()
+            for m in model.modules():
+                if isinstance(m, nn.MultiheadAttention) and "forward" not in vars(m):
+                    m.forward = _mha_forward.__get__(m)  # type: ignore[method-assign]
+                    patched.append(m)
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for m in patched:
+            del m.forward
+        for m, mode in modes:
+            m.training = mode
+
+
+def _mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+                 need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention.forward with the output projection applied by calling the
+    ``out_proj`` module (torch applies it functionally inside the attention kernel)."""
+    eye = torch.eye(self.embed_dim, dtype=query.dtype, device=query.device)
+    zero = torch.zeros(self.embed_dim, dtype=query.dtype, device=query.device)
+    batch_first = self.batch_first
+    if batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    kwargs = {}
+    if not self._qkv_same_embed_dim:
+        kwargs = dict(use_separate_proj_weight=True, q_proj_weight=self.q_proj_weight,
+                      k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight)
+    attn, weights = F.multi_head_attention_forward(
+        query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+        self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, eye, zero,
+        training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+        attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+        **kwargs)
+    out = self.out_proj(attn)
+    if batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+def _run(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+    try:
+        with torch.no_grad():
+            model(x.to(device))
+    except _Stop:
+        pass
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclass
+class _Unit:
+    """One converted tensor (shared by its tied aliases) and the module calls that use it."""
+
+    name: str  # the plan's layer name
+    module_name: str
+    tensor: str
+    module: nn.Module
+    sym: Any
+    sites: list[str] = field(default_factory=list)  # modules whose calls use the tensor
+
+
+def _units(model: nn.Module) -> list[_Unit]:
+    units: dict[int, _Unit] = {}
+    for name, module, tensor, sym in converted_tensors(model):
+        plist = module.parametrizations[tensor]
+        unit = units.get(id(plist))
+        if unit is None:
+            label = name if tensor == "weight" else f"{name}.{tensor}"
+            unit = units[id(plist)] = _Unit(label, name, tensor, module, sym)
+        unit.sites.append(name)
+    return list(units.values())
+
+
+def _forward_order(model: nn.Module, units: list[_Unit], x: torch.Tensor,
+                   device: torch.device) -> tuple[list[_Unit], dict[str, int]]:
+    """Units sorted by their first call in a forward pass, and each site's calls per pass."""
+    order: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    handles = []
+    names = {s for u in units for s in u.sites}
+    for name, module in model.named_modules():
+        if name in names:
+            def hook(mod, args, _name=name):
+                calls[_name] = calls.get(_name, 0) + 1
+                order.setdefault(_name, len(order))
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        _run(model, x[:2], device)
+    finally:
+        for h in handles:
+            h.remove()
+    never = [u.name for u in units if not any(s in order for s in u.sites)]
+    if never:
+        raise CalibrationError(
+            f"converted layer(s) never called by the model's forward: {', '.join(never[:5])}; "
+            "cannot calibrate them.")
+    key = {u.name: min(order[s] for s in u.sites if s in order) for u in units}
+    return sorted(units, key=lambda u: (key[u.name], _rnn_rank(u))), calls
+
+
+def _rnn_rank(unit: _Unit) -> tuple[int, int, int]:
+    """Inside one recurrent module: layer by layer, input weights before recurrent ones
+    (the recurrent fit sees the hidden states the fitted input weights produce)."""
+    if not isinstance(unit.module, nn.RNNBase):
+        return (0, 0, 0)
+    kind, _, rest = unit.tensor.partition("_l")
+    layer, _, direction = rest.partition("_")
+    return (int(layer), 0 if kind == "weight_ih" else 1, 1 if direction else 0)
+
+
+# ----------------------------------------------------------------------------- layer views
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+def _conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """im2col of a conv input: [groups, rows, in/groups * prod(kernel)] (rows = batch x
+    output positions), matching ``weight.reshape(out, -1)`` of each group."""
+    nd = x.dim() - 2
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    else:
+        pad = []
+        for p in reversed(module.padding):
+            pad += [p, p]
+        if any(pad):
+            x = F.pad(x, pad)
+    b, c = x.shape[:2]
+    for d in range(nd):
+        k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
+        span = (k - 1) * dil + 1
+        x = x.unfold(2 + d, span, s)  # appends a window dim of size span
+        if dil > 1:
+            x = x[..., ::dil]
+    # x: [b, c, o_1..o_nd, k_1..k_nd]
+    g = module.groups
+    out_pos = x.shape[2 : 2 + nd]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    cols = x.permute(perm).reshape(b * math.prod(out_pos), g, (c // g) * math.prod(module.kernel_size))
+    return cols.transpose(0, 1)
+
+
+def _conv_targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Conv output [b, out, positions...] -> [groups, rows, out/groups]."""
+    b, o = y.shape[:2]
+    g = module.groups
+    return y.reshape(b, o, -1).permute(0, 2, 1).reshape(-1, g, o // g).transpose(0, 1)
+
+
+class _Moments:
+    """Float64 sums over rows: H = Σ x xᵀ (per group), C = Σ y xᵀ, ||y||², row count. The
+    input gets a trailing constant 1 when the layer has a bias (fitted with the weight)."""
+
+    def __init__(self, bias: bool) -> None:
+        self.bias = bias
+        self.h: torch.Tensor | None = None
+        self.c: torch.Tensor | None = None
+        self.yy = 0.0
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        # x [g, rows, d], y [g, rows, m]; chunked so the float64 copy stays small
+        g, rows, d = x.shape
+        step = max(1, (1 << 24) // max(1, g * (d + 1)))
+        for start in range(0, rows, step):
+            xs = x[:, start : start + step].double()
+            if self.bias:
+                xs = torch.cat([xs, xs.new_ones(g, xs.shape[1], 1)], dim=2)
+            h = xs.transpose(1, 2) @ xs
+            self.h = h if self.h is None else self.h.add_(h)
+            if y is not None:
+                ys = y[:, start : start + step].double()
+                c = ys.transpose(1, 2) @ xs
+                self.c = c if self.c is None else self.c.add_(c)
+                self.yy += float(ys.pow(2).sum())
+        self.rows += rows
+
+
+def _layer_io(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
+    """(inputs [g, rows, d], targets [g, rows, m]) of a conv/linear call."""
+    if _is_conv(module):
+        return _conv_columns(module, x), (None if y is None else _conv_targets(module, y))
+    xs = x.reshape(1, -1, x.shape[-1])
+    return xs, (None if y is None else y.reshape(1, -1, y.shape[-1]))
+
+
+def _packed(unit: _Unit) -> torch.Tensor:
+    return unit.module.parametrizations[unit.tensor].original
+
+
+def _fittable(unit: _Unit) -> bool:
+    """Layers calibration fits: conv/linear weights and LSTM/GRU gate blocks."""
+    if isinstance(unit.module, nn.RNNBase):
+        return True
+    return isinstance(unit.module, (nn.Linear, nn.modules.conv._ConvNd)) and unit.tensor == "weight"
+
