@@ -572,7 +572,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _finetune_config(meta: dict[str, Any], options: ReportOptions, device: torch.device):
     """The recorded fine-tuning configuration (None when DIR was not fine-tuned)."""
-    from symconvert.train.loop import FinetuneConfig
+    from symconvert.train.config import FinetuneConfig
 
     args = (meta.get("finetune") or {}).get("args")
     if not args:
