@@ -1,7 +1,7 @@
 """Numbers a command takes, checked before it creates or loads anything.
 
 ``check_finetune_args(**flags)`` is called by the ``finetune`` command and by
-``symconvert.train.loop.finetune`` (the API) first thing; ``require_finite(model, what)`` is the
+``symconvert.train.run.finetune`` (the API) first thing; ``require_finite(model, what)`` is the
 last guard before weights reach a file (a checkpoint, a model directory).
 """
 

@@ -373,7 +373,7 @@ def test_fashion_resnet_calibrated_far_above_naive():
 def test_calibrate_then_short_finetune_beats_uncalibrated_at_equal_budget(tmp_path):
     """The same fine-tune (1 epoch of the 1,437 digits training images, defaults) from the
     naive and from the calibrated conversion: the calibrated start ends higher."""
-    from symconvert.train.loop import finetune
+    from symconvert.train.run import finetune
 
     model = symconvert.create_model("timm:quickstart_digits", pretrained=True)
     naive, _ = symconvert.convert(copy.deepcopy(model), "quarter")

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 import symconvert
 from symconvert.tasks.data import resolve_image_config
+from symconvert.train.config import FinetuneConfig
 from symconvert.train.evaluate import evaluate
-from symconvert.train.loop import FinetuneConfig, fit
+from symconvert.train.loop import fit
 
 
 @pytest.fixture(autouse=True)

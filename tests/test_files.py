@@ -179,7 +179,7 @@ def test_full_disk_in_a_writer_without_errno_is_exit_2(tmp_path, cli, monkeypatc
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
 
     monkeypatch.setattr(torch, "save", failing)
-    from symconvert.train.loop import atomic_torch_save
+    from symconvert.train.state import atomic_torch_save
 
     with pytest.raises(files.OutputError, match="No space left"):
         atomic_torch_save({"a": 1}, tmp_path / "ck.pt")

@@ -20,20 +20,17 @@ from torch import nn
 import symconvert
 from symconvert.errors import DataError, SymconvertError, TrainingError
 from symconvert.tasks.data import create_loaders
+from symconvert.train.config import FinetuneConfig
 from symconvert.train.evaluate import evaluate
-from symconvert.train.loop import (
-    CHECKPOINT_NAME,
-    METRICS_NAME,
-    FinetuneConfig,
-    atomic_torch_save,
+from symconvert.train.loop import fit
+from symconvert.train.optim import (
     create_optimizer,
     create_scheduler,
     distillation_loss,
-    finetune,
-    fit,
-    load_checkpoint,
     param_groups,
 )
+from symconvert.train.run import finetune
+from symconvert.train.state import CHECKPOINT_NAME, METRICS_NAME, atomic_torch_save, load_checkpoint
 
 TIMING_KEYS = {"images_per_s", "time", "eval_time"}
 

@@ -183,7 +183,8 @@ def test_train_lm_learns_a_repetitive_text(tmp_path):
 def test_the_language_model_task_sets_the_papers_defaults(tmp_path):
     """text: data → plain SGD (no momentum, no weight decay), lr 20, clip 0.25, batch 20;
     what the caller sets wins."""
-    from symconvert.train.loop import FinetuneConfig, create_optimizer, task_config
+    from symconvert.train.config import FinetuneConfig, task_config
+    from symconvert.train.optim import create_optimizer
 
     root = write_corpus(tmp_path / "c", "a b c\n" * 20, test="a b\n" * 5)
     cfg = FinetuneConfig(**task_config(f"text:{root}", {"lr": None, "clip_grad": None}))
@@ -198,7 +199,7 @@ def test_the_language_model_task_sets_the_papers_defaults(tmp_path):
 
 
 def test_finetune_on_text_writes_a_model_directory_and_metrics(tmp_path):
-    from symconvert.train.loop import finetune
+    from symconvert.train.run import finetune
 
     corpus = toy_corpus(tmp_path)
     torch.manual_seed(0)
@@ -279,7 +280,7 @@ def test_wikitext2_short_budget_dense_and_symmetric_hh(wikitext, dense_lm, tmp_p
 @pytest.mark.slow
 @pytest.mark.xdist_group("lm-wikitext")
 def test_wikitext2_converted_dense_lm_recovers_by_finetuning(wikitext, dense_lm, tmp_path):
-    from symconvert.train.loop import finetune
+    from symconvert.train.run import finetune
 
     dense_dir, dense = dense_lm
     model = symconvert.load(dense_dir)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import symconvert
 from symconvert.tasks.lm import load_corpus, train_lm
-from symconvert.train.loop import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint
+from symconvert.train.state import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2"
 LM = "py:symconvert.models.lstm_lm:lstm_lm"

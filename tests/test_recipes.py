@@ -210,7 +210,7 @@ def test_finetune_settings_map_to_the_trainer():
 
 def test_extra_reaches_trainer_settings_it_knows(monkeypatch):
     """finetune.extra passes any FinetuneConfig field the trainer gains, with no schema change."""
-    import symconvert.train.loop as train_mod
+    import symconvert.train.config as train_mod
 
     with pytest.raises(RecipeError, match=r"finetune\.extra\.label_smoothing.*no such setting"):
         parse_recipe({**MINIMAL, "finetune": {"extra": {"label_smoothing": 0.1}}})
@@ -234,7 +234,7 @@ LM_RECIPE = {"model": {"name": "py:symconvert.models.lstm_lm:lstm_lm", "pretrain
 
 
 def test_a_language_model_recipe_goes_to_the_same_trainer_with_its_tasks_defaults():
-    """`data: text:ROOT` is fine-tuned by symconvert.train.loop.finetune like images; the
+    """`data: text:ROOT` is fine-tuned by symconvert.train.run.finetune like images; the
     language-model task fills what the recipe leaves out (plain SGD, clip 0.25, batch 20)."""
     recipe = parse_recipe({**LM_RECIPE, "finetune": {"epochs": 50, "distill": False,
                                                      "extra": {"bptt": 35}}})

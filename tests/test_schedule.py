@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from symconvert.errors import SymconvertError
-from symconvert.train.loop import FinetuneConfig, create_scheduler
+from symconvert.train.config import FinetuneConfig
+from symconvert.train.optim import create_scheduler
 
 
 def _lr_at(config: FinetuneConfig, epochs: list[int], steps_per_epoch: int = 10) -> list[float]:

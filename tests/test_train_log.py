@@ -9,9 +9,11 @@ import torch
 from _helpers_train import one_thread, tiny_mlp
 
 import symconvert.train.loop as train
+from symconvert.tasks import get_task
 from symconvert.tasks.language_model import corpus_loaders
 from symconvert.tasks.lm import load_corpus
-from symconvert.train.loop import FinetuneConfig, fit
+from symconvert.train.config import FinetuneConfig, task_config
+from symconvert.train.loop import fit
 
 LINE = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+)  loss (\d+\.\d{4})  (\d+) (img|tok)/s  "
                   r"ETA \d+:\d\d:\d\d$")
@@ -47,7 +49,7 @@ def test_every_30_seconds_by_default_and_tokens_for_text(tmp_path, capsys, monke
     with one_thread():
         torch.manual_seed(0)
         model = lstm_lm(vocab_size=len(corpus.vocab), emb=8, hidden=8, layers=1, dropout=0.0)
-        cfg = FinetuneConfig(**train.task_config(train.get_task("language-model"),
+        cfg = FinetuneConfig(**task_config(get_task("language-model"),
                                                  {"epochs": 1, "distill": False,
                                                   "device": "cpu", "batch_size": 2, "bptt": 8}))
         fit(model, corpus_loaders(corpus, batch_size=2, bptt=8), tmp_path / "run", cfg,

@@ -82,7 +82,8 @@ def finetune_command(
     from symconvert.checks import check_finetune_args
     from symconvert.io.export_packed import parse_dtype, store_directory_as
     from symconvert.io.metadata import trusting_code
-    from symconvert.train.loop import TrainingInterrupted, finetune
+    from symconvert.train.loop import TrainingInterrupted
+    from symconvert.train.run import finetune
 
     # every number first: nothing is created or loaded for a bad flag
     check_finetune_args(epochs=epochs, lr=lr, batch_size=batch_size, decay_rate=decay_rate,

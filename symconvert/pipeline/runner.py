@@ -8,7 +8,7 @@ sections ``model``, ``selection``, ``data``, ``finetune``, ``report`` plus ``sch
 ``out``. ``parse_recipe`` validates a plain mapping and reports every problem at once, each
 naming its dotted key (``finetune.lr``), what is allowed there and, for an unknown key, the
 closest known ones. ``run`` calls the library API the CLI calls (``symconvert.convert``
-with the selection keywords, ``symconvert.train.loop.finetune``, ``symconvert.report.build``).
+with the selection keywords, ``symconvert.train.run.finetune``, ``symconvert.report.build``).
 
 ``model`` and ``data`` take a shorthand: ``model: timm:resnet18`` is ``model: {name: ...}``
 and ``data: digits`` is ``data: {spec: digits}``. Paths (``out``, ``model.weights``, data
@@ -163,7 +163,7 @@ def _check_semantics(recipe: Recipe, errors: Problems) -> None:
                    "the model has pretrained: false and no weights; remove report.compare or "
                    "give model.weights")
     if recipe.finetune.enabled and not has_source and recipe.finetune.teacher is None:
-        from symconvert.train.loop import FinetuneConfig
+        from symconvert.train.config import FinetuneConfig
 
         distill = recipe.finetune.distill
         if distill is None:
@@ -175,7 +175,7 @@ def _check_semantics(recipe: Recipe, errors: Problems) -> None:
                        "or finetune.teacher: MODEL_OR_DIR")
     extra = recipe.finetune.extra
     if extra:
-        from symconvert.train.loop import FinetuneConfig
+        from symconvert.train.config import FinetuneConfig
 
         trainer = {f.name for f in dataclasses.fields(FinetuneConfig)}
         own = set(FinetuneSection.model_fields)
@@ -249,7 +249,7 @@ def load_recipe(name: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
 
 
 def finetune_settings(recipe: Recipe) -> dict[str, Any]:
-    """The keyword arguments ``symconvert.train.loop.finetune`` gets, whatever the task: the
+    """The keyword arguments ``symconvert.train.run.finetune`` gets, whatever the task: the
     finetune keys that are set, the data keys it owns, ``extra``."""
     ft = recipe.finetune
     settings = {name: getattr(ft, name) for name in FinetuneSection.model_fields
@@ -285,7 +285,7 @@ def resolve(recipe: Recipe) -> dict[str, Any]:
 def trainer_config(recipe: Recipe) -> Any:
     """``FinetuneConfig`` for this recipe (the data's task fills what it leaves out); its
     own checks re-raised naming recipe keys."""
-    from symconvert.train.loop import FinetuneConfig, task_config
+    from symconvert.train.config import FinetuneConfig, task_config
 
     try:
         return FinetuneConfig(**task_config(recipe.data.spec, finetune_settings(recipe)))
@@ -467,8 +467,8 @@ def _distributed() -> tuple[int, int]:
 def _init_group(device: str | None) -> bool:
     """Under torchrun: join the process group early so that rank 0 alone converts and
     reports while the others wait (the trainer reuses the group). True if it created it."""
+    from symconvert.train.distributed import setup_distributed
     from symconvert.train.evaluate import resolve_device
-    from symconvert.train.loop import setup_distributed
 
     dist, _ = setup_distributed(resolve_device(device or "auto"))
     return dist.owns_group
@@ -642,9 +642,9 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
 
 def _finetune_step(recipe: Recipe, converted: Path, finetuned: Path, resume: bool,
                    progress: bool, echo: Callable[[str], None], log: _Log, main: bool) -> float:
-    """``symconvert.train.loop.finetune`` of the converted directory, as the CLI calls it; the
+    """``symconvert.train.run.finetune`` of the converted directory, as the CLI calls it; the
     seconds it took."""
-    from symconvert.train.loop import finetune
+    from symconvert.train.run import finetune
 
     t0 = time.perf_counter()
     settings = finetune_settings(recipe)

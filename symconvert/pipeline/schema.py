@@ -237,7 +237,7 @@ class FinetuneSection(Section):
     teacher: str | None = Field(None, description="distil from this MODEL or model directory "
                                 "instead of the source")
     extra: dict[str, Any] = Field(default_factory=dict, description="more trainer settings by "
-                                  "name (any field of symconvert.train.loop.FinetuneConfig, e.g. bptt, "
+                                  "name (any field of symconvert.train.config.FinetuneConfig, e.g. bptt, "
                                   "log_interval)")
 
 

@@ -70,7 +70,8 @@ def train_lm(model: nn.Module, corpus: Corpus, out: str | os.PathLike, epochs: i
     """Train ``model`` in place on the corpus's train split with ``symconvert.train.loop.fit``
     (checkpoints in ``out``; the language-model defaults: plain SGD, lr 20, clip 0.25, batch
     20, bptt 35). ``config`` takes ``FinetuneConfig`` fields; returns the metrics rows."""
-    from symconvert.train.loop import FinetuneConfig, fit, task_config
+    from symconvert.train.config import FinetuneConfig, task_config
+    from symconvert.train.loop import fit
 
     check_vocab(model, corpus)
     cfg = FinetuneConfig(**task_config(LanguageModelTask(), {"epochs": epochs, "distill": False,
