@@ -226,10 +226,7 @@ def test_every_scheme_and_layer_kind_calibrates(kind, scheme):
     converted, plan = symconvert.convert(copy.deepcopy(model), scheme, calibrate=x,
                                          calibration_samples=48, **options)
     assert len(plan.converted) == len(plan0.converted)
-    for e in plan.converted:
-        if e.name.endswith("in_proj_weight"):  # MultiheadAttention's packed q/k/v: not
-            assert e.output_error is None      # fitted, kept at the nearest symmetric weight
-            continue
+    for e in plan.converted:  # MultiheadAttention's in_proj_weight included
         assert e.output_error is not None and e.output_error <= e.output_error_naive + 1e-9
     with torch.no_grad():
         ys = source(x)
@@ -256,6 +253,79 @@ def test_mha_out_proj_is_fitted_despite_functional_call_and_fast_path():
     assert all(e.output_error < e.output_error_naive for e in plan.converted)
     assert torch.backends.mha.get_fastpath_enabled()
     assert "forward" not in vars(converted.enc.layers[0].self_attn)
+
+
+class _Attention(nn.Module):
+    """Self-attention (one in_proj_weight) or, with kdim, separate q/k/v projections."""
+
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim, batch_first=True)
+        self.kv = nn.Linear(8, kdim) if kdim else None
+
+    def forward(self, x):
+        kv = self.kv(x) if self.kv is not None else x
+        return self.attn(x, kv, kv, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_mha_input_projections_fit_exactly_when_already_symmetric(kdim):
+    """in_proj_weight (q/k/v stacked) and separate q/k/v_proj_weight are fitted as linears
+    on the attention's inputs: a source whose projections already have the symmetry is
+    reproduced exactly, and perturbing the symmetry the fit beats the nearest symmetric
+    weight."""
+    torch.manual_seed(7)
+    model = _Attention(kdim).eval()
+    mha = model.attn
+    # with kdim = 6 the k/v projections are 8 x 6, which `block` cannot hold
+    tensors = ["in_proj_weight"] if kdim is None else ["q_proj_weight"]
+    groups = 3 if kdim is None else 1  # in_proj_weight: q, k, v as 3 square blocks
+    scheme = symconvert.get_scheme("block")
+    with torch.no_grad():
+        for t in tensors:
+            w = getattr(mha, t)
+            w.copy_(scheme.unpack(scheme.pack(w.detach(), groups), tuple(w.shape), groups))
+    # correlated inputs: with isotropic ones the nearest symmetric weight is already optimal
+    x = torch.randn(64, 5, 8) @ (torch.randn(8, 8) * torch.linspace(0.1, 3, 8))
+    source = copy.deepcopy(model)
+    converted, plan = symconvert.convert(copy.deepcopy(model), "block", include="attn",
+                                         calibrate=x, calibration_samples=64)
+    assert sorted(e.name for e in plan.converted) == sorted(f"attn.{t}" for t in tensors)
+    for e in plan.converted:
+        assert e.output_error < 1e-6
+    with torch.no_grad():
+        assert _rel(converted(x), source(x)) < 1e-5
+        for t in tensors:  # perturb the source off the symmetric subspace
+            getattr(model.attn, t).add_(0.3 * torch.randn_like(getattr(model.attn, t)))
+    converted, plan = symconvert.convert(copy.deepcopy(model), "block", include="attn",
+                                         calibrate=x, calibration_samples=64)
+    naive, _ = symconvert.convert(copy.deepcopy(model), "block", include="attn")
+    for e in plan.converted:
+        assert e.output_error < 0.95 * e.output_error_naive
+    with torch.no_grad():
+        assert _rel(converted(x), model(x)) < _rel(naive(x), model(x))
+
+
+def test_mha_cross_attention_in_proj_is_kept_naive_and_recorded():
+    """A stacked in_proj_weight read by different query and key/value inputs is not one
+    linear layer: it stays at the nearest symmetric weight and the record says why."""
+    torch.manual_seed(8)
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.kv = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.attn(x, self.kv(x), self.kv(x), need_weights=False)[0]
+
+    model = Cross().eval()
+    x = torch.randn(32, 5, 8)
+    _, plan = symconvert.convert(copy.deepcopy(model), "block", include="attn", calibrate=x,
+                                 calibration_samples=32)
+    (entry,) = plan.converted
+    assert entry.name == "attn.in_proj_weight" and entry.output_error is None
 
 
 def test_calibrated_costs_per_layer_and_scheme():

@@ -236,9 +236,18 @@ def _packed(unit: _Unit) -> torch.Tensor:
     return unit.module.parametrizations[unit.tensor].original
 
 
+# nn.MultiheadAttention's projection tensors: which forward argument (query, key, value)
+# each one reads; in_proj_weight (q/k/v stacked) reads all three, i.e. one input when the
+# attention is a self-attention.
+MHA_INPUTS = {"in_proj_weight": None, "q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
+
+
 def _fittable(unit: _Unit) -> bool:
-    """Layers calibration fits: conv/linear weights and LSTM/GRU gate blocks."""
+    """Layers calibration fits: conv/linear weights, LSTM/GRU gate blocks and the input
+    projections of nn.MultiheadAttention."""
     if isinstance(unit.module, nn.RNNBase):
         return True
+    if isinstance(unit.module, nn.MultiheadAttention):
+        return unit.tensor in MHA_INPUTS
     return isinstance(unit.module, (nn.Linear, nn.modules.conv._ConvNd)) and unit.tensor == "weight"
 

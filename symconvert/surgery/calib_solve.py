@@ -9,10 +9,12 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from symconvert.schemes import Scheme
 from symconvert.surgery.calib_moments import (
+    MHA_INPUTS,
     CalibrationError,
     _is_conv,
     _layer_io,
@@ -203,10 +205,21 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
         for (_, xi), (_, yi) in zip(got_x, got_y, strict=True):
             xs, ys = _layer_io(module, xi, yi)
             mom.add(xs, ys)
+    src = src_mods[sites[0]]
+    return _solve_and_write(unit, mom, conv_groups, src.weight, src.bias if has_bias else None,
+                            module.bias if has_bias else None, max_iter, tol, eigen_steps)
+
+
+def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.Tensor,
+                     src_b: torch.Tensor | None, bias: torch.Tensor | None, max_iter: int,
+                     tol: float, eigen_steps: int) -> dict[str, float]:
+    """Fit ``unit``'s packed tensor (and ``bias``, fitted with it when given) from the
+    moments, starting at the nearest symmetric weight of the source's ``src_w``; write the
+    fit into the model unless it is worse than that start. Returns the unit's record."""
     scheme = unit.sym.scheme
-    fitter = _Fitter(scheme, unit.sym.shape, unit.sym.groups, conv_groups, has_bias)
-    src_w = src_mods[sites[0]].weight.detach().double()
-    src_b = src_mods[sites[0]].bias.detach().double() if has_bias else None
+    fitter = _Fitter(scheme, unit.sym.shape, unit.sym.groups, conv_groups, src_b is not None)
+    src_w = src_w.detach().double()
+    src_b = None if src_b is None else src_b.detach().double()
     naive_p = scheme.pack(src_w, unit.sym.groups)
     naive = relative_error(fitter.wb(naive_p, src_b), mom)
     p, b = fitter.solve(naive_p, src_b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps)
@@ -216,9 +229,69 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
     with torch.no_grad():
         packed = _packed(unit)
         packed.copy_(p.to(packed.dtype))
-        if has_bias:
-            module.bias.copy_(b.to(module.bias.dtype))
+        if bias is not None:
+            bias.copy_(b.to(bias.dtype))
     return {"output_error_naive": naive, "output_error": fitted, "iterations": fitter.iterations}
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query, key, value) of an nn.MultiheadAttention call, positional or keyword."""
+    names = ("query", "key", "value")
+    got = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
+    return got[0], got[1], got[2]
+
+
+def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
+             max_iter, tol, eigen_steps) -> dict[str, Any]:
+    """Fit an input projection of nn.MultiheadAttention (``in_proj_weight``, or one of
+    ``q/k/v_proj_weight``): a linear layer whose input is the attention's query (key,
+    value) and whose target is the source's projection of its own input, bias included."""
+    mha = unit.module
+    src = dict(source_model.named_modules())[unit.module_name]
+    e = mha.embed_dim
+    which = MHA_INPUTS[unit.tensor]
+    bias = mha.in_proj_bias
+    if bias is not None and which is not None:
+        bias = bias[which * e : (which + 1) * e]  # a view: the fit writes into in_proj_bias
+    src_b = src.in_proj_bias
+    if src_b is not None and which is not None:
+        src_b = src_b[which * e : (which + 1) * e]
+    src_w = getattr(src, unit.tensor).detach()
+    once = calls.get(unit.module_name, 0) == 1
+    mom = _Moments(bias is not None)
+    for x in batches:
+        got: dict[str, list] = {"conv": [], "src": []}
+
+        def grab(tag, _got=got):
+            def pre(mod, args, kwargs):
+                _got[tag].append(_mha_call(args, kwargs))
+                if once:
+                    raise _Stop
+            return pre
+
+        h1 = mha.register_forward_pre_hook(grab("conv"), with_kwargs=True)
+        h2 = src.register_forward_pre_hook(grab("src"), with_kwargs=True)
+        try:
+            _run(model, x, device)
+            _run(source_model, x, device)
+        finally:
+            h1.remove()
+            h2.remove()
+        if len(got["conv"]) != len(got["src"]):
+            raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
+                                   "a different number of times.")
+        for qkv_c, qkv_s in zip(got["conv"], got["src"], strict=True):
+            if which is None and not (qkv_c[0] is qkv_c[1] is qkv_c[2]):
+                return {"output_error": None, "output_error_naive": None,
+                        "note": "not fitted (MultiheadAttention.in_proj_weight of a "
+                                "cross-attention): kept at the nearest symmetric weight"}
+            xc, xs = qkv_c[which or 0].detach(), qkv_s[which or 0].detach()
+            y = F.linear(xs, src_w, None if src_b is None else src_b.detach())
+            mom.add(xc.reshape(1, -1, xc.shape[-1]), y.reshape(1, -1, y.shape[-1]))
+    return _solve_and_write(unit, mom, 1, src_w, src_b, bias, max_iter, tol, eigen_steps)
 
 
 # ----------------------------------------------------------------------------- RNN
@@ -330,22 +403,11 @@ def _fit_rnn(model, source_model, unit: _Unit, batches, device, max_iter, tol,
         if has_bias:
             y = y + getattr(src_rnn, bias_name).detach()
         mom.add(inp_c[None], y[None])
-    scheme = unit.sym.scheme
-    fitter = _Fitter(scheme, unit.sym.shape, unit.sym.groups, 1, has_bias)
-    src_w = getattr(src_rnn, f"{kind}_l{layer}{suffix}").detach().double()
-    src_b = getattr(src_rnn, bias_name).detach().double() if has_bias else None
-    naive_p = scheme.pack(src_w, unit.sym.groups)
-    naive = relative_error(fitter.wb(naive_p, src_b), mom)
-    p, b = fitter.solve(naive_p, src_b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps)
-    fitted = relative_error(fitter.wb(p, b), mom)
-    if fitted > naive:
-        p, b, fitted = naive_p, src_b, naive
-    with torch.no_grad():
-        _packed(unit).copy_(p.to(_packed(unit).dtype))
-        if has_bias:
-            getattr(rnn, bias_name).copy_(b.to(getattr(rnn, bias_name).dtype))
+    record = _solve_and_write(unit, mom, 1, w_s, getattr(src_rnn, bias_name) if has_bias else None,
+                              getattr(rnn, bias_name) if has_bias else None, max_iter, tol,
+                              eigen_steps)
     from symconvert.surgery.rnn import refresh_flat_weights
 
     refresh_flat_weights(rnn)
-    return {"output_error_naive": naive, "output_error": fitted}
+    return record
 

@@ -49,7 +49,7 @@ from symconvert.surgery.calib_moments import (
     _run,
     _units,
 )
-from symconvert.surgery.calib_solve import _fit_rnn, _fit_unit, _Fitter, relative_error
+from symconvert.surgery.calib_solve import _fit_mha, _fit_rnn, _fit_unit, _Fitter, relative_error
 from symconvert.surgery.parametrization import converted_tensors, symmetric_of
 
 __all__ = ["CalibrationResult", "calibrate", "calibrated_costs", "calibration_batches",
@@ -213,7 +213,10 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
                     if s not in src_modules:
                         raise CalibrationError(f"the source model has no layer {s!r}: "
                                                "calibration needs the unconverted model of the same architecture.")
-                if isinstance(unit.module, nn.RNNBase):
+                if isinstance(unit.module, nn.MultiheadAttention):
+                    record = _fit_mha(model, source_model, unit, calls, batches, device,
+                                      max_iter, tol, eigen_steps)
+                elif isinstance(unit.module, nn.RNNBase):
                     record = _fit_rnn(model, source_model, unit, batches, device, max_iter, tol,
                                       eigen_steps)
                 else:
