@@ -139,25 +139,44 @@ def solve(options: Sequence[Sequence[Option]], goal: int, *, pair_limit: int = 4
     largest-gain (then cheapest) option, the largest reduction there is.
     """
     n = len(options)
-    for opts in options:
-        for o in opts:
-            if not (math.isfinite(o.cost) and o.cost >= 0):
-                raise SymconvertError(f"a layer cost must be a finite number >= 0, got {o.cost!r}.")
-
-    def best_gain(opts):
-        if not opts:
-            return None
-        return min(range(len(opts)), key=lambda j: (-opts[j].gain, opts[j].cost, j))
-
-    max_choice = [best_gain(opts) for opts in options]
+    _check_costs(options)
+    max_choice = [_largest_gain(opts) for opts in options]
     max_gain = sum(options[i][j].gain for i, j in enumerate(max_choice) if j is not None)
     if goal <= 0:
         return Solution([None] * n, 0, 0.0, goal, True, max_gain, 0.0, 0.0)
     if max_gain < goal:
         cost = sum(options[i][j].cost for i, j in enumerate(max_choice) if j is not None)
         return Solution(max_choice, max_gain, cost, goal, False, max_gain)
+    # 1. LP relaxation, 2. local moves from its rounded choice, 3. drop what is not needed
+    choice, gain, greedy_cost, lower = _lp_greedy(options, goal)
+    search = _LocalSearch(options, choice, gain, greedy_cost, goal, pair_limit)
+    for _ in range(10 * n + 100):
+        if not (search.improve_one() or search.improve_two()):
+            break
+    search.drop_unneeded()
+    cost = search.total_cost()
+    return Solution(search.choice(), search.gain, cost, goal, True, max_gain, min(lower, cost),
+                    greedy_cost)
 
-    # 1. LP relaxation: hull increments in order of cost per parameter saved
+
+def _check_costs(options: Sequence[Sequence[Option]]) -> None:
+    for opts in options:
+        for o in opts:
+            if not (math.isfinite(o.cost) and o.cost >= 0):
+                raise SymconvertError(f"a layer cost must be a finite number >= 0, got {o.cost!r}.")
+
+
+def _largest_gain(opts: Sequence[Option]) -> int | None:
+    """The option of largest gain (then cheapest, then first); None for no option."""
+    if not opts:
+        return None
+    return min(range(len(opts)), key=lambda j: (-opts[j].gain, opts[j].cost, j))
+
+
+def _lp_greedy(options: Sequence[Sequence[Option]],
+               goal: int) -> tuple[list[int | None], int, float, float]:
+    """The LP relaxation: hull increments in order of cost per parameter saved, taken until
+    the goal is met. Returns (choice, gain, cost, LP optimum = lower bound)."""
     increments = []
     for i, opts in enumerate(options):
         hull = _hull(opts)
@@ -165,7 +184,7 @@ def solve(options: Sequence[Sequence[Option]], goal: int, *, pair_limit: int = 4
             (g0, c0, _), (g1, c1, j) = hull[step - 1], hull[step]
             increments.append(((c1 - c0) / (g1 - g0), i, step, g1 - g0, c1 - c0, j))
     increments.sort(key=lambda t: (t[0], t[1], t[2]))
-    choice: list[int | None] = [None] * n
+    choice: list[int | None] = [None] * len(options)
     gain, cost, lower = 0, 0.0, 0.0
     for _, i, _, dg, dc, j in increments:
         if gain + dg >= goal:  # the critical increment: the LP takes a fraction of it
@@ -173,48 +192,57 @@ def solve(options: Sequence[Sequence[Option]], goal: int, *, pair_limit: int = 4
         choice[i], gain, cost = j, gain + dg, cost + dc
         if gain >= goal:
             break
-    greedy_cost = cost
+    return choice, gain, cost, lower
 
-    # 2. fix-up: best-improvement moves of one layer, then of two layers
-    gains = [[0] + [o.gain for o in opts] for opts in options]  # slot 0 = none
-    costs = [[0.0] + [o.cost for o in opts] for opts in options]
-    slot = [0 if c is None else c + 1 for c in choice]
 
-    def improve_one() -> bool:
-        nonlocal gain, cost
+class _LocalSearch:
+    """Best-improvement moves of one layer, then of two layers, from a choice that meets the
+    goal; per layer ``slot`` 0 is none, ``k + 1`` its option k."""
+
+    def __init__(self, options: Sequence[Sequence[Option]], choice: list[int | None],
+                 gain: int, cost: float, goal: int, pair_limit: int) -> None:
+        self.n, self.goal, self.pair_limit = len(options), goal, pair_limit
+        self.gains = [[0] + [o.gain for o in opts] for opts in options]
+        self.costs = [[0.0] + [o.cost for o in opts] for opts in options]
+        self.slot = [0 if c is None else c + 1 for c in choice]
+        self.gain, self.cost = gain, cost
+
+    def improve_one(self) -> bool:
+        gains, costs, slot = self.gains, self.costs, self.slot
         best = None
-        for i in range(n):
+        for i in range(self.n):
             g0, c0 = gains[i][slot[i]], costs[i][slot[i]]
             for s in range(len(gains[i])):
                 dg, dc = gains[i][s] - g0, costs[i][s] - c0
-                if s != slot[i] and gain + dg >= goal and dc < -_EPS * max(1.0, cost):
+                if (s != slot[i] and self.gain + dg >= self.goal
+                        and dc < -_EPS * max(1.0, self.cost)):
                     if best is None or dc < best[0]:
                         best = (dc, dg, i, s)
         if best is None:
             return False
         dc, dg, i, s = best
-        slot[i], gain, cost = s, gain + dg, cost + dc
+        slot[i], self.gain, self.cost = s, self.gain + dg, self.cost + dc
         return True
 
-    def improve_two() -> bool:
-        nonlocal gain, cost
+    def improve_two(self) -> bool:
+        gains, costs, slot = self.gains, self.costs, self.slot
         layer, dgs, dcs, slots = [], [], [], []
-        for i in range(n):
+        for i in range(self.n):
             g0, c0 = gains[i][slot[i]], costs[i][slot[i]]
             for s in range(len(gains[i])):
                 if s != slot[i]:
                     layer.append(i), slots.append(s)
                     dgs.append(gains[i][s] - g0), dcs.append(costs[i][s] - c0)
         m = len(layer)
-        if m < 2 or m > pair_limit:
+        if m < 2 or m > self.pair_limit:
             return False
         lay = torch.tensor(layer)
         dg = torch.tensor(dgs, dtype=torch.float64)
         dc = torch.tensor(dcs, dtype=torch.float64)
         total_dg = dg[:, None] + dg[None, :]
         total_dc = dc[:, None] + dc[None, :]
-        ok = (lay[:, None] < lay[None, :]) & (gain + total_dg >= goal)
-        ok &= total_dc < -_EPS * max(1.0, cost)
+        ok = (lay[:, None] < lay[None, :]) & (self.gain + total_dg >= self.goal)
+        ok &= total_dc < -_EPS * max(1.0, self.cost)
         if not bool(ok.any()):
             return False
         masked = torch.where(ok, total_dc, torch.full_like(total_dc, math.inf))
@@ -222,22 +250,24 @@ def solve(options: Sequence[Sequence[Option]], goal: int, *, pair_limit: int = 4
         a, b = divmod(flat, m)
         for k in (a, b):
             slot[layer[k]] = slots[k]
-        gain = sum(gains[i][slot[i]] for i in range(n))
-        cost = sum(costs[i][slot[i]] for i in range(n))
+        self.gain = sum(gains[i][slot[i]] for i in range(self.n))
+        self.cost = self.total_cost()
         return True
 
-    for _ in range(10 * n + 100):
-        if not (improve_one() or improve_two()):
-            break
-    # 3. drop what the goal does not need (zero-cost layers the moves above left in)
-    for i in range(n):
-        if slot[i] and gain - gains[i][slot[i]] >= goal and costs[i][slot[i]] <= _EPS:
-            gain -= gains[i][slot[i]]
-            cost -= costs[i][slot[i]]
-            slot[i] = 0
-    choice = [None if s == 0 else s - 1 for s in slot]
-    cost = sum(costs[i][slot[i]] for i in range(n))
-    return Solution(choice, gain, cost, goal, True, max_gain, min(lower, cost), greedy_cost)
+    def drop_unneeded(self) -> None:
+        """Drop what the goal does not need (zero-cost layers the moves left in)."""
+        gains, costs, slot = self.gains, self.costs, self.slot
+        for i in range(self.n):
+            if slot[i] and self.gain - gains[i][slot[i]] >= self.goal and costs[i][slot[i]] <= _EPS:
+                self.gain -= gains[i][slot[i]]
+                self.cost -= costs[i][slot[i]]
+                slot[i] = 0
+
+    def total_cost(self) -> float:
+        return sum(self.costs[i][self.slot[i]] for i in range(self.n))
+
+    def choice(self) -> list[int | None]:
+        return [None if s == 0 else s - 1 for s in self.slot]
 
 
 def solve_exact(options: Sequence[Sequence[Option]], goal: int, max_states: int = 2_000_000) -> Solution:
@@ -394,11 +424,7 @@ def build_auto_plan(
     """The ``--scheme auto`` plan: per candidate tensor the chosen scheme (or none) and
     every candidate's cost. Nothing is changed. An unreachable target gives a plan with
     ``reachable=False`` showing the largest reduction (``convert`` refuses it)."""
-    if target_reduction is None:
-        raise SymconvertError("--scheme auto needs --target-reduction F (e.g. 0.4): the "
-                              "planner picks per layer the cheapest schemes that reach it.")
-    if not 0 < target_reduction < 1:
-        raise SymconvertError(f"--target-reduction must be in (0, 1), got {target_reduction}.")
+    _check_target(target_reduction)
     specs = parse_schemes(schemes)
     # a partial cost table (``costs.partial``, e.g. calibration, which prices conv and
     # linear layers) falls back to the weight error for the pairs it leaves out
@@ -406,14 +432,43 @@ def build_auto_plan(
     plans = _scheme_plans(model, specs, selection, with_error=costs is None or partial)
     keys = [(e.module, e.tensor) for e in plans[0].layers]
     by_scheme = [{(e.module, e.tensor): e for e in p.layers} for p in plans]
+    table = None if costs is None else _cost_table(costs, plans, partial)
+    options, option_entries = _layer_options(keys, by_scheme, table)
 
-    if costs is None:
-        table = None
-    else:
-        pairs = [(e.name, p.scheme) for p in plans for e in p.converted]
-        alt = {(e.name, p.scheme): f"{e.module}.{e.tensor}" for p in plans for e in p.converted}
-        table = _resolve_costs(costs, pairs, alt, partial=partial)
+    total = count_parameters(model)
+    goal = math.ceil(target_reduction * total - 1e-9)
+    sol = solve(options, goal)
+    entries = [_auto_entry(key, opts, ents, j, by_scheme)
+               for key, opts, ents, j in zip(keys, options, option_entries, sol.choice,
+                                             strict=True)]
+    return AutoPlan(
+        scheme=AUTO, selection=selection.to_dict(), total_before=total, layers=entries,
+        warnings=list(plans[0].warnings), target_reduction=target_reduction, schemes=specs,
+        cost_name=cost_name or ("weight error²" if costs is None else getattr(costs, "name", "given costs")),
+        total_cost=sol.cost, lower_bound=sol.lower_bound, reachable=sol.feasible,
+        max_reduction=sol.max_gain / total if total else 0.0,
+    )
 
+
+def _check_target(target_reduction: float | None) -> None:
+    if target_reduction is None:
+        raise SymconvertError("--scheme auto needs --target-reduction F (e.g. 0.4): the "
+                              "planner picks per layer the cheapest schemes that reach it.")
+    if not 0 < target_reduction < 1:
+        raise SymconvertError(f"--target-reduction must be in (0, 1), got {target_reduction}.")
+
+
+def _cost_table(costs: Costs, plans: list[Plan], partial: bool) -> dict[tuple[str, str], float]:
+    """The given costs of every (layer, scheme) candidate the plans convert."""
+    pairs = [(e.name, p.scheme) for p in plans for e in p.converted]
+    alt = {(e.name, p.scheme): f"{e.module}.{e.tensor}" for p in plans for e in p.converted}
+    return _resolve_costs(costs, pairs, alt, partial=partial)
+
+
+def _layer_options(keys: list, by_scheme: list[dict], table: dict | None
+                   ) -> tuple[list[list[Option]], list[list[LayerPlan]]]:
+    """Per candidate tensor its options (saving, cost), one per scheme that converts it, and
+    the plan entry of each."""
     options: list[list[Option]] = []
     option_entries: list[list[LayerPlan]] = []
     for key in keys:
@@ -433,44 +488,34 @@ def build_auto_plan(
             ents.append(e)
         options.append(opts)
         option_entries.append(ents)
+    return options, option_entries
 
-    total = count_parameters(model)
-    goal = math.ceil(target_reduction * total - 1e-9)
-    sol = solve(options, goal)
 
-    entries: list[LayerPlan] = []
-    for key, opts, ents, j in zip(keys, options, option_entries, sol.choice, strict=True):
-        alternatives = {
-            e.scheme: {"params_after": e.params_after, "saved": e.saved, "cost": o.cost,
-                       "symmetrization_error": e.symmetrization_error}
-            for o, e in zip(opts, ents, strict=True)
-        }
-        if j is not None:
-            entry = copy.deepcopy(ents[j])
+def _auto_entry(key: tuple, opts: list[Option], ents: list[LayerPlan], j: int | None,
+                by_scheme: list[dict]) -> LayerPlan:
+    """The plan entry of one tensor: its chosen option ``j`` (or a skip saying why) and
+    every candidate as an alternative."""
+    alternatives = {
+        e.scheme: {"params_after": e.params_after, "saved": e.saved, "cost": o.cost,
+                   "symmetrization_error": e.symmetrization_error}
+        for o, e in zip(opts, ents, strict=True)
+    }
+    if j is not None:
+        entry = copy.deepcopy(ents[j])
+    else:
+        entry = copy.deepcopy(by_scheme[0][key])
+        entry.scheme, entry.action = AUTO, SKIP
+        entry.params_after, entry.symmetrization_error, entry.note = entry.params_before, None, None
+        if opts:
+            cheapest = min(range(len(opts)), key=lambda k: (opts[k].cost / opts[k].gain, k))
+            entry.reason = (f"not needed for --target-reduction (cheapest: "
+                            f"{ents[cheapest].scheme} at {opts[cheapest].cost:.3g})")
         else:
-            entry = copy.deepcopy(by_scheme[0][key])
-            entry.scheme, entry.action = AUTO, SKIP
-            entry.params_after, entry.symmetrization_error, entry.note = entry.params_before, None, None
-            if opts:
-                cheapest = min(range(len(opts)), key=lambda k: (opts[k].cost / opts[k].gain, k))
-                entry.reason = (f"not needed for --target-reduction (cheapest: "
-                                f"{ents[cheapest].scheme} at {opts[cheapest].cost:.3g})")
-            else:
-                entry.reason = _skip_reason([by[key] for by in by_scheme])
-        entry.alternatives = alternatives
-        entry.cost = opts[j].cost if j is not None else None
-        assert entry.action == (CONVERT if j is not None else SKIP)
-        entries.append(entry)
-
-    warnings = list(plans[0].warnings)
-    plan = AutoPlan(
-        scheme=AUTO, selection=selection.to_dict(), total_before=total, layers=entries,
-        warnings=warnings, target_reduction=target_reduction, schemes=specs,
-        cost_name=cost_name or ("weight error²" if costs is None else getattr(costs, "name", "given costs")),
-        total_cost=sol.cost, lower_bound=sol.lower_bound, reachable=sol.feasible,
-        max_reduction=sol.max_gain / total if total else 0.0,
-    )
-    return plan
+            entry.reason = _skip_reason([by[key] for by in by_scheme])
+    entry.alternatives = alternatives
+    entry.cost = opts[j].cost if j is not None else None
+    assert entry.action == (CONVERT if j is not None else SKIP)
+    return entry
 
 
 def require_reachable(plan: Plan) -> None:
