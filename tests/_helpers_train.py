@@ -4,6 +4,7 @@ MODEL strings (conftest.py puts tests/ on sys.path; ``cli_env`` does it for chil
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,36 @@ def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[
     """Names of the tensors that differ (empty: bit-identical)."""
     assert a.keys() == b.keys()
     return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def metrics(out: Path) -> list[dict]:
+    """The rows of ``OUT/metrics.jsonl``."""
+    from symconvert.train.state import METRICS_NAME
+
+    return [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
+
+
+def ddp_and_single(cli, ddp_args: list, single_args: list) -> str:
+    """``torchrun --standalone --nproc-per-node 2 -m symconvert DDP_ARGS`` in the background
+    while ``cli(*SINGLE_ARGS)`` runs in this process (one thread: no extra interpreter
+    start-up); both must succeed. Returns torchrun's stdout."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m",
+                                                          "torch.distributed.run"]
+    ddp = subprocess.Popen(
+        [*launcher, "--standalone", "--nproc-per-node", "2", "-m", "symconvert",
+         *map(str, ddp_args)],
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    single = cli(*single_args)
+    out, err = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, err
+    assert single.code == 0, single
+    return out
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    """max |Δw| between the ``model.safetensors`` of two model directories."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)

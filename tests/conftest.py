@@ -108,6 +108,44 @@ def run_process(
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+WIKITEXT = REPO.parent / "shared/data/wikitext-2"
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory) -> Path:
+    """A slice of WikiText-2 as a ``text:ROOT`` corpus: the first 400 lines of its valid
+    file as train.txt, the first 120 of its test file as test.txt."""
+    assert WIKITEXT.is_dir(), f"WikiText-2 expected at {WIKITEXT} (shared/ beside the repo)"
+    root = tmp_path_factory.mktemp("wikitext-slice")
+    valid = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()
+    test = (WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines()
+    (root / "train.txt").write_text("\n".join(valid[:400]) + "\n", encoding="utf-8")
+    (root / "test.txt").write_text("\n".join(test[:120]) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def trusted_code():
+    """For suites whose directories record `py:_helpers_train:...` sources (their own
+    models): the test opts in as `--trust-code` would (symconvert/io/metadata.py). Use as
+    ``pytestmark = pytest.mark.usefixtures("trusted_code")``."""
+    from symconvert.io.metadata import trusting_code
+
+    with trusting_code():
+        yield
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a whole module (``pytest.mark.usefixtures("single_thread")``):
+    faster on two shared cores, and the in-process runs compare with one-thread child
+    processes (a different thread count sums in another order)."""
+    from _helpers_train import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture
 def cli():
     """Run the CLI in-process: ``cli("convert", MODEL, "--scheme", "channel", ...)``."""

@@ -18,7 +18,8 @@ from conftest import assert_clean_error
 
 import symconvert
 from symconvert.errors import SymconvertError
-from symconvert.surgery.auto import AutoPlan, Option, candidates, parse_schemes, solve, solve_exact
+from symconvert.surgery.auto import AutoPlan, candidates, parse_schemes
+from symconvert.surgery.auto_solve import Option, solve, solve_exact
 
 # --- the solver against the exact optimum ------------------------------------------------
 

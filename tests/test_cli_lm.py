@@ -5,24 +5,10 @@ converted with --layers rnn, fine-tuned by BPTT and evaluated by perplexity, on 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from symconvert.cli.app import main
-
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2"
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory) -> Path:
-    assert WIKITEXT.is_dir(), f"WikiText-2 expected at {WIKITEXT} (shared/ beside the repo)"
-    root = tmp_path_factory.mktemp("wikitext-slice")
-    valid = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()
-    test = (WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines()
-    (root / "train.txt").write_text("\n".join(valid[:400]) + "\n", encoding="utf-8")
-    (root / "test.txt").write_text("\n".join(test[:120]) + "\n", encoding="utf-8")
-    return root
 
 
 def _json(capsys) -> dict:

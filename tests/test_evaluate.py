@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _helpers_train import one_thread, tiny_cnn
+from _helpers_train import tiny_cnn
 from conftest import assert_clean_error
 from safetensors.torch import save_file
 
@@ -17,21 +17,8 @@ from symconvert.train.config import FinetuneConfig
 from symconvert.train.evaluate import evaluate
 from symconvert.train.loop import fit
 
-
-@pytest.fixture(autouse=True)
-def _trust_helper_models():
-    """The directories here record `py:_helpers_train:...` sources (this suite's own
-    models): the tests opt in as `--trust-code` would (symconvert/metadata.py)."""
-    from symconvert.io.metadata import trusting_code
-
-    with trusting_code():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+# the directories here record `py:_helpers_train:...` sources (this suite's own models)
+pytestmark = pytest.mark.usefixtures("trusted_code", "single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,21 @@ survive SIGKILL/SIGTERM and resume exactly, torchrun/DDP, and bad input."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers_train import REPO, cli_env, one_thread, start_cli, state_equal, tiny_cnn
+from _helpers_train import (
+    ddp_and_single,
+    max_weight_diff,
+    metrics,
+    start_cli,
+    state_equal,
+    tiny_cnn,
+)
 from conftest import assert_clean_error
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -35,20 +40,8 @@ from symconvert.train.state import CHECKPOINT_NAME, METRICS_NAME, atomic_torch_s
 TIMING_KEYS = {"images_per_s", "time", "eval_time"}
 
 
-@pytest.fixture(autouse=True)
-def _trust_helper_models():
-    """The directories here record `py:_helpers_train:...` sources (this suite's own
-    models): the tests opt in as `--trust-code` would (symconvert/metadata.py)."""
-    from symconvert.io.metadata import trusting_code
-
-    with trusting_code():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_thread():
-        yield
+# the directories here record `py:_helpers_train:...` sources (this suite's own models)
+pytestmark = pytest.mark.usefixtures("trusted_code", "single_thread")
 
 
 def _source_dir(tmp: Path, model: str, epochs: int = 1, lr: float = 0.1,
@@ -81,10 +74,6 @@ def mlp_dir(tmp_path_factory) -> Path:
     return _source_dir(tmp_path_factory.mktemp("mlp"), "py:_helpers_train:tiny_mlp")[0]
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
-
-
 def _untimed(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
@@ -97,7 +86,7 @@ def test_fit_learns_digits_and_logs_every_epoch(tmp_path):
     model = tiny_cnn()
     result = fit(model, "digits", tmp_path, FinetuneConfig(epochs=3, lr=0.05, batch_size=32,
                                                            distill=False), progress=True)
-    rows = _metrics(tmp_path)
+    rows = metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for row in rows:
         assert {"epoch", "train_loss", "train_top1", "eval_top1", "eval_top5", "lr",
@@ -221,7 +210,7 @@ def test_resume_in_process_is_exact_with_dropout_augmentation_and_distillation(t
                  resume=True)
     assert result.resumed_from == (1, 16)
     assert state_equal(a.state_dict(), b.state_dict()) == []
-    assert _untimed(_metrics(tmp_path / "a")) == _untimed(_metrics(tmp_path / "b"))
+    assert _untimed(metrics(tmp_path / "a")) == _untimed(metrics(tmp_path / "b"))
 
 
 def test_resume_with_other_flags_is_refused(tmp_path):
@@ -408,7 +397,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cli, cnn_dir, tmp_path)
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
     assert state_equal(a, b) == []  # bit-identical
-    assert _untimed(_metrics(tmp_path / "full")) == _untimed(_metrics(tmp_path / "killed"))
+    assert _untimed(metrics(tmp_path / "full")) == _untimed(metrics(tmp_path / "killed"))
 
 
 @pytest.mark.slow
@@ -441,27 +430,15 @@ def test_torchrun_two_cpu_processes_match_a_single_process(cli, mlp_dir, tmp_pat
     with batch 32: same global batches, so the same weights up to float reduction order
     (stated tolerance: max |Δw| ≤ 1e-5; BatchNorm-free model, since per-rank BatchNorm
     statistics legitimately differ)."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m",
-                                                          "torch.distributed.run"]
     common = ["--epochs", "2", "--device", "cpu", "--data", "digits", "--seed", "1"]
-    ddp = subprocess.Popen(
-        [*launcher, "--standalone", "--nproc-per-node", "2", "-m", "symconvert", "finetune",
-         str(mlp_dir), "--out", str(tmp_path / "ddp"), "--batch-size", "16", "--trust-code",
-         *common],
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    single = cli("finetune", mlp_dir, "--out", tmp_path / "single", "--batch-size", "32",
-                 *common)  # in this process (one thread): no extra interpreter start-up
-    out, err = ddp.communicate(timeout=300)
-    assert ddp.returncode == 0, err
-    assert single.code == 0, single
-
-    a = load_file(str(tmp_path / "single" / "model.safetensors"))
-    b = load_file(str(tmp_path / "ddp" / "model.safetensors"))
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    out = ddp_and_single(
+        cli, ["finetune", mlp_dir, "--out", tmp_path / "ddp", "--batch-size", "16",
+              "--trust-code", *common],
+        ["finetune", mlp_dir, "--out", tmp_path / "single", "--batch-size", "32", *common])
+    worst = max_weight_diff(tmp_path / "single", tmp_path / "ddp")
     print(f"\nDDP (2×16, gloo) vs single (32): max |Δw| = {worst:.2e}")
     assert worst <= 1e-5
-    ma, mb = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    ma, mb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     assert len(mb) == 2  # rank 0 alone writes the metrics
     for ra, rb in zip(ma, mb, strict=True):
         assert abs(ra["eval_top1"] - rb["eval_top1"]) <= 1 / 360  # at most one image flips

@@ -7,41 +7,29 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers_train import REPO, cli_env, one_thread, start_cli, state_equal
+from _helpers_train import (
+    ddp_and_single,
+    max_weight_diff,
+    metrics,
+    one_thread,
+    start_cli,
+    state_equal,
+)
 from safetensors.torch import load_file, save_file
 
 import symconvert
 from symconvert.tasks.lm import load_corpus, train_lm
-from symconvert.train.state import CHECKPOINT_NAME, METRICS_NAME, load_checkpoint
+from symconvert.train.state import CHECKPOINT_NAME, load_checkpoint
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2"
 LM = "py:symconvert.models.lstm_lm:lstm_lm"
 SMALL = {"emb": 32, "hidden": 32, "layers": 1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The killed run is a one-thread child process: the in-process runs it is compared
-    with use one thread too (a different thread count sums in another order)."""
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory) -> Path:
-    assert WIKITEXT.is_dir(), f"WikiText-2 expected at {WIKITEXT} (shared/ beside the repo)"
-    root = tmp_path_factory.mktemp("wikitext-slice")
-    valid = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()
-    test = (WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines()
-    (root / "train.txt").write_text("\n".join(valid[:400]) + "\n", encoding="utf-8")
-    (root / "test.txt").write_text("\n".join(test[:120]) + "\n", encoding="utf-8")
-    return root
+# the killed run is a one-thread child process: the in-process runs it is compared with use
+# one thread too
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +72,6 @@ def _untimed(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
-
-
 @pytest.mark.slow
 @pytest.mark.xdist_group("lm-parity")
 def test_text_finetune_resumes_bit_exactly_after_sigkill(cli, corpus_root, vocab, tmp_path):
@@ -123,8 +107,8 @@ def test_text_finetune_resumes_bit_exactly_after_sigkill(cli, corpus_root, vocab
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
     assert state_equal(a, b) == []  # bit-identical
-    assert _untimed(_metrics(tmp_path / "full")) == _untimed(_metrics(tmp_path / "killed"))
-    assert "eval_perplexity" in _metrics(tmp_path / "full")[-1]
+    assert _untimed(metrics(tmp_path / "full")) == _untimed(metrics(tmp_path / "killed"))
+    assert "eval_perplexity" in metrics(tmp_path / "full")[-1]
 
 
 @pytest.mark.slow
@@ -172,25 +156,14 @@ def test_text_torchrun_two_processes_match_one(cli, corpus_root, vocab, tmp_path
     """torchrun --nproc-per-node 2 (gloo) with 5 streams per process vs one process with 10:
     rank r reads streams 5r..5r+4 of the same 10, so the updates agree to float noise."""
     conv = _convert(cli, tmp_path / "conv", vocab)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m",
-                                                          "torch.distributed.run"]
     common = ["--data", f"text:{corpus_root}", "--epochs", "2", "--device", "cpu",
               "--no-distill", "--lr", "5"]
-    ddp = subprocess.Popen(
-        [*launcher, "--standalone", "--nproc-per-node", "2", "-m", "symconvert", "finetune",
-         str(conv), "--out", str(tmp_path / "ddp"), "--batch-size", "5", *common],
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    single = cli("finetune", conv, "--out", tmp_path / "single", "--batch-size", "10", *common)
-    out, err = ddp.communicate(timeout=300)
-    assert ddp.returncode == 0, err
-    assert single.code == 0, single
-    a = load_file(str(tmp_path / "single" / "model.safetensors"))
-    b = load_file(str(tmp_path / "ddp" / "model.safetensors"))
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    ddp_and_single(cli, ["finetune", conv, "--out", tmp_path / "ddp", "--batch-size", "5", *common],
+                   ["finetune", conv, "--out", tmp_path / "single", "--batch-size", "10", *common])
+    worst = max_weight_diff(tmp_path / "single", tmp_path / "ddp")
     print(f"\nLM DDP (2×5 streams, gloo) vs single (10): max |Δw| = {worst:.2e}")
     assert worst <= 1e-4
-    ma, mb = _metrics(tmp_path / "single"), _metrics(tmp_path / "ddp")
+    ma, mb = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
     assert len(mb) == 2
     for ra, rb in zip(ma, mb, strict=True):
         assert ra["eval_perplexity"] == pytest.approx(rb["eval_perplexity"], rel=1e-4)

@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO, assert_clean_error, run_cli
 
 from symconvert.errors import RecipeError
-from symconvert.pipeline.runner import (
+from symconvert.pipeline.load import (
     find_recipe,
     finetune_settings,
     load_recipe,

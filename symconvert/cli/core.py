@@ -126,19 +126,72 @@ _NUM_CLASSES = typer.Option(None, "--num-classes", help="Replace the classifier 
 _MODEL_KWARG = typer.Option([], "--model-kwarg", help=_MODEL_KWARG_HELP)
 
 
+@dataclasses.dataclass
+class _Shared:
+    """The flags inspect and convert share, in their --help order after --pretrained: the
+    model's (--weights, --num-classes, --model-kwarg) and the first selection flags."""
+
+    weights: Path | None = dataclasses.field(metadata={"option": _WEIGHTS})
+    num_classes: int | None = dataclasses.field(metadata={"option": _NUM_CLASSES})
+    model_kwarg: list[str] = dataclasses.field(metadata={"option": _MODEL_KWARG})
+    include: list[str] = dataclasses.field(metadata={"option": _INCLUDE})
+    exclude: list[str] = dataclasses.field(metadata={"option": _EXCLUDE})
+    layers: str | None = dataclasses.field(metadata={"option": _LAYERS})
+    min_channels: int = dataclasses.field(metadata={"option": _MIN_CHANNELS})
+    include_head: bool = dataclasses.field(metadata={"option": _INCLUDE_HEAD})
+
+    def check(self, fmt: str, calibration_samples: int) -> None:
+        """The numeric flags (and --format) checked before anything is created."""
+        from symconvert.checks import check_number_args
+
+        check_number_args(num_classes=self.num_classes, min_channels=self.min_channels,
+                          fmt=fmt, calibration_samples=calibration_samples,
+                          formats=("table", "json"))
+
+    def load(self, model: str, pretrained: bool):
+        return _load_model(model, pretrained, self.weights, self.num_classes, self.model_kwarg)
+
+    def config(self, scheme, **flags):
+        """The ConvertConfig of these flags and the command's own (``flags``)."""
+        return _config(scheme, include=self.include, exclude=self.exclude, layers=self.layers,
+                       min_channels=self.min_channels, include_head=self.include_head, **flags)
+
+
+def _shared_options(func):
+    """Typer sees the flags of ``_Shared`` in place of ``func``'s ``shared`` parameter
+    (same order, types and help as if written there); ``func`` gets them as one ``_Shared``."""
+    import functools
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(_Shared)
+    names = [f.name for f in dataclasses.fields(_Shared)]
+    params: list[inspect.Parameter] = []
+    for p in inspect.signature(func, eval_str=True).parameters.values():
+        if p.name != "shared":
+            params.append(p)
+            continue
+        params += [inspect.Parameter(f.name, p.kind, default=f.metadata["option"],
+                                     annotation=hints[f.name])
+                   for f in dataclasses.fields(_Shared)]
+
+    @functools.wraps(func)
+    def command(**kwargs):
+        shared = _Shared(**{name: kwargs.pop(name) for name in names})
+        return func(shared=shared, **kwargs)
+
+    command.__signature__ = inspect.Signature(params, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
 @app.command("inspect")
+@_shared_options
 def inspect_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     scheme: str | None = typer.Option(None, "--scheme", "-s", help=_SCHEME_HELP + " Without it: a summary of every scheme."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights (needed for the symmetrisation error)."),
-    weights: Path | None = _WEIGHTS,
-    num_classes: int | None = _NUM_CLASSES,
-    model_kwarg: list[str] = _MODEL_KWARG,
-    include: list[str] = _INCLUDE,
-    exclude: list[str] = _EXCLUDE,
-    layers: str | None = _LAYERS,
-    min_channels: int = _MIN_CHANNELS,
-    include_head: bool = _INCLUDE_HEAD,
+    shared: _Shared = None,  # --weights … --include-head (_shared_options)
     gates: str | None = _GATES,
     target_reduction: float | None = _TARGET_REDUCTION,
     schemes: str | None = _SCHEMES,
@@ -163,36 +216,14 @@ def inspect_command(
       symconvert inspect timm:quickstart_digits --scheme channel --calibrate digits
     """
     import symconvert
-    from symconvert.checks import check_number_args
-    from symconvert.schemes import list_schemes
 
-    check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
-                      calibration_samples=calibration_samples,
-                      formats=("table", "json"))
-    m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
-    config = _config(scheme, include=include, exclude=exclude, layers=layers,
-                     min_channels=min_channels, include_head=include_head, gates=gates,
-                     allow_empty=True, target_reduction=target_reduction, schemes=schemes,
-                     calibrate=calibrate, calibration_samples=calibration_samples)
+    shared.check(fmt, calibration_samples)
+    m = shared.load(model, pretrained)
+    config = shared.config(scheme, gates=gates, allow_empty=True,
+                           target_reduction=target_reduction, schemes=schemes,
+                           calibrate=calibrate, calibration_samples=calibration_samples)
     if scheme is None:
-        from rich.table import Table
-
-        table = Table(title=f"{model}: every scheme")
-        for col in ("scheme", "converted", "params after", "saved"):
-            table.add_column(col, justify="right" if col != "scheme" else "left")
-        rows = []
-        for s in list_schemes():
-            plan = symconvert.inspect(m, dataclasses.replace(
-                config, scheme=s, target_reduction=None, schemes=None, calibrate=None))
-            rows.append({"scheme": s.spec, "converted": len(plan.converted),
-                         "params_before": plan.total_before, "params_after": plan.total_after,
-                         "saved_fraction": plan.saved_fraction})
-            table.add_row(s.spec, str(len(plan.converted)), f"{plan.total_after:,}", f"{plan.saved_fraction:.2%}")
-        if fmt == "json":
-            print(json.dumps(rows, indent=2))
-        else:
-            console.print(table)
-            console.print("Pass --scheme S for the per-layer plan.")
+        _inspect_every_scheme(model, m, config, fmt)
         return
     if calibrate is not None:
         import copy
@@ -214,20 +245,14 @@ def inspect_command(
 
 
 @app.command("convert")
+@_shared_options
 def convert_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     scheme: str = typer.Option(..., "--scheme", "-s", help=_SCHEME_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (default: ./<model>-<scheme>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in --out."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Load pretrained weights."),
-    weights: Path | None = _WEIGHTS,
-    num_classes: int | None = _NUM_CLASSES,
-    model_kwarg: list[str] = _MODEL_KWARG,
-    include: list[str] = _INCLUDE,
-    exclude: list[str] = _EXCLUDE,
-    layers: str | None = _LAYERS,
-    min_channels: int = _MIN_CHANNELS,
-    include_head: bool = _INCLUDE_HEAD,
+    shared: _Shared = None,  # --weights … --include-head (_shared_options)
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Write the model even if nothing is converted."),
     gates: str | None = _GATES,
     target_reduction: float | None = _TARGET_REDUCTION,
@@ -259,50 +284,82 @@ def convert_command(
       symconvert convert timm:quickstart_digits --scheme channel --calibrate digits
     """
     import symconvert
-    from symconvert.checks import check_number_args
     from symconvert.io.checkpoint import check_writable
     from symconvert.io.files import output_dir, refuse_inputs
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
-    check_number_args(num_classes=num_classes, min_channels=min_channels, fmt=fmt,
-                      calibration_samples=calibration_samples,
-                      formats=("table", "json"))
-    refuse_inputs(out, [weights])
+    shared.check(fmt, calibration_samples)
+    refuse_inputs(out, [shared.weights])
     check_writable(out, overwrite=overwrite)
     from symconvert.io.export_packed import parse_dtype
 
     parse_dtype(dtype)  # a bad --dtype fails before any work
-    m = _load_model(model, pretrained, weights, num_classes, model_kwarg)
-    config = _config(scheme, include=include, exclude=exclude, layers=layers,
-                     min_channels=min_channels, include_head=include_head, gates=gates,
-                     allow_empty=allow_empty, target_reduction=target_reduction,
-                     schemes=schemes, calibrate=calibrate,
-                     calibration_samples=calibration_samples)
+    m = shared.load(model, pretrained)
+    config = shared.config(scheme, gates=gates, allow_empty=allow_empty,
+                           target_reduction=target_reduction, schemes=schemes,
+                           calibrate=calibrate, calibration_samples=calibration_samples)
     m, plan = symconvert.convert(m, config)
-    args = {"model": model, "pretrained": pretrained, "model_kwargs": model_kwarg,
-            "weights": str(weights) if weights else None, "num_classes": num_classes,
-            **config.to_record(),
-            **({"schemes": plan.schemes} if schemes is not None or scheme == "auto" else {})}
-    extra = {"convert": args}
-    if calibrate is not None:
-        from symconvert.surgery.calibrate import calibration_record
-
-        extra["calibration"] = calibration_record(plan)
+    extra = _convert_record(model, pretrained, shared, config, plan)
     # a model directory is all or nothing: a failure (Ctrl-C included) removes what this
     # run wrote; the lock makes a concurrent convert into the same --out exit 2
-    with output_dir(out, inputs=[weights], keep_partial=False):
+    with output_dir(out, inputs=[shared.weights], keep_partial=False):
         check_writable(out, overwrite=overwrite)  # again, under the lock
         symconvert.save(m, out, extra_metadata=extra, overwrite=overwrite, dtype=dtype)
         write_plan(out, plan)
+    _print_converted(plan, model, out, fmt)
+
+
+def _inspect_every_scheme(model: str, m, config, fmt: str) -> None:
+    """``inspect`` without --scheme: one row per scheme (the selection flags apply)."""
+    from rich.table import Table
+
+    import symconvert
+    from symconvert.schemes import list_schemes
+
+    table = Table(title=f"{model}: every scheme")
+    for col in ("scheme", "converted", "params after", "saved"):
+        table.add_column(col, justify="right" if col != "scheme" else "left")
+    rows = []
+    for s in list_schemes():
+        plan = symconvert.inspect(m, dataclasses.replace(
+            config, scheme=s, target_reduction=None, schemes=None, calibrate=None))
+        rows.append({"scheme": s.spec, "converted": len(plan.converted),
+                     "params_before": plan.total_before, "params_after": plan.total_after,
+                     "saved_fraction": plan.saved_fraction})
+        table.add_row(s.spec, str(len(plan.converted)), f"{plan.total_after:,}", f"{plan.saved_fraction:.2%}")
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(table)
+        console.print("Pass --scheme S for the per-layer plan.")
+
+
+def _convert_record(model: str, pretrained: bool, shared: _Shared, config, plan) -> dict:
+    """What ``convert`` records in the directory's metadata: its arguments (``convert``) and,
+    calibrated, the calibration (``calibration``)."""
+    args = {"model": model, "pretrained": pretrained, "model_kwargs": shared.model_kwarg,
+            "weights": str(shared.weights) if shared.weights else None,
+            "num_classes": shared.num_classes, **config.to_record(),
+            **({"schemes": plan.schemes}
+               if config.schemes is not None or config.scheme == "auto" else {})}
+    extra = {"convert": args}
+    if config.calibrate is not None:
+        from symconvert.surgery.calibrate import calibration_record
+
+        extra["calibration"] = calibration_record(plan)
+    return extra
+
+
+def _print_converted(plan, model: str, out: Path, fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(plan.to_dict(), indent=2))
-    else:
-        for w in plan.warnings:
-            err_console.print(f"[yellow]warning:[/] {w}")
-        console.print(_table(plan, f"{model} — {plan.scheme}", show_skipped=False))
-        console.print(_totals(plan))
-        size = (out / "model.safetensors").stat().st_size
-        console.print(f"wrote [bold]{out}[/] (model.safetensors: {size:,} bytes)")
+        return
+    for w in plan.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+    console.print(_table(plan, f"{model} — {plan.scheme}", show_skipped=False))
+    console.print(_totals(plan))
+    size = (out / "model.safetensors").stat().st_size
+    console.print(f"wrote [bold]{out}[/] (model.safetensors: {size:,} bytes)")
 
 
 def _table(plan, title: str, show_skipped: bool, max_rows: int | None = None):

@@ -50,30 +50,11 @@ def report_command(
       symconvert report r18-channel/finetuned --data digits --compare prune,dense
     """
     from symconvert.checks import check_number_args
-    from symconvert.errors import SymconvertError
-    from symconvert.io.checkpoint import META_NAME, WEIGHTS_NAME
-    from symconvert.io.files import atomic_write_text, check_output_file
     from symconvert.io.metadata import trusting_code
     from symconvert.report.build import ReportOptions, build_report
     from symconvert.report.plot import plot_report
-    from symconvert.report.render import FORMATS, render
 
-    if fmt not in FORMATS:
-        raise SymconvertError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}.")
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise SymconvertError(f"--plot {plot}: write a .png file (e.g. --plot report.png).")
-    # Fail before minutes of measuring, not after.
-    for flag, path in (("--out", out), ("--plot", plot)):
-        if path is not None and not path.absolute().parent.is_dir():
-            raise SymconvertError(f"{flag} {path}: the folder {path.absolute().parent} does not "
-                                  "exist; create it or choose another path.")
-        if path is not None and path.is_dir():
-            raise SymconvertError(f"{flag} {path} is a directory; give a file name.")
-        if path is not None:  # writable, and not the model being reported on
-            check_output_file(path, [directory, directory / WEIGHTS_NAME,
-                                     directory / META_NAME], flag=flag)
-    if out is not None and plot is not None and out.absolute() == plot.absolute():
-        raise SymconvertError(f"--out and --plot are both {out}; give two files.")
+    _check_outputs(directory, fmt, out, plot)
     check_number_args(batch_size=batch_size, subsample=subsample, workers=workers,
                       latency_runs=latency_runs, latency_batch=latency_batch,
                       input_size=input_size)
@@ -85,6 +66,40 @@ def report_command(
         if progress else None
     with trusting_code(trust_code):
         report = build_report(directory, options=options, log=log)
+    _write_report(report, fmt, out)
+    if plot is not None:
+        path = plot_report(report, plot)
+        err_console.print(f"wrote [bold]{path}[/] (plot)", highlight=False)
+
+
+def _check_outputs(directory: Path, fmt: str, out: Path | None, plot: Path | None) -> None:
+    """--format, --out and --plot checked before minutes of measuring, not after."""
+    from symconvert.errors import SymconvertError
+    from symconvert.io.checkpoint import META_NAME, WEIGHTS_NAME
+    from symconvert.io.files import check_output_file
+    from symconvert.report.render import FORMATS
+
+    if fmt not in FORMATS:
+        raise SymconvertError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}.")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise SymconvertError(f"--plot {plot}: write a .png file (e.g. --plot report.png).")
+    for flag, path in (("--out", out), ("--plot", plot)):
+        if path is not None and not path.absolute().parent.is_dir():
+            raise SymconvertError(f"{flag} {path}: the folder {path.absolute().parent} does not "
+                                  "exist; create it or choose another path.")
+        if path is not None and path.is_dir():
+            raise SymconvertError(f"{flag} {path} is a directory; give a file name.")
+        if path is not None:  # writable, and not the model being reported on
+            check_output_file(path, [directory, directory / WEIGHTS_NAME,
+                                     directory / META_NAME], flag=flag)
+    if out is not None and plot is not None and out.absolute() == plot.absolute():
+        raise SymconvertError(f"--out and --plot are both {out}; give two files.")
+
+
+def _write_report(report: dict, fmt: str, out: Path | None) -> None:
+    """The report in --format, into --out or on stdout."""
+    from symconvert.io.files import atomic_write_text
+    from symconvert.report.render import render
 
     if out is not None:
         text = render(report, fmt)
@@ -98,6 +113,3 @@ def report_command(
     else:
         # plain print: JSON and markdown must reach a pipe byte for byte, unwrapped
         print(render(report, fmt))
-    if plot is not None:
-        path = plot_report(report, plot)
-        err_console.print(f"wrote [bold]{path}[/] (plot)", highlight=False)

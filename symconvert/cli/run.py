@@ -15,7 +15,7 @@ def _list_recipes() -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from symconvert.pipeline.runner import shipped_recipes
+    from symconvert.pipeline.load import shipped_recipes
 
     table = Table(title="shipped recipes (symconvert run NAME)")
     for col in ("name", "model", "scheme", "data", "description"):
@@ -77,7 +77,8 @@ def run_command(
 
       symconvert run                                     # list the shipped recipes
     """
-    from symconvert.pipeline.runner import load_recipe, run
+    from symconvert.pipeline.load import load_recipe
+    from symconvert.pipeline.runner import run
 
     if recipe is None:
         _list_recipes()
@@ -110,7 +111,8 @@ def _print_dry_run(recipe, overwrite: bool, resume: bool) -> None:
     from rich.table import Table
 
     from symconvert.cli.core import _table, _totals
-    from symconvert.pipeline.runner import dry_run, dump_yaml
+    from symconvert.pipeline.load import dump_yaml
+    from symconvert.pipeline.runner import dry_run
 
     plan = dry_run(recipe, overwrite=overwrite, resume=resume)
     console.print(f"[bold]resolved recipe[/] ({recipe.path or '<recipe>'}, with --set applied "

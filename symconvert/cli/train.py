@@ -80,42 +80,52 @@ def finetune_command(
       symconvert finetune lm-channel --data text:data/ptb --epochs 6   # lr 20, clip 0.25, plain SGD
     """
     from symconvert.checks import check_finetune_args
-    from symconvert.io.export_packed import parse_dtype, store_directory_as
-    from symconvert.io.metadata import trusting_code
-    from symconvert.train.loop import TrainingInterrupted
-    from symconvert.train.run import finetune
+    from symconvert.io.export_packed import parse_dtype
 
+    # what `symconvert.train.run.finetune` takes besides the directories, in the order the
+    # numbers are checked
+    settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, decay_rate=decay_rate,
+                    decay_milestones=decay_milestones, weight_decay=weight_decay,
+                    warmup_epochs=warmup_epochs, clip_grad=clip_grad, workers=workers,
+                    seed=seed, distill_alpha=distill_alpha,
+                    distill_temperature=distill_temperature,
+                    checkpoint_every=checkpoint_every, subsample=subsample,
+                    num_classes=num_classes, input_size=input_size, log_interval=log_interval,
+                    bptt=bptt, opt=opt, sched=sched, amp=amp, device=device, distill=distill,
+                    augment=augment, download=download)
     # every number first: nothing is created or loaded for a bad flag
-    check_finetune_args(epochs=epochs, lr=lr, batch_size=batch_size, decay_rate=decay_rate,
-                        decay_milestones=decay_milestones, weight_decay=weight_decay,
-                        warmup_epochs=warmup_epochs, clip_grad=clip_grad, workers=workers,
-                        seed=seed, distill_alpha=distill_alpha,
-                        distill_temperature=distill_temperature,
-                        checkpoint_every=checkpoint_every, subsample=subsample,
-                        num_classes=num_classes, input_size=input_size, fmt=fmt,
-                        log_interval=log_interval, bptt=bptt, formats=("table", "json"))
+    check_finetune_args(**settings, fmt=fmt, formats=("table", "json"))
     parse_dtype(dtype)  # a bad --dtype fails before training
-    try:
-        with trusting_code(trust_code):
-            result = finetune(
-                model_dir, data, out, teacher=teacher, num_classes=num_classes, resume=resume,
-                overwrite=overwrite, epochs=epochs, lr=lr, batch_size=batch_size, opt=opt, sched=sched,
-                decay_milestones=decay_milestones, decay_rate=decay_rate,
-                weight_decay=weight_decay, warmup_epochs=warmup_epochs, clip_grad=clip_grad,
-                amp=amp, device=device, workers=workers, seed=seed, distill=distill,
-                distill_alpha=distill_alpha, distill_temperature=distill_temperature,
-                checkpoint_every=checkpoint_every, log_interval=log_interval, bptt=bptt,
-                input_size=input_size, subsample=subsample,
-                augment=augment, download=download,
-            )
-    except TrainingInterrupted as exc:
-        err_console.print(f"[yellow]interrupted:[/] {exc}", highlight=False)
-        # SystemExit, not typer.Exit: cli.main returns SystemExit codes as the exit status.
-        raise SystemExit(130) from None
+    result = _run_finetune(model_dir, data, out, teacher, resume, overwrite, trust_code,
+                           settings)
     import os
 
     if os.environ.get("RANK", "0") != "0":
         return
+    _finish_finetune(result, dtype, fmt)
+
+
+def _run_finetune(model_dir: Path, data: str, out: Path | None, teacher: str | None,
+                  resume: bool, overwrite: bool, trust_code: bool, settings: dict):
+    """``symconvert.train.run.finetune``; an interruption (Ctrl-C, SIGTERM) exits 130."""
+    from symconvert.io.metadata import trusting_code
+    from symconvert.train.loop import TrainingInterrupted
+    from symconvert.train.run import finetune
+
+    try:
+        with trusting_code(trust_code):
+            return finetune(model_dir, data, out, teacher=teacher, resume=resume,
+                            overwrite=overwrite, **settings)
+    except TrainingInterrupted as exc:
+        err_console.print(f"[yellow]interrupted:[/] {exc}", highlight=False)
+        # SystemExit, not typer.Exit: cli.main returns SystemExit codes as the exit status.
+        raise SystemExit(130) from None
+
+
+def _finish_finetune(result, dtype: str, fmt: str) -> None:
+    """Rank 0: store --out at --dtype and print the final metrics."""
+    from symconvert.io.export_packed import store_directory_as
+
     store_directory_as(result.out, dtype)
     summary = {"out": str(result.out), **result.eval, "params": result.params,
                "epochs": len(result.metrics)}

@@ -29,7 +29,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from symconvert.models.wrn import CIFAR10_MEAN, CIFAR10_STD, LinearHeadMixin
+from symconvert.models.wrn import LinearHeadMixin, cifar10_cfg, init_weights
 
 __all__ = [
     "CifarResNet",
@@ -128,15 +128,7 @@ class CifarResNet(LinearHeadMixin, nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map of the last stage, NCHW."""
@@ -149,18 +141,7 @@ class CifarResNet(LinearHeadMixin, nn.Module):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "pool_size": (8, 8),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": CIFAR10_MEAN,
-        "std": CIFAR10_STD,
-        "first_conv": "stem.conv",
-        "classifier": "fc",
-        **kwargs,
-    }
+    return cifar10_cfg("stem.conv", **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

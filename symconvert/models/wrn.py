@@ -47,7 +47,8 @@ class LinearHeadMixin:
         return self.forward_head(self.forward_features(x))
 
 
-__all__ = ["WideResNet", "WideBasicBlock", "WideBottleneckBlock", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["WideResNet", "WideBasicBlock", "WideBottleneckBlock", "CIFAR10_MEAN", "CIFAR10_STD",
+           "cifar10_cfg", "init_weights"]
 
 # The paper's code normalises with the CIFAR-10 training-set channel statistics
 # (125.3, 123.0, 113.9) / 255 and (63.0, 62.1, 66.7) / 255.
@@ -55,7 +56,45 @@ CIFAR10_MEAN = (0.4914, 0.4824, 0.4467)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
-class WideBasicBlock(nn.Module):
+def _projection(in_chs: int, out_chs: int, stride: int) -> nn.Conv2d | None:
+    """The 1x1 projection shortcut of a block whose shape changes (None: identity)."""
+    if in_chs != out_chs or stride != 1:
+        return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+    return None
+
+
+def init_weights(model: nn.Module, zero_linear_bias: bool = False) -> None:
+    """Kaiming-normal (fan out) convolutions, BatchNorm weight 1 and bias 0, and with
+    ``zero_linear_bias`` zero Linear biases: the CIFAR ResNets' initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif zero_linear_bias and isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+class _PreActBlock(nn.Module):
+    """A pre-activation block: BN-ReLU of the input (``bn1``, ``act``), the block's
+    ``residual`` of it, plus the shortcut."""
+
+    bn1: nn.BatchNorm2d
+    act: nn.Module
+    shortcut: nn.Module | None
+
+    def residual(self, o: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.act(self.bn1(x))
+        # The projection shortcut reads the pre-activated input, as in the WRN code.
+        shortcut = x if self.shortcut is None else self.shortcut(o)
+        return self.residual(o) + shortcut
+
+
+class WideBasicBlock(_PreActBlock):
     """Pre-activation basic block: BN-ReLU-conv3x3(stride) -> BN-ReLU-[dropout]-conv3x3, + shortcut."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.0) -> None:
@@ -65,23 +104,14 @@ class WideBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_chs)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=1, padding=1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
-            if in_chs != out_chs or stride != 1
-            else None
-        )
+        self.shortcut = _projection(in_chs, out_chs, stride)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.act(self.bn1(x))
-        # The projection shortcut reads the pre-activated input, as in the WRN code.
-        shortcut = x if self.shortcut is None else self.shortcut(o)
-        y = self.conv1(o)
-        y = self.conv2(self.drop(self.act(self.bn2(y))))
-        return y + shortcut
+    def residual(self, o: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.drop(self.act(self.bn2(self.conv1(o)))))
 
 
-class WideBottleneckBlock(nn.Module):
+class WideBottleneckBlock(_PreActBlock):
     """Pre-activation bottleneck: conv1x1(in->w/4) -> conv3x3(w/4->w/4, stride) -> conv1x1(w/4->w)."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.0) -> None:
@@ -96,20 +126,12 @@ class WideBottleneckBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(mid)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.conv3 = nn.Conv2d(mid, out_chs, 1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
-            if in_chs != out_chs or stride != 1
-            else None
-        )
+        self.shortcut = _projection(in_chs, out_chs, stride)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.act(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(o)
-        y = self.conv1(o)
-        y = self.conv2(self.act(self.bn2(y)))
-        y = self.conv3(self.drop(self.act(self.bn3(y))))
-        return y + shortcut
+    def residual(self, o: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.act(self.bn2(self.conv1(o))))
+        return self.conv3(self.drop(self.act(self.bn3(y))))
 
 
 _BLOCKS: dict[str, type[nn.Module]] = {"basic": WideBasicBlock, "bottleneck": WideBottleneckBlock}
@@ -164,17 +186,7 @@ class WideResNet(LinearHeadMixin, nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_linear_bias=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map before the final BN-ReLU-pool, NCHW."""
@@ -186,7 +198,9 @@ class WideResNet(LinearHeadMixin, nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
+def cifar10_cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
+    """timm's pretrained config of a CIFAR-10 model here (3x32x32, CIFAR-10 statistics, head
+    ``fc``); ``kwargs`` add or override keys."""
     return {
         "num_classes": 10,
         "input_size": (3, 32, 32),
@@ -195,64 +209,49 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "interpolation": "bilinear",
         "mean": CIFAR10_MEAN,
         "std": CIFAR10_STD,
-        "first_conv": "stem",
+        "first_conv": first_conv,
         "classifier": "fc",
-        "paper_ids": "arXiv:1605.07146",
-        "origin_url": "https://github.com/hushell/deep-symmetry",
         **kwargs,
     }
 
 
-# No weights are shipped (no url/file): these are architectures to train or to load --weights into.
+_PAPER = {"paper_ids": "arXiv:1605.07146", "origin_url": "https://github.com/hushell/deep-symmetry"}
+_BOTTLENECK_PAPER = {**_PAPER, "paper_ids": "arXiv:1812.11027"}
+
+# The registered variants: name -> (docstring, WideResNet arguments, config keys). No weights
+# are shipped (no url/file): these are architectures to train or to load --weights into.
+_VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "wrn_16_4": ("WRN-16-4 (basic blocks, n=2), 2.75 M parameters for CIFAR-10.",
+                 {"depth": 16, "widen_factor": 4}, _PAPER),
+    "wrn_16_8": ("WRN-16-8 (basic blocks, n=2), 11.0 M parameters for CIFAR-10.",
+                 {"depth": 16, "widen_factor": 8}, _PAPER),
+    "wrn_28_10": ("WRN-28-10 (basic blocks, n=4), 36,479,194 parameters for CIFAR-10 "
+                  "(published: 36.5 M).", {"depth": 28, "widen_factor": 10}, _PAPER),
+    "wrn_40_4": ("WRN-40-4 (basic blocks, n=6), 8.9 M parameters for CIFAR-10.",
+                 {"depth": 40, "widen_factor": 4}, _PAPER),
+    "wrn_bottleneck_16_4": (
+        "The paper code's bottleneck WRN exactly as its README trains it (--depth 16 --width 4).",
+        {"depth": 16, "widen_factor": 4, "block": "bottleneck"}, _BOTTLENECK_PAPER),
+    "wrn_bottleneck_28_10": (
+        "The paper code's bottleneck WRN at the WRN-28-10 setting (n=4 blocks/group, widths x10).",
+        {"depth": 28, "widen_factor": 10, "block": "bottleneck"}, _BOTTLENECK_PAPER),
+}
+
 default_cfgs = generate_default_cfgs(
-    {
-        "wrn_16_4": _cfg(),
-        "wrn_16_8": _cfg(),
-        "wrn_28_10": _cfg(),
-        "wrn_40_4": _cfg(),
-        "wrn_bottleneck_16_4": _cfg(paper_ids="arXiv:1812.11027"),
-        "wrn_bottleneck_28_10": _cfg(paper_ids="arXiv:1812.11027"),
-    }
-)
+    {name: cifar10_cfg("stem", **cfg) for name, (_, _, cfg) in _VARIANTS.items()})
 
 
-def _create_wrn(variant: str, pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    return build_model_with_cfg(WideResNet, variant, pretrained, **kwargs)
+def _register(variant: str, doc: str, args: dict[str, Any]) -> Any:
+    """``timm.create_model(variant)``: a WideResNet of ``args`` (keywords override them)."""
+
+    def factory(pretrained: bool = False, **kwargs: Any) -> WideResNet:
+        return build_model_with_cfg(WideResNet, variant, pretrained, **dict(args, **kwargs))
+
+    factory.__name__ = factory.__qualname__ = variant
+    factory.__doc__ = doc
+    return register_model(factory)
 
 
-@register_model
-def wrn_16_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    """WRN-16-4 (basic blocks, n=2), 2.75 M parameters for CIFAR-10."""
-    return _create_wrn("wrn_16_4", pretrained, **dict(dict(depth=16, widen_factor=4), **kwargs))
-
-
-@register_model
-def wrn_16_8(pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    """WRN-16-8 (basic blocks, n=2), 11.0 M parameters for CIFAR-10."""
-    return _create_wrn("wrn_16_8", pretrained, **dict(dict(depth=16, widen_factor=8), **kwargs))
-
-
-@register_model
-def wrn_28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    """WRN-28-10 (basic blocks, n=4), 36,479,194 parameters for CIFAR-10 (published: 36.5 M)."""
-    return _create_wrn("wrn_28_10", pretrained, **dict(dict(depth=28, widen_factor=10), **kwargs))
-
-
-@register_model
-def wrn_40_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    """WRN-40-4 (basic blocks, n=6), 8.9 M parameters for CIFAR-10."""
-    return _create_wrn("wrn_40_4", pretrained, **dict(dict(depth=40, widen_factor=4), **kwargs))
-
-
-@register_model
-def wrn_bottleneck_16_4(pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    """The paper code's bottleneck WRN exactly as its README trains it (--depth 16 --width 4)."""
-    args = dict(depth=16, widen_factor=4, block="bottleneck")
-    return _create_wrn("wrn_bottleneck_16_4", pretrained, **dict(args, **kwargs))
-
-
-@register_model
-def wrn_bottleneck_28_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
-    """The paper code's bottleneck WRN at the WRN-28-10 setting (n=4 blocks/group, widths x10)."""
-    args = dict(depth=28, widen_factor=10, block="bottleneck")
-    return _create_wrn("wrn_bottleneck_28_10", pretrained, **dict(args, **kwargs))
+# wrn_16_4, wrn_16_8, wrn_28_10, wrn_40_4, wrn_bottleneck_16_4, wrn_bottleneck_28_10
+for _name, (_doc, _args, _) in _VARIANTS.items():
+    globals()[_name] = _register(_name, _doc, _args)

@@ -10,11 +10,14 @@ key with the closest known keys, a missing key with an example.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
+import pydantic
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -162,32 +165,53 @@ class ModelSection(Section):
                                    "for the model factory")
 
 
-class SelectionSection(Section):
-    """How the model is converted besides the scheme: every key is a keyword of
-    ``symconvert.convert`` / ``symconvert.inspect`` of the same name, passed through as is
-    (``convert_kwargs``). A new convert-stage key (``calibrate``, ``calibration_samples``,
-    ``dtype``, ``schemes``) is one line here, once the convert API takes it."""
+# ConvertConfig's fields that are not ``selection`` keys: the scheme is a top-level key and
+# ``costs`` (a mapping of (layer, scheme) pairs, or a function) exists in the API only.
+_NOT_SELECTION = ("scheme", "costs")
+# The recipe's spelling of the ConvertConfig fields whose Python type is looser than a YAML
+# value (a list or a string; a loader or tensor as calibration data), with the checks
+# against symconvert's registries. Every other field keeps its ConvertConfig type; name,
+# default, help and bounds always come from ConvertConfig. A list type that does not take
+# null (include, exclude) defaults to [] (no filter), as the resolved recipe.yaml shows.
+_RECIPE_TYPES: dict[str, Any] = {
+    "include": Annotated[list[str], _as_list(False)],
+    "exclude": Annotated[list[str], _as_list(False)],
+    "layers": Annotated[list[str] | None, _as_list(True), _one_of(_layer_kinds)],
+    "gates": Annotated[list[str] | None, _as_list(True), _one_of(("hh", "ih"))],
+    "schemes": Annotated[list[str] | None, _as_list(True), _checked(_check_schemes)],
+    "calibrate": Annotated[str | None, _checked(_check_data)],
+}
+_BOUND_NAMES = ("ge", "gt", "le", "lt")
 
-    include: Annotated[list[str], _as_list(False)] = Field(
-        default_factory=list, description="only layers whose name matches (glob or re:REGEX)")
-    exclude: Annotated[list[str], _as_list(False)] = Field(
-        default_factory=list, description="skip layers whose name matches (glob or re:REGEX)")
-    layers: Annotated[list[str] | None, _as_list(True), _one_of(_layer_kinds)] = Field(
-        None, description="layer kinds to consider (default all)")
-    min_channels: int = Field(0, ge=0, description="skip layers with fewer channels")
-    include_head: bool = Field(False, description="also convert the classifier head")
-    allow_empty: bool = Field(False, description="go on even if nothing is converted")
-    target_reduction: float | None = Field(None, gt=0.0, lt=1.0, description="convert the "
-                                           "cheapest layers until the model is this fraction smaller")
-    gates: Annotated[list[str] | None, _as_list(True), _one_of(("hh", "ih"))] = Field(
-        None, description="recurrent weights to convert: hh (default) or hh,ih")
-    calibrate: Annotated[str | None, _checked(_check_data)] = Field(
-        None, description="calibration data (a --data spec; its train split): fit every "
-        "converted layer to the source's outputs before fine-tuning (convert --calibrate)")
-    calibration_samples: int = Field(512, ge=1, description="calibration inputs")
-    schemes: Annotated[list[str] | None, _as_list(True), _checked(_check_schemes)] = Field(
-        None, description="scheme: auto — the candidate schemes (default "
-        "channel,block,spatial,channel+spatial,quarter)")
+
+def _selection_field(field: dataclasses.Field, hints: dict[str, Any]) -> tuple[Any, Any]:
+    """``(type, FieldInfo)`` of one ConvertConfig field as a recipe key."""
+    tp = _RECIPE_TYPES.get(field.name, hints[field.name])
+    bounds = {k: v for k, v in field.metadata.items() if k in _BOUND_NAMES}
+    info: dict[str, Any] = {"description": field.metadata.get("help"), **bounds}
+    if field.default is None and typing.get_origin(tp) is Annotated \
+            and typing.get_args(tp)[0] == list[str]:
+        info["default_factory"] = list
+    else:
+        info["default"] = field.default
+    return tp, Field(**info)
+
+
+def _selection_section() -> type[Section]:
+    from symconvert.surgery.config import ConvertConfig
+
+    hints = typing.get_type_hints(ConvertConfig)
+    fields = {f.name: _selection_field(f, hints) for f in dataclasses.fields(ConvertConfig)
+              if f.name not in _NOT_SELECTION}
+    return pydantic.create_model(  # type: ignore[call-overload]
+        "SelectionSection", __base__=Section, __module__=__name__,
+        __doc__="How the model is converted besides the scheme: every key is a field of "
+        "``symconvert.ConvertConfig`` (a keyword of ``symconvert.convert``/``inspect``) of the "
+        "same name, passed through as is (``convert_kwargs``); a new ConvertConfig field is a "
+        "new key.", **fields)
+
+
+SelectionSection = _selection_section()
 
 
 class DataSection(Section):

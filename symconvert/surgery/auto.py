@@ -5,16 +5,8 @@ The choice is a multiple-choice knapsack: layer i takes at most one option j (a 
 with gain g_ij (parameters saved) and cost c_ij (the damage, by default the squared relative
 symmetrisation error e² = ||W - unpack(pack(W))||² / ||W||² on the source weight: the
 fraction of the layer's weight energy the projection removes); minimise sum c subject to
-sum g >= F * total. ``solve`` does
-
-1. the Lagrangian / LP relaxation: each layer's options reduced to the lower convex hull of
-   (gain, cost) from (0, 0); the hull increments taken in order of cost per parameter
-   saved until the goal is met. The fractional LP optimum is a **lower bound** on the
-   optimum (recorded as ``lower_bound``); the integral prefix (the critical increment
-   taken whole) is feasible and costs at most lower_bound + that increment's cost;
-2. a fix-up: best-improvement local search over every option (one layer, then pairs of
-   layers) while the goal stays met, then dropping any layer the goal does not need, so
-   the reduction overshoots F by less than the smallest converted layer's gain.
+sum g >= F * total. ``symconvert.surgery.auto_solve.solve`` solves it (LP relaxation with
+its lower bound, then a local-search fix-up).
 
 Why e², relative and unweighted by layer size: BatchNorm/LayerNorm make a layer's absolute
 weight scale meaningless, so the error is relative; to first order the output's relative
@@ -33,16 +25,15 @@ model and arguments always give the same plan.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from symconvert.errors import SymconvertError
 from symconvert.schemes import get_scheme
+from symconvert.surgery.auto_solve import Option, solve
 from symconvert.surgery.plan import CONVERT, SKIP, LayerPlan, Plan, build_plan, count_parameters
 from symconvert.surgery.selection import Selection
 
@@ -51,7 +42,6 @@ AUTO = "auto"
 #: (block) and kernel (spatial) symmetries plus two stronger square ones for layers where
 #: halving is cheap. ``eigen:K`` is opt-in: its saving depends on K against each width.
 DEFAULT_SCHEMES = ("channel", "block", "spatial", "channel+spatial", "quarter")
-_EPS = 1e-12
 
 CostTable = Mapping[tuple[str, str], float]
 #: ``costs=``: a table {(layer_name, scheme_spec): cost}, or a function called once with
@@ -81,192 +71,6 @@ def parse_schemes(schemes: str | Sequence[str] | None) -> list[str]:
         if spec not in out:
             out.append(spec)
     return out
-
-
-# ------------------------------------------------------------------ the solver
-
-
-@dataclass(frozen=True)
-class Option:
-    """One way to convert one layer: ``gain`` parameters saved at ``cost``."""
-
-    gain: int
-    cost: float
-
-
-@dataclass
-class Solution:
-    #: per layer the index of the chosen option, or None
-    choice: list[int | None]
-    gain: int
-    cost: float
-    goal: int
-    feasible: bool
-    #: the largest gain any choice reaches (every layer at its largest-gain option)
-    max_gain: int
-    #: the LP relaxation's optimum: no choice meeting the goal costs less (None if infeasible)
-    lower_bound: float | None = None
-    #: cost of the LP-greedy prefix before the fix-up (for comparison)
-    greedy_cost: float | None = None
-
-
-def _hull(opts: Sequence[Option]) -> list[tuple[int, float, int]]:
-    """Lower convex hull of {(0, 0)} ∪ {(g_j, c_j)}, left to right, as (gain, cost, j);
-    (0, 0, -1) first."""
-    pts = sorted(((o.gain, o.cost, j) for j, o in enumerate(opts) if o.gain > 0),
-                 key=lambda p: (p[0], p[1], p[2]))
-    hull: list[tuple[int, float, int]] = [(0, 0.0, -1)]
-    for p in pts:
-        if p[0] == hull[-1][0]:
-            continue  # same gain, cost not lower (sorted)
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            # drop hull[-1] if it lies on or above the segment hull[-2] -> p
-            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    # slopes increase along the hull; with costs >= 0 and (0, 0) first they are >= 0
-    return hull
-
-
-def solve(options: Sequence[Sequence[Option]], goal: int, *, pair_limit: int = 4000) -> Solution:
-    """Pick at most one option per layer with total gain >= ``goal`` at least total cost.
-
-    Costs must be finite and >= 0. Returns the best choice found with the LP lower bound;
-    if the goal is out of reach, ``feasible`` is False and ``choice`` is every layer at its
-    largest-gain (then cheapest) option, the largest reduction there is.
-    """
-    n = len(options)
-    for opts in options:
-        for o in opts:
-            if not (math.isfinite(o.cost) and o.cost >= 0):
-                raise SymconvertError(f"a layer cost must be a finite number >= 0, got {o.cost!r}.")
-
-    def best_gain(opts):
-        if not opts:
-            return None
-        return min(range(len(opts)), key=lambda j: (-opts[j].gain, opts[j].cost, j))
-
-    max_choice = [best_gain(opts) for opts in options]
-    max_gain = sum(options[i][j].gain for i, j in enumerate(max_choice) if j is not None)
-    if goal <= 0:
-        return Solution([None] * n, 0, 0.0, goal, True, max_gain, 0.0, 0.0)
-    if max_gain < goal:
-        cost = sum(options[i][j].cost for i, j in enumerate(max_choice) if j is not None)
-        return Solution(max_choice, max_gain, cost, goal, False, max_gain)
-
-    # 1. LP relaxation: hull increments in order of cost per parameter saved
-    increments = []
-    for i, opts in enumerate(options):
-        hull = _hull(opts)
-        for step in range(1, len(hull)):
-            (g0, c0, _), (g1, c1, j) = hull[step - 1], hull[step]
-            increments.append(((c1 - c0) / (g1 - g0), i, step, g1 - g0, c1 - c0, j))
-    increments.sort(key=lambda t: (t[0], t[1], t[2]))
-    choice: list[int | None] = [None] * n
-    gain, cost, lower = 0, 0.0, 0.0
-    for _, i, _, dg, dc, j in increments:
-        if gain + dg >= goal:  # the critical increment: the LP takes a fraction of it
-            lower = cost + dc * (goal - gain) / dg
-        choice[i], gain, cost = j, gain + dg, cost + dc
-        if gain >= goal:
-            break
-    greedy_cost = cost
-
-    # 2. fix-up: best-improvement moves of one layer, then of two layers
-    gains = [[0] + [o.gain for o in opts] for opts in options]  # slot 0 = none
-    costs = [[0.0] + [o.cost for o in opts] for opts in options]
-    slot = [0 if c is None else c + 1 for c in choice]
-
-    def improve_one() -> bool:
-        nonlocal gain, cost
-        best = None
-        for i in range(n):
-            g0, c0 = gains[i][slot[i]], costs[i][slot[i]]
-            for s in range(len(gains[i])):
-                dg, dc = gains[i][s] - g0, costs[i][s] - c0
-                if s != slot[i] and gain + dg >= goal and dc < -_EPS * max(1.0, cost):
-                    if best is None or dc < best[0]:
-                        best = (dc, dg, i, s)
-        if best is None:
-            return False
-        dc, dg, i, s = best
-        slot[i], gain, cost = s, gain + dg, cost + dc
-        return True
-
-    def improve_two() -> bool:
-        nonlocal gain, cost
-        layer, dgs, dcs, slots = [], [], [], []
-        for i in range(n):
-            g0, c0 = gains[i][slot[i]], costs[i][slot[i]]
-            for s in range(len(gains[i])):
-                if s != slot[i]:
-                    layer.append(i), slots.append(s)
-                    dgs.append(gains[i][s] - g0), dcs.append(costs[i][s] - c0)
-        m = len(layer)
-        if m < 2 or m > pair_limit:
-            return False
-        lay = torch.tensor(layer)
-        dg = torch.tensor(dgs, dtype=torch.float64)
-        dc = torch.tensor(dcs, dtype=torch.float64)
-        total_dg = dg[:, None] + dg[None, :]
-        total_dc = dc[:, None] + dc[None, :]
-        ok = (lay[:, None] < lay[None, :]) & (gain + total_dg >= goal)
-        ok &= total_dc < -_EPS * max(1.0, cost)
-        if not bool(ok.any()):
-            return False
-        masked = torch.where(ok, total_dc, torch.full_like(total_dc, math.inf))
-        flat = int(torch.argmin(masked.reshape(-1)))  # first minimum: deterministic
-        a, b = divmod(flat, m)
-        for k in (a, b):
-            slot[layer[k]] = slots[k]
-        gain = sum(gains[i][slot[i]] for i in range(n))
-        cost = sum(costs[i][slot[i]] for i in range(n))
-        return True
-
-    for _ in range(10 * n + 100):
-        if not (improve_one() or improve_two()):
-            break
-    # 3. drop what the goal does not need (zero-cost layers the moves above left in)
-    for i in range(n):
-        if slot[i] and gain - gains[i][slot[i]] >= goal and costs[i][slot[i]] <= _EPS:
-            gain -= gains[i][slot[i]]
-            cost -= costs[i][slot[i]]
-            slot[i] = 0
-    choice = [None if s == 0 else s - 1 for s in slot]
-    cost = sum(costs[i][slot[i]] for i in range(n))
-    return Solution(choice, gain, cost, goal, True, max_gain, min(lower, cost), greedy_cost)
-
-
-def solve_exact(options: Sequence[Sequence[Option]], goal: int, max_states: int = 2_000_000) -> Solution:
-    """The exact optimum by dynamic programming over Pareto-optimal (gain, cost) states
-    (gain capped at ``goal``). For tests and small cases; raises if the state set grows
-    past ``max_states``."""
-    n = len(options)
-    # states: gain -> (cost, choice tuple); keep only Pareto-optimal ones
-    states: dict[int, tuple[float, tuple]] = {0: (0.0, ())}
-    for opts in options:
-        nxt: dict[int, tuple[float, tuple]] = {}
-        for g, (c, ch) in states.items():
-            for j, o in itertools.chain([(None, Option(0, 0.0))], enumerate(opts)):
-                ng, nc = min(goal, g + o.gain), c + o.cost
-                if ng not in nxt or nc < nxt[ng][0] - 1e-15:
-                    nxt[ng] = (nc, ch + (j,))
-        # Pareto prune: a state with more gain must cost more
-        pruned, best = {}, math.inf
-        for g in sorted(nxt, reverse=True):
-            if nxt[g][0] < best - 1e-15:
-                pruned[g], best = nxt[g], nxt[g][0]
-        states = pruned
-        if len(states) > max_states:
-            raise SymconvertError(f"solve_exact: more than {max_states} states")
-    if goal not in states:
-        return Solution([None] * n, 0, math.inf, goal, False, 0)
-    cost, choice = states[goal]
-    gain = sum(options[i][j].gain for i, j in enumerate(choice) if j is not None)
-    return Solution(list(choice), gain, cost, goal, True, 0, cost)
 
 
 # ------------------------------------------------------------------ the plan
@@ -394,11 +198,7 @@ def build_auto_plan(
     """The ``--scheme auto`` plan: per candidate tensor the chosen scheme (or none) and
     every candidate's cost. Nothing is changed. An unreachable target gives a plan with
     ``reachable=False`` showing the largest reduction (``convert`` refuses it)."""
-    if target_reduction is None:
-        raise SymconvertError("--scheme auto needs --target-reduction F (e.g. 0.4): the "
-                              "planner picks per layer the cheapest schemes that reach it.")
-    if not 0 < target_reduction < 1:
-        raise SymconvertError(f"--target-reduction must be in (0, 1), got {target_reduction}.")
+    _check_target(target_reduction)
     specs = parse_schemes(schemes)
     # a partial cost table (``costs.partial``, e.g. calibration, which prices conv and
     # linear layers) falls back to the weight error for the pairs it leaves out
@@ -406,14 +206,43 @@ def build_auto_plan(
     plans = _scheme_plans(model, specs, selection, with_error=costs is None or partial)
     keys = [(e.module, e.tensor) for e in plans[0].layers]
     by_scheme = [{(e.module, e.tensor): e for e in p.layers} for p in plans]
+    table = None if costs is None else _cost_table(costs, plans, partial)
+    options, option_entries = _layer_options(keys, by_scheme, table)
 
-    if costs is None:
-        table = None
-    else:
-        pairs = [(e.name, p.scheme) for p in plans for e in p.converted]
-        alt = {(e.name, p.scheme): f"{e.module}.{e.tensor}" for p in plans for e in p.converted}
-        table = _resolve_costs(costs, pairs, alt, partial=partial)
+    total = count_parameters(model)
+    goal = math.ceil(target_reduction * total - 1e-9)
+    sol = solve(options, goal)
+    entries = [_auto_entry(key, opts, ents, j, by_scheme)
+               for key, opts, ents, j in zip(keys, options, option_entries, sol.choice,
+                                             strict=True)]
+    return AutoPlan(
+        scheme=AUTO, selection=selection.to_dict(), total_before=total, layers=entries,
+        warnings=list(plans[0].warnings), target_reduction=target_reduction, schemes=specs,
+        cost_name=cost_name or ("weight error²" if costs is None else getattr(costs, "name", "given costs")),
+        total_cost=sol.cost, lower_bound=sol.lower_bound, reachable=sol.feasible,
+        max_reduction=sol.max_gain / total if total else 0.0,
+    )
 
+
+def _check_target(target_reduction: float | None) -> None:
+    if target_reduction is None:
+        raise SymconvertError("--scheme auto needs --target-reduction F (e.g. 0.4): the "
+                              "planner picks per layer the cheapest schemes that reach it.")
+    if not 0 < target_reduction < 1:
+        raise SymconvertError(f"--target-reduction must be in (0, 1), got {target_reduction}.")
+
+
+def _cost_table(costs: Costs, plans: list[Plan], partial: bool) -> dict[tuple[str, str], float]:
+    """The given costs of every (layer, scheme) candidate the plans convert."""
+    pairs = [(e.name, p.scheme) for p in plans for e in p.converted]
+    alt = {(e.name, p.scheme): f"{e.module}.{e.tensor}" for p in plans for e in p.converted}
+    return _resolve_costs(costs, pairs, alt, partial=partial)
+
+
+def _layer_options(keys: list, by_scheme: list[dict], table: dict | None
+                   ) -> tuple[list[list[Option]], list[list[LayerPlan]]]:
+    """Per candidate tensor its options (saving, cost), one per scheme that converts it, and
+    the plan entry of each."""
     options: list[list[Option]] = []
     option_entries: list[list[LayerPlan]] = []
     for key in keys:
@@ -433,44 +262,34 @@ def build_auto_plan(
             ents.append(e)
         options.append(opts)
         option_entries.append(ents)
+    return options, option_entries
 
-    total = count_parameters(model)
-    goal = math.ceil(target_reduction * total - 1e-9)
-    sol = solve(options, goal)
 
-    entries: list[LayerPlan] = []
-    for key, opts, ents, j in zip(keys, options, option_entries, sol.choice, strict=True):
-        alternatives = {
-            e.scheme: {"params_after": e.params_after, "saved": e.saved, "cost": o.cost,
-                       "symmetrization_error": e.symmetrization_error}
-            for o, e in zip(opts, ents, strict=True)
-        }
-        if j is not None:
-            entry = copy.deepcopy(ents[j])
+def _auto_entry(key: tuple, opts: list[Option], ents: list[LayerPlan], j: int | None,
+                by_scheme: list[dict]) -> LayerPlan:
+    """The plan entry of one tensor: its chosen option ``j`` (or a skip saying why) and
+    every candidate as an alternative."""
+    alternatives = {
+        e.scheme: {"params_after": e.params_after, "saved": e.saved, "cost": o.cost,
+                   "symmetrization_error": e.symmetrization_error}
+        for o, e in zip(opts, ents, strict=True)
+    }
+    if j is not None:
+        entry = copy.deepcopy(ents[j])
+    else:
+        entry = copy.deepcopy(by_scheme[0][key])
+        entry.scheme, entry.action = AUTO, SKIP
+        entry.params_after, entry.symmetrization_error, entry.note = entry.params_before, None, None
+        if opts:
+            cheapest = min(range(len(opts)), key=lambda k: (opts[k].cost / opts[k].gain, k))
+            entry.reason = (f"not needed for --target-reduction (cheapest: "
+                            f"{ents[cheapest].scheme} at {opts[cheapest].cost:.3g})")
         else:
-            entry = copy.deepcopy(by_scheme[0][key])
-            entry.scheme, entry.action = AUTO, SKIP
-            entry.params_after, entry.symmetrization_error, entry.note = entry.params_before, None, None
-            if opts:
-                cheapest = min(range(len(opts)), key=lambda k: (opts[k].cost / opts[k].gain, k))
-                entry.reason = (f"not needed for --target-reduction (cheapest: "
-                                f"{ents[cheapest].scheme} at {opts[cheapest].cost:.3g})")
-            else:
-                entry.reason = _skip_reason([by[key] for by in by_scheme])
-        entry.alternatives = alternatives
-        entry.cost = opts[j].cost if j is not None else None
-        assert entry.action == (CONVERT if j is not None else SKIP)
-        entries.append(entry)
-
-    warnings = list(plans[0].warnings)
-    plan = AutoPlan(
-        scheme=AUTO, selection=selection.to_dict(), total_before=total, layers=entries,
-        warnings=warnings, target_reduction=target_reduction, schemes=specs,
-        cost_name=cost_name or ("weight error²" if costs is None else getattr(costs, "name", "given costs")),
-        total_cost=sol.cost, lower_bound=sol.lower_bound, reachable=sol.feasible,
-        max_reduction=sol.max_gain / total if total else 0.0,
-    )
-    return plan
+            entry.reason = _skip_reason([by[key] for by in by_scheme])
+    entry.alternatives = alternatives
+    entry.cost = opts[j].cost if j is not None else None
+    assert entry.action == (CONVERT if j is not None else SKIP)
+    return entry
 
 
 def require_reachable(plan: Plan) -> None:

@@ -15,20 +15,35 @@ from typing import Any
 from symconvert.surgery.selection import Selection
 
 
+def _option(default: Any, help: str, **bounds: float) -> Any:
+    """A field with its help text and numeric bounds (``ge``/``gt``/``lt``): what a recipe's
+    ``selection`` section (``symconvert.pipeline.schema``) is generated from."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
 @dataclass
 class ConvertConfig:
     scheme: Any  # a scheme name ("channel", "eigen:8", "auto") or a Scheme
-    include: list[str] | str | None = None
-    exclude: list[str] | str | None = None
-    layers: list[str] | str | None = None
-    min_channels: int = 0
-    include_head: bool = False
-    gates: list[str] | str | None = None
-    allow_empty: bool = False
-    target_reduction: float | None = None
-    schemes: list[str] | str | None = None  # scheme="auto": the candidates
-    calibrate: Any = None  # a --data spec, a DataLoader or an input tensor
-    calibration_samples: int = 512
+    include: list[str] | str | None = _option(
+        None, "only layers whose name matches (glob or re:REGEX)")
+    exclude: list[str] | str | None = _option(
+        None, "skip layers whose name matches (glob or re:REGEX)")
+    layers: list[str] | str | None = _option(None, "layer kinds to consider (default all)")
+    min_channels: int = _option(0, "skip layers with fewer channels", ge=0)
+    include_head: bool = _option(False, "also convert the classifier head")
+    gates: list[str] | str | None = _option(
+        None, "recurrent weights to convert: hh (default) or hh,ih")
+    allow_empty: bool = _option(False, "go on even if nothing is converted")
+    target_reduction: float | None = _option(
+        None, "convert the cheapest layers until the model is this fraction smaller",
+        gt=0.0, lt=1.0)
+    schemes: list[str] | str | None = _option(  # scheme="auto": the candidates
+        None, "scheme: auto — the candidate schemes (default "
+        "channel,block,spatial,channel+spatial,quarter)")
+    calibrate: Any = _option(  # a --data spec, a DataLoader or an input tensor
+        None, "calibration data (a --data spec; its train split): fit every converted layer "
+        "to the source's outputs before fine-tuning (convert --calibrate)")
+    calibration_samples: int = _option(512, "calibration inputs", ge=1)
     #: scheme="auto": {(layer, scheme): cost} or a function of the candidate pairs
     costs: Any = field(default=None, repr=False)
 
