@@ -25,6 +25,7 @@ _FLOATS = {
     "clip_grad": (0.0, False),
     "distill_alpha": (0.0, False),
     "distill_temperature": (0.0, True),
+    "calibration_damp": (0.0, False),
 }
 _INTS = {
     "epochs": 1,

@@ -56,25 +56,38 @@ def _symmetric_basis(n: int) -> list[np.ndarray]:
     return out
 
 
-def _closed_form(basis: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """argmin over W in span(basis), b of ||x Wᵀ + b - y||² by an explicit design matrix."""
+def _closed_form(basis: list[np.ndarray], x: np.ndarray, y: np.ndarray, lam: float = 0.0,
+                 wb0: np.ndarray | None = None) -> np.ndarray:
+    """argmin over W in span(basis), b of ||x Wᵀ + b - y||² (+ lam ||[W|b] - wb0||²) by an
+    explicit design matrix (the damping as extra rows)."""
     cols = [(x @ e.T).reshape(-1) for e in basis]
     m = y.shape[1]
     for k in range(m):  # the bias, one free value per output
         col = np.zeros_like(y)
         col[:, k] = 1.0
         cols.append(col.reshape(-1))
-    design = np.stack(cols, 1)
-    coef, *_ = np.linalg.lstsq(design, y.reshape(-1), rcond=None)
+    design, target = np.stack(cols, 1), y.reshape(-1)
+    if lam > 0:
+        d = basis[0].shape[1]
+        extra = [np.concatenate([e, np.zeros((m, 1))], 1).reshape(-1) for e in basis]
+        for k in range(m):
+            col = np.zeros((m, d + 1))
+            col[k, d] = 1.0
+            extra.append(col.reshape(-1))
+        design = np.concatenate([design, np.sqrt(lam) * np.stack(extra, 1)], 0)
+        target = np.concatenate([target, np.sqrt(lam) * wb0.reshape(-1)])
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
     w = sum(c * e for c, e in zip(coef[: len(basis)], basis, strict=True))
     return np.concatenate([w, coef[len(basis):, None]], 1)
 
 
+@pytest.mark.parametrize("damp", [0.0, 0.05])
 @pytest.mark.parametrize("scheme,shape", [("channel", (6, 6)), ("block", (12, 6)), ("block", (6, 12))])
-def test_linear_least_squares_matches_closed_form(scheme, shape):
+def test_linear_least_squares_matches_closed_form(scheme, shape, damp):
     """One Linear layer fed correlated inputs: the calibrated weight and bias equal the
     least-squares optimum over the symmetric subspace computed independently (numpy lstsq
-    on an explicit basis of symmetric blocks)."""
+    on an explicit basis of symmetric blocks); with damping, the optimum of the damped
+    objective (+ damp · mean(diag H) · ‖[W|b] − [W_src|b_src]‖², H over [x, 1])."""
     torch.manual_seed(1)
     out, inp = shape
     model = nn.Sequential(nn.Linear(inp, out)).double()
@@ -94,9 +107,14 @@ def test_linear_least_squares_matches_closed_form(scheme, shape):
             else:
                 full[:, blk * n:(blk + 1) * n] = e
             basis.append(full)
-    expected = _closed_form(basis, x.numpy(), y)
+    xa = np.concatenate([x.numpy(), np.ones((len(x), 1))], 1)
+    lam = damp * float(np.mean(np.sum(xa * xa, 0)))
+    wb0 = np.concatenate([source[0].weight.detach().numpy(),
+                          source[0].bias.detach().numpy()[:, None]], 1)
+    expected = _closed_form(basis, x.numpy(), y, lam, wb0)
     converted, plan = symconvert.convert(copy.deepcopy(model), scheme, include_head=True,
-                                         calibrate=x, calibration_samples=400)
+                                         calibrate=x, calibration_samples=400,
+                                         calibration_damp=damp)
     got = np.concatenate([converted[0].weight.detach().numpy(),
                           converted[0].bias.detach().numpy()[:, None]], 1)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -115,7 +133,7 @@ def test_grouped_conv_least_squares_matches_closed_form():
     y = source(x).detach()
     cols = F.unfold(x, 3, padding=1, stride=2)  # [b, 4*9, L]
     converted, _ = symconvert.convert(copy.deepcopy(model), "channel", include_head=True,
-                                      calibrate=x, calibration_samples=40)
+                                      calibrate=x, calibration_samples=40, calibration_damp=0)
     w = converted[0].weight.detach()
     for g in range(2):
         xg = cols[:, g * 18:(g + 1) * 18].permute(0, 2, 1).reshape(-1, 18).numpy()
@@ -356,6 +374,7 @@ def test_cli_convert_calibrate_records_errors(cli, tmp_path):
     meta = json.loads((out / "symconvert.json").read_text())
     cal = meta["calibration"]
     assert cal["samples"] == 128 and cal["data"] == "digits" and cal["batchnorm_reestimated"] == 9
+    assert cal["damp"] == 0.01 and meta["convert"]["calibration_damp"] == 0.01
     plan = json.loads((out / "plan.json").read_text())
     conv = [e for e in plan["layers"] if e["action"] == "convert"]
     assert len(conv) == 8 and all(e["output_error"] < e["output_error_naive"] for e in conv)
@@ -371,6 +390,11 @@ def test_cli_calibrate_bad_data_is_a_usage_error(cli, tmp_path):
     r = cli("convert", "timm:quickstart_digits", "--scheme", "channel", "--calibrate", "digits",
             "--calibration-samples", "0", "--out", tmp_path / "y")
     assert r.code == 2 and "--calibration-samples" in r.flat
+    for bad in ("-0.5", "nan"):
+        r = cli("convert", "timm:quickstart_digits", "--scheme", "channel", "--calibrate",
+                "digits", "--calibration-damp", bad, "--out", tmp_path / "z")
+        assert r.code == 2 and "--calibration-damp" in r.flat and "Traceback" not in r.output
+        assert not (tmp_path / "z").exists()
 
 
 def test_cli_inspect_calibrate_shows_both_errors(cli):

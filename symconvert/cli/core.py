@@ -10,6 +10,7 @@ import typer
 
 from symconvert.cli.app import app, console, err_console
 from symconvert.io.metadata import TRUST_CODE_HELP
+from symconvert.surgery.calib_solve import DEFAULT_DAMP
 
 MODEL_HELP = (
     "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, py:package.module:function, or a bare "
@@ -121,6 +122,7 @@ _TARGET_REDUCTION = typer.Option(None, "--target-reduction", help="Convert the c
 _SCHEMES = typer.Option(None, "--schemes", help=_SCHEMES_HELP)
 _CALIBRATE = typer.Option(None, "--calibrate", help=_CALIBRATE_HELP)
 _CALIBRATION_SAMPLES = typer.Option(512, "--calibration-samples", help="Number of calibration inputs (drawn from the train split, seeded).")
+_CALIBRATION_DAMP = typer.Option(DEFAULT_DAMP, "--calibration-damp", help="Pull of each calibrated fit towards the nearest symmetric weight, relative to the layer's mean input energy; keeps the fit from over-fitting its samples (0: plain least squares).")
 _WEIGHTS = typer.Option(None, "--weights", help="Local .safetensors/.pth weights instead of the pretrained download.")
 _NUM_CLASSES = typer.Option(None, "--num-classes", help="Replace the classifier head with N classes.")
 _MODEL_KWARG = typer.Option([], "--model-kwarg", help=_MODEL_KWARG_HELP)
@@ -140,13 +142,13 @@ class _Shared:
     min_channels: int = dataclasses.field(metadata={"option": _MIN_CHANNELS})
     include_head: bool = dataclasses.field(metadata={"option": _INCLUDE_HEAD})
 
-    def check(self, fmt: str, calibration_samples: int) -> None:
+    def check(self, fmt: str, calibration_samples: int, calibration_damp: float) -> None:
         """The numeric flags (and --format) checked before anything is created."""
         from symconvert.checks import check_number_args
 
         check_number_args(num_classes=self.num_classes, min_channels=self.min_channels,
                           fmt=fmt, calibration_samples=calibration_samples,
-                          formats=("table", "json"))
+                          calibration_damp=calibration_damp, formats=("table", "json"))
 
     def load(self, model: str, pretrained: bool):
         return _load_model(model, pretrained, self.weights, self.num_classes, self.model_kwarg)
@@ -199,6 +201,7 @@ def inspect_command(
     all_layers: bool = typer.Option(False, "--all", help="Show every skipped layer too (table)."),
     calibrate: str | None = _CALIBRATE,
     calibration_samples: int = _CALIBRATION_SAMPLES,
+    calibration_damp: float = _CALIBRATION_DAMP,
 ) -> None:
     """Dry run: every candidate layer, eligible or skipped with the reason, params
     before/after and symmetrisation error, with totals. Writes nothing.
@@ -217,11 +220,12 @@ def inspect_command(
     """
     import symconvert
 
-    shared.check(fmt, calibration_samples)
+    shared.check(fmt, calibration_samples, calibration_damp)
     m = shared.load(model, pretrained)
     config = shared.config(scheme, gates=gates, allow_empty=True,
                            target_reduction=target_reduction, schemes=schemes,
-                           calibrate=calibrate, calibration_samples=calibration_samples)
+                           calibrate=calibrate, calibration_samples=calibration_samples,
+                           calibration_damp=calibration_damp)
     if scheme is None:
         _inspect_every_scheme(model, m, config, fmt)
         return
@@ -261,6 +265,7 @@ def convert_command(
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
     calibrate: str | None = _CALIBRATE,
     calibration_samples: int = _CALIBRATION_SAMPLES,
+    calibration_damp: float = _CALIBRATION_DAMP,
 ) -> None:
     """Convert MODEL: replace every eligible layer by its symmetric equivalent (initialised
     from the nearest symmetric weight) and write the converted-model directory.
@@ -288,7 +293,7 @@ def convert_command(
     from symconvert.io.files import output_dir, refuse_inputs
 
     out = out or Path(f"{model.split(':')[-1].replace('/', '_')}-{scheme.replace(':', '').replace('+', '_')}")
-    shared.check(fmt, calibration_samples)
+    shared.check(fmt, calibration_samples, calibration_damp)
     refuse_inputs(out, [shared.weights])
     check_writable(out, overwrite=overwrite)
     from symconvert.io.export_packed import parse_dtype
@@ -297,7 +302,8 @@ def convert_command(
     m = shared.load(model, pretrained)
     config = shared.config(scheme, gates=gates, allow_empty=allow_empty,
                            target_reduction=target_reduction, schemes=schemes,
-                           calibrate=calibrate, calibration_samples=calibration_samples)
+                           calibrate=calibrate, calibration_samples=calibration_samples,
+                           calibration_damp=calibration_damp)
     m, plan = symconvert.convert(m, config)
     extra = _convert_record(model, pretrained, shared, config, plan)
     # a model directory is all or nothing: a failure (Ctrl-C included) removes what this

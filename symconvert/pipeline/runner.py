@@ -123,8 +123,8 @@ def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         try:
             model = build_source(recipe)
             kwargs = recipe.convert_kwargs()
-            for key in ("calibrate", "calibration_samples"):  # convert-only (a dry run
-                kwargs.pop(key, None)                         # measures nothing)
+            for key in ("calibrate", "calibration_samples", "calibration_damp"):  # convert-only
+                kwargs.pop(key, None)  # (a dry run measures nothing)
             plan = symconvert.inspect(model, recipe.scheme, **kwargs)
         except RecipeError as exc:
             problems.append(str(exc))

@@ -27,6 +27,12 @@ from symconvert.surgery.calib_moments import (
 
 # ----------------------------------------------------------------------------- the solve
 
+# Default damping of every fit: + DEFAULT_DAMP · mean(diag H) · ‖[W|b] − [W₀|b₀]‖², W₀ the
+# nearest symmetric weight. Measured on the pretrained Fashion-MNIST test models (README):
+# without it the fit over-fits its 512 samples (fashion_vit `block`: 81.7 % calibrated, and a
+# default fine-tune then ends lower, 80.6 %); with 0.01 it scores 84.4 %, then 84.6 %.
+DEFAULT_DAMP = 0.01
+
 
 def _weight_view(w: torch.Tensor, groups: int) -> torch.Tensor:
     """Dense weight [out, in/g, k...] -> [g, out/g, in/g * prod(k)]."""
@@ -61,14 +67,18 @@ class _Fitter:
         return w
 
     def solve(self, p0: torch.Tensor, b0: torch.Tensor | None, mom: _Moments, *,
-              max_iter: int = 50, tol: float = 1e-9, ridge: float = 1e-12,
+              max_iter: int = 50, tol: float = 1e-9, ridge: float = 1e-12, damp: float = DEFAULT_DAMP,
               eigen_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = mom.h
         scale = h.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
-        h = h + ridge * scale * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-        c = mom.c
         p0 = p0.detach().double()
         b0 = None if b0 is None else b0.detach().double()
+        # damping: + damp·‖[W|b] − [W₀|b₀]‖² (scaled by H's mean diagonal), a pull towards
+        # the nearest symmetric weight that keeps the fit from over-fitting the calibration
+        # inputs along directions they barely excite (GPTQ's percdamp, centred on W₀)
+        lam = damp * scale
+        h = h + (ridge * scale + lam) * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+        c = mom.c + lam * self.wb(p0, b0) if damp > 0 else mom.c
         if self.scheme.name == "eigen":
             return self._lbfgs(p0, b0, h, c, mom.yy, eigen_steps)
         return self._cg(p0, b0, h, c, max_iter, tol)
@@ -164,7 +174,7 @@ class _Fitter:
 
 
 def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
-              max_iter, tol, eigen_steps) -> dict[str, float]:
+              max_iter, tol, eigen_steps, damp=DEFAULT_DAMP) -> dict[str, float]:
     module = unit.module
     if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or unit.tensor != "weight":
         raise CalibrationError(f"{unit.name}: calibration supports conv, linear and LSTM/GRU layers, "
@@ -207,12 +217,13 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
             mom.add(xs, ys)
     src = src_mods[sites[0]]
     return _solve_and_write(unit, mom, conv_groups, src.weight, src.bias if has_bias else None,
-                            module.bias if has_bias else None, max_iter, tol, eigen_steps)
+                            module.bias if has_bias else None, max_iter, tol, eigen_steps,
+                            damp)
 
 
 def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.Tensor,
                      src_b: torch.Tensor | None, bias: torch.Tensor | None, max_iter: int,
-                     tol: float, eigen_steps: int) -> dict[str, float]:
+                     tol: float, eigen_steps: int, damp: float = DEFAULT_DAMP) -> dict[str, float]:
     """Fit ``unit``'s packed tensor (and ``bias``, fitted with it when given) from the
     moments, starting at the nearest symmetric weight of the source's ``src_w``; write the
     fit into the model unless it is worse than that start. Returns the unit's record."""
@@ -222,7 +233,8 @@ def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.
     src_b = None if src_b is None else src_b.detach().double()
     naive_p = scheme.pack(src_w, unit.sym.groups)
     naive = relative_error(fitter.wb(naive_p, src_b), mom)
-    p, b = fitter.solve(naive_p, src_b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps)
+    p, b = fitter.solve(naive_p, src_b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps,
+                        damp=damp)
     fitted = relative_error(fitter.wb(p, b), mom)
     if fitted > naive:  # never worse than where it started (an unconverged eigen fit)
         p, b, fitted = naive_p, src_b, naive
@@ -245,7 +257,7 @@ def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
-             max_iter, tol, eigen_steps) -> dict[str, Any]:
+             max_iter, tol, eigen_steps, damp=DEFAULT_DAMP) -> dict[str, Any]:
     """Fit an input projection of nn.MultiheadAttention (``in_proj_weight``, or one of
     ``q/k/v_proj_weight``): a linear layer whose input is the attention's query (key,
     value) and whose target is the source's projection of its own input, bias included."""
@@ -291,7 +303,7 @@ def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, d
             xc, xs = qkv_c[which or 0].detach(), qkv_s[which or 0].detach()
             y = F.linear(xs, src_w, None if src_b is None else src_b.detach())
             mom.add(xc.reshape(1, -1, xc.shape[-1]), y.reshape(1, -1, y.shape[-1]))
-    return _solve_and_write(unit, mom, 1, src_w, src_b, bias, max_iter, tol, eigen_steps)
+    return _solve_and_write(unit, mom, 1, src_w, src_b, bias, max_iter, tol, eigen_steps, damp)
 
 
 # ----------------------------------------------------------------------------- RNN
@@ -355,7 +367,7 @@ def _rnn_inputs(rnn: nn.RNNBase, args, kwargs) -> tuple[torch.Tensor, Any]:
 
 
 def _fit_rnn(model, source_model, unit: _Unit, batches, device, max_iter, tol,
-             eigen_steps) -> dict[str, float]:
+             eigen_steps, damp=DEFAULT_DAMP) -> dict[str, float]:
     """Fit one gate-weight tensor of an LSTM/GRU/RNN: ``weight_ih_l{k}`` on the layer's
     input sequence, ``weight_hh_l{k}`` on the previous hidden states, the target being the
     source's gate pre-activations (W x + b) on the source's own sequences."""
@@ -405,7 +417,7 @@ def _fit_rnn(model, source_model, unit: _Unit, batches, device, max_iter, tol,
         mom.add(inp_c[None], y[None])
     record = _solve_and_write(unit, mom, 1, w_s, getattr(src_rnn, bias_name) if has_bias else None,
                               getattr(rnn, bias_name) if has_bias else None, max_iter, tol,
-                              eigen_steps)
+                              eigen_steps, damp)
     from symconvert.surgery.rnn import refresh_flat_weights
 
     refresh_flat_weights(rnn)

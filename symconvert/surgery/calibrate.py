@@ -28,6 +28,7 @@ This module is the public API; the hooks, fit units and moment accumulation live
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterable
@@ -49,7 +50,7 @@ from symconvert.surgery.calib_moments import (
     _run,
     _units,
 )
-from symconvert.surgery.calib_solve import _fit_mha, _fit_rnn, _fit_unit, _Fitter, relative_error
+from symconvert.surgery.calib_solve import DEFAULT_DAMP, _fit_mha, _fit_rnn, _fit_unit, _Fitter, relative_error
 from symconvert.surgery.parametrization import converted_tensors, symmetric_of
 
 __all__ = ["CalibrationResult", "calibrate", "calibrated_costs", "calibration_batches",
@@ -166,9 +167,11 @@ class CalibrationResult:
     layers: dict[str, dict[str, float]]
     batchnorm: int  # BatchNorm layers whose statistics were re-estimated
     seconds: float
+    damp: float = DEFAULT_DAMP
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "data": self.data, "batchnorm_reestimated": self.batchnorm,
+        return {"samples": self.samples, "data": self.data, "damp": self.damp,
+                "batchnorm_reestimated": self.batchnorm,
                 "seconds": round(self.seconds, 2), "layers": self.layers}
 
 
@@ -178,14 +181,18 @@ class CalibrationResult:
 def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, samples: int = 512, *,
               batch_size: int = 64, plan: Any = None, batchnorm: bool = True,
               max_iter: int = 50, tol: float = 1e-9, eigen_steps: int = 60,
-              device: str | torch.device | None = None, progress: bool | None = None,
-              seed: int = 0) -> CalibrationResult:
+              damp: float = DEFAULT_DAMP, device: str | torch.device | None = None,
+              progress: bool | None = None, seed: int = 0) -> CalibrationResult:
     """Fit the converted layers of ``model`` (in place) to reproduce ``source_model``'s
     layer outputs on ``samples`` calibration inputs, layer after layer in forward order,
     then re-estimate BatchNorm statistics. ``source_model`` is the unconverted model of
     the same architecture (not changed). ``plan`` (the ``Plan`` of ``convert``), if given,
     gets ``output_error`` / ``output_error_naive`` per converted layer and a
-    ``calibration`` record. Returns a ``CalibrationResult``."""
+    ``calibration`` record. ``damp`` pulls each fit towards the nearest symmetric weight
+    (``damp`` × the layer's mean input energy × ‖W − W₀‖²; 0 is plain least squares), which
+    keeps a few hundred samples from being over-fitted. Returns a ``CalibrationResult``."""
+    if not (math.isfinite(damp) and damp >= 0):
+        raise CalibrationError(f"--calibration-damp must be a finite number >= 0, got {damp}.")
     start = time.perf_counter()
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -215,20 +222,20 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
                                                "calibration needs the unconverted model of the same architecture.")
                 if isinstance(unit.module, nn.MultiheadAttention):
                     record = _fit_mha(model, source_model, unit, calls, batches, device,
-                                      max_iter, tol, eigen_steps)
+                                      max_iter, tol, eigen_steps, damp)
                 elif isinstance(unit.module, nn.RNNBase):
                     record = _fit_rnn(model, source_model, unit, batches, device, max_iter, tol,
-                                      eigen_steps)
+                                      eigen_steps, damp)
                 else:
                     record = _fit_unit(model, source_model, unit, calls, batches, device, max_iter,
-                                       tol, eigen_steps)
+                                       tol, eigen_steps, damp)
                 layers[unit.name] = record
                 bar.step(unit.name, record.get("output_error_naive"), record.get("output_error"))
         finally:
             bar.close()
     bn = reestimate_batchnorm(model, batches, device) if batchnorm else 0
     result = CalibrationResult(samples=n, data=_data_text(data_or_loader), layers=layers, batchnorm=bn,
-                               seconds=time.perf_counter() - start)
+                               seconds=time.perf_counter() - start, damp=damp)
     if plan is not None:
         annotate_plan(plan, result)
     return result
@@ -280,6 +287,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor],
 def calibrated_costs(model: nn.Module, data_or_loader: Any, candidates: Iterable[str | Scheme],
                      samples: int = 512, *, batch_size: int = 64, max_iter: int = 100,
                      tol: float = 1e-6, eigen_steps: int = 40, include_head: bool = False,
+                     damp: float = DEFAULT_DAMP,
                      device: str | torch.device | None = None) -> dict[tuple[str, str], float]:
     """Relative output error of every eligible (conv/linear layer, candidate scheme) after
     the least-squares fit, from one pass of the (unconverted) ``model``'s own input/output
@@ -339,7 +347,8 @@ def calibrated_costs(model: nn.Module, data_or_loader: Any, candidates: Iterable
             fitter = _Fitter(scheme, tuple(w.shape), cg, cg, b is not None)
             p0 = scheme.pack(w, cg)
             naive = relative_error(fitter.wb(p0, b), mom)
-            p, bb = fitter.solve(p0, b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps)
+            p, bb = fitter.solve(p0, b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps,
+                                 damp=damp)
             costs[(name, scheme.spec)] = min(naive, relative_error(fitter.wb(p, bb), mom))
     return costs
 
@@ -350,7 +359,7 @@ def calibrated_costs(model: nn.Module, data_or_loader: Any, candidates: Iterable
 def convert_calibrated(model: nn.Module, scheme: str | Scheme, data_or_loader: Any,
                        samples: int = 512, *, target_reduction: float | None = None,
                        progress: bool | None = None, schemes=None, costs=None,
-                       **selection: Any):
+                       damp: float = DEFAULT_DAMP, **selection: Any):
     """``convert`` + ``calibrate`` (what ``convert(..., calibrate=DATA)`` runs). With
     ``target_reduction`` the layers are ranked by their least-squares output error on the
     calibration data (``calibrated_costs``) rather than by the weight error; with
@@ -366,7 +375,7 @@ def convert_calibrated(model: nn.Module, scheme: str | Scheme, data_or_loader: A
     include_head = bool(selection.get("include_head"))
     if is_auto(scheme):
         if costs is None:
-            costs = _auto_costs(source, data_or_loader, samples, include_head)
+            costs = _auto_costs(source, data_or_loader, samples, include_head, damp)
         plan = inspect(model, scheme, allow_empty=True, target_reduction=target_reduction,
                        schemes=schemes, costs=costs, **selection)
         require_reachable(plan)
@@ -376,13 +385,13 @@ def convert_calibrated(model: nn.Module, scheme: str | Scheme, data_or_loader: A
         if target_reduction is not None:
             spec = get_scheme(scheme).spec
             table = calibrated_costs(source, data_or_loader, [spec], samples,
-                                     include_head=include_head)
+                                     include_head=include_head, damp=damp)
             errors = {name: err for (name, s), err in table.items() if s == spec}
             _apply_target(plan, target_reduction, errors=errors)
             plan.target_reduction = target_reduction
     require_nonempty(plan, allow_empty)
     apply_plan(model, plan)
-    calibrate(model, source, data_or_loader, samples, plan=plan, progress=progress)
+    calibrate(model, source, data_or_loader, samples, plan=plan, progress=progress, damp=damp)
     return model, plan
 
 
@@ -394,7 +403,8 @@ def calibration_record(plan: Any) -> dict[str, Any]:
         for e in plan.converted}}
 
 
-def _auto_costs(source: nn.Module, data_or_loader: Any, samples: int, include_head: bool):
+def _auto_costs(source: nn.Module, data_or_loader: Any, samples: int, include_head: bool,
+                damp: float = DEFAULT_DAMP):
     """The ``--scheme auto`` cost function of a calibrated conversion: the squared relative
     output error after the least-squares fit, for every (layer, scheme) pair calibration
     prices (conv and linear); the planner falls back to the weight error for the others."""
@@ -402,7 +412,7 @@ def _auto_costs(source: nn.Module, data_or_loader: Any, samples: int, include_he
     def costs(pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         specs = sorted({s for _, s in pairs})
         table = calibrated_costs(source, data_or_loader, specs, samples,
-                                 include_head=include_head)
+                                 include_head=include_head, damp=damp)
         return {key: err ** 2 for key, err in table.items()}
 
     costs.name = "calibrated output error²"

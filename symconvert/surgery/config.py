@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from symconvert.surgery.calib_solve import DEFAULT_DAMP
 from symconvert.surgery.selection import Selection
 
 
@@ -44,6 +45,9 @@ class ConvertConfig:
         None, "calibration data (a --data spec; its train split): fit every converted layer "
         "to the source's outputs before fine-tuning (convert --calibrate)")
     calibration_samples: int = _option(512, "calibration inputs", ge=1)
+    calibration_damp: float = _option(
+        DEFAULT_DAMP, "calibration: pull of each fit towards the nearest symmetric weight, "
+        "relative to the layer's mean input energy (0: plain least squares)", ge=0.0)
     #: scheme="auto": {(layer, scheme): cost} or a function of the candidate pairs
     costs: Any = field(default=None, repr=False)
 
@@ -81,4 +85,5 @@ class ConvertConfig:
             data = self.calibrate
             record["calibrate"] = data if isinstance(data, str) else type(data).__name__
             record["calibration_samples"] = self.calibration_samples
+            record["calibration_damp"] = self.calibration_damp
         return record

@@ -53,7 +53,7 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     Takes a ``ConvertConfig`` or its fields as keywords: the selection (``include``,
     ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
     ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
-    ``calibrate``/``calibration_samples``.
+    ``calibrate``/``calibration_samples``/``calibration_damp``.
 
     Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
     original is dropped: the module keeps only the packed free parameters
@@ -73,7 +73,8 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
         from symconvert.surgery.calibrate import convert_calibrated
 
         return convert_calibrated(model, config.scheme, config.calibrate,
-                                  config.calibration_samples, allow_empty=config.allow_empty,
+                                  config.calibration_samples, damp=config.calibration_damp,
+                                  allow_empty=config.allow_empty,
                                   target_reduction=config.target_reduction,
                                   schemes=config.schemes, costs=config.costs,
                                   **config.selection_kwargs())
