@@ -50,7 +50,14 @@ from symconvert.surgery.calib_moments import (
     _run,
     _units,
 )
-from symconvert.surgery.calib_solve import DEFAULT_DAMP, _fit_mha, _fit_rnn, _fit_unit, _Fitter, relative_error
+from symconvert.surgery.calib_solve import (
+    DEFAULT_DAMP,
+    _fit_mha,
+    _fit_rnn,
+    _fit_unit,
+    _Fitter,
+    relative_error,
+)
 from symconvert.surgery.parametrization import converted_tensors, symmetric_of
 
 __all__ = ["CalibrationResult", "calibrate", "calibrated_costs", "calibration_batches",
