@@ -430,21 +430,24 @@ def test_quickstart_digits_calibrated_far_above_naive():
 
 
 @pytest.mark.slow
-def test_fashion_vit_calibrated_far_above_naive():
-    """Real pretrained ViT (nn.TransformerEncoder), `block` on its 12 attention-output and
-    MLP linears, 512 calibration images, top-1 on 2,000 test images. Measured: source
-    84.2 %, naive 73.2 %, calibrated 83.4 %."""
+def test_fashion_vit_calibrated_far_above_naive_and_damping_generalises():
+    """Real pretrained ViT (nn.TransformerEncoder), `block` on every projection (the
+    attention's in_proj_weight included), 512 calibration images, top-1 on 2,000 test
+    images. Measured on the 10,000: source 85.3 %, naive 32.5 %, calibrated without damping
+    81.7 % (plain least squares over-fits its 512 samples), with the default damping 84.4 %."""
     model = symconvert.create_model("timm:fashion_vit", pretrained=True)
-    # the attention-output and MLP linears (in_proj_weight, which calibration does not fit,
-    # stays dense here: the setting of the measurement above)
-    sel = {"exclude": ["*.self_attn"]}
-    naive, _ = symconvert.convert(copy.deepcopy(model), "block", **sel)
-    calibrated, plan = symconvert.convert(copy.deepcopy(model), "block", **sel,
+    naive, _ = symconvert.convert(copy.deepcopy(model), "block")
+    calibrated, plan = symconvert.convert(copy.deepcopy(model), "block",
                                           calibrate="fashion-mnist", calibration_samples=512)
-    assert len(plan.converted) == 12
+    undamped, _ = symconvert.convert(copy.deepcopy(model), "block", calibrate="fashion-mnist",
+                                     calibration_samples=512, calibration_damp=0)
+    assert any(e.name.endswith("in_proj_weight") for e in plan.converted)
+    assert all(e.output_error < e.output_error_naive for e in plan.converted)
     acc_src = _top1(model, "fashion-mnist", 2000)
     acc_naive, acc_cal = _top1(naive, "fashion-mnist", 2000), _top1(calibrated, "fashion-mnist", 2000)
-    assert acc_cal - acc_naive > 0.06 and acc_cal > acc_src - 0.025
+    acc_undamped = _top1(undamped, "fashion-mnist", 2000)
+    assert acc_cal - acc_naive > 0.3 and acc_cal > acc_src - 0.025
+    assert acc_cal > acc_undamped + 0.01
 
 
 @pytest.mark.slow
@@ -495,3 +498,38 @@ def test_target_reduction_ranks_by_calibrated_error():
     ranked = sorted((n for n, _ in costs), key=lambda n: costs[(n, "channel")])
     assert chosen == set(ranked[: len(chosen)]) and 0 < len(chosen) < 4
     assert plan.saved_fraction >= 0.2
+
+
+@pytest.mark.slow
+def test_default_finetune_does_not_knock_a_calibrated_start_back(tmp_path):
+    """A recovery fine-tune must not make a good start worse in its first steps: from the
+    calibrated digits model (`quarter`), with the default settings, top-1 on the 360 test
+    images after each of the first 8 optimiser steps stays within one image of the start,
+    and the epoch ends above it. Measured: start 96.1 %, steps 1-8 95.8-96.4 %, end 97.2 %;
+    with the old defaults (lr 0.01, no warm-up) it fell to 94.7 %, with lr 0.02 and a
+    0.1-epoch warm-up (2 steps) to 92.8 %."""
+    from symconvert.train.config import FinetuneConfig, task_config
+    from symconvert.train.loop import fit
+    from symconvert.train.optim import auto_warmup_epochs
+
+    assert auto_warmup_epochs(2, 23) == pytest.approx(20 / 23)  # at least 20 steps
+    assert auto_warmup_epochs(2, 5000) == pytest.approx(0.1)
+    assert auto_warmup_epochs(1, 10) == pytest.approx(0.5)  # at most half the run
+    source = symconvert.create_model("timm:quickstart_digits", pretrained=True)
+    model, _ = symconvert.convert(copy.deepcopy(source), "quarter", calibrate="digits",
+                                  calibration_samples=512)
+    start = _top1(model)
+    seen: list[float] = []
+
+    def on_step(epoch, step, loss):
+        if len(seen) < 8:
+            model.eval()
+            seen.append(_top1(model))
+            model.train()
+
+    config = FinetuneConfig(**task_config("digits", {"epochs": 1, "device": "cpu"}))
+    assert config.warmup_epochs is None and config.lr == 0.02 and not config.augment
+    fit(model, "digits", tmp_path / "ft", config, teacher=source, progress=False,
+        on_step=on_step)
+    assert len(seen) == 8 and min(seen) >= start - 1.5 / 360, (start, seen)
+    assert _top1(model) > start

@@ -336,7 +336,7 @@ def test_imagefolder_rgb_for_a_grey_model(tmp_path):
 def test_imagefolder_augmentation_is_reproducible(tmp_path):
     _image_folder(tmp_path)
     model = _grey_model(num_classes=2, in_chans=3, cfg={"input_size": (3, 16, 16)})
-    ds = create_loaders(f"imagefolder:{tmp_path}", model, batch_size=2).train.dataset
+    ds = create_loaders(f"imagefolder:{tmp_path}", model, batch_size=2, augment=True).train.dataset
     ds.set_epoch(4)
     state = torch.get_rng_state()
     first = ds[1][0]

@@ -23,7 +23,7 @@ def _lr_at(config: FinetuneConfig, epochs: list[int], steps_per_epoch: int = 10)
 
 def test_multistep_is_the_papers_cifar_schedule():
     config = FinetuneConfig(epochs=200, lr=0.1, sched="multistep",
-                            decay_milestones="60,120,160", decay_rate=0.2)
+                            decay_milestones="60,120,160", decay_rate=0.2, warmup_epochs=0)
     lrs = _lr_at(config, [0, 59, 60, 119, 120, 159, 160, 199])
     assert lrs == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008])
 

@@ -189,7 +189,9 @@ class TransformedFolder(Dataset):
 class ImageSource(DataSource):
     """A classification source whose splits are datasets of images."""
 
-    #: Random crop/flip for training when the user does not say; off where they hurt.
+    #: Random crop/flip for training when the user does not say: off for every source (in a
+    #: short distilled recovery fine-tune it costs accuracy; README, "Fine-tuning a converted
+    #: model"); --augment turns it on.
     default_augment: ClassVar[bool] = False
     flip_ok: ClassVar[bool] = True
     native_size: ClassVar[tuple[int, int] | None] = None
@@ -400,10 +402,9 @@ def _fetching(source: Any, root: Path) -> Iterator[None]:
 
 
 class CifarSource(ImageSource):
-    """torchvision's CIFAR python batches; held in memory; crop+flip augmentation by default."""
+    """torchvision's CIFAR python batches; held in memory; crop+flip augmentation with --augment."""
 
     native_size = (32, 32)
-    default_augment = True
     torchvision_class: ClassVar[str] = "CIFAR10"
     folder: ClassVar[str] = "cifar-10-batches-py"
 
@@ -454,7 +455,6 @@ class ImageFolderSource(ImageSource):
 
     name = "imagefolder"
     layout = "ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE (the same CLASS folders in both)"
-    default_augment = True
     example = "--data imagefolder:/data/imagenet"
 
     def splits(self, root: Path | None, download: bool) -> Splits:

@@ -335,7 +335,7 @@ class LanguageModelTask(Task):
     name = "language-model"
     # The paper's: plain SGD (no momentum, no weight decay), lr 20, gradient norm 0.25.
     defaults = {"lr": 20.0, "clip_grad": 0.25, "batch_size": 20, "momentum": 0.0,
-                "weight_decay": 0.0}
+                "weight_decay": 0.0, "warmup_epochs": 0.0}
     unit = "tok"
     primary = "perplexity"
     higher_is_better = False

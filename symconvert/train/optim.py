@@ -60,18 +60,31 @@ def create_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Op
                                lr=config.lr, weight_decay=config.weight_decay, **kwargs)
 
 
+WARMUP_MIN_STEPS = 20
+
+
+def auto_warmup_epochs(epochs: int, steps_per_epoch: int) -> float:
+    """The default warm-up: a tenth of an epoch, but at least ``WARMUP_MIN_STEPS`` optimiser
+    steps (momentum builds up over ~10 steps; on a calibrated start a shorter warm-up lets
+    the first full-size steps knock accuracy back), and at most half the run."""
+    return min(max(0.1, WARMUP_MIN_STEPS / max(1, steps_per_epoch)), 0.5 * epochs)
+
+
 def create_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig,
                      steps_per_epoch: int) -> Any:
     """timm scheduler stepped per optimiser update (short runs need intra-epoch decay)."""
     from timm.scheduler import create_scheduler_v2
 
     sched = {"none": "constant"}.get(config.sched, config.sched)
+    warmup = config.warmup_epochs
+    if warmup is None:
+        warmup = auto_warmup_epochs(config.epochs, steps_per_epoch)
     milestones = {"decay_milestones": list(config.decay_milestones)} if config.decay_milestones else {}
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=sched, num_epochs=config.epochs,
         decay_epochs=max(1, math.ceil(config.epochs / 3)), decay_rate=config.decay_rate,
         **milestones,
-        warmup_epochs=config.warmup_epochs, warmup_lr=config.lr * 0.01,  # type: ignore[arg-type]
+        warmup_epochs=warmup, warmup_lr=config.lr * 0.01,  # type: ignore[arg-type]
         min_lr=config.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
     )
     return scheduler
