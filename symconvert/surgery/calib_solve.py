@@ -203,12 +203,7 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
                     raise _Stop
             handles.append(conv_mods[s].register_forward_pre_hook(pre))
             handles.append(src_mods[s].register_forward_hook(post))
-        try:
-            _run(model, x, device)
-            _run(source_model, x, device)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_both(model, source_model, x, device, handles)
         if len(got_x) != len(got_y):
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
                                    "a different number of times.")
@@ -249,6 +244,32 @@ def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.
 # ----------------------------------------------------------------------------- attention
 
 
+def _call_inputs(model, source_model, module, src_module, x, device, read, stop: bool):
+    """Run both models on ``x`` and return what ``read(module, args, kwargs)`` takes from every call
+    of ``module`` (converted) and ``src_module`` (source); ``stop``: only the first call,
+    the rest of each forward skipped."""
+    got: tuple[list, list] = ([], [])
+    handles = []
+    for mod, out in ((module, got[0]), (src_module, got[1])):
+        def pre(m, args, kwargs, _out=out):
+            _out.append(read(m, args, kwargs))
+            if stop:
+                raise _Stop
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+    _run_both(model, source_model, x, device, handles)
+    return got
+
+
+def _run_both(model, source_model, x, device, handles) -> None:
+    """The converted then the source model on ``x``; the hooks ``handles`` removed after."""
+    try:
+        _run(model, x, device)
+        _run(source_model, x, device)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(query, key, value) of an nn.MultiheadAttention call, positional or keyword."""
     names = ("query", "key", "value")
@@ -275,27 +296,12 @@ def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, d
     once = calls.get(unit.module_name, 0) == 1
     mom = _Moments(bias is not None)
     for x in batches:
-        got: dict[str, list] = {"conv": [], "src": []}
-
-        def grab(tag, _got=got):
-            def pre(mod, args, kwargs):
-                _got[tag].append(_mha_call(args, kwargs))
-                if once:
-                    raise _Stop
-            return pre
-
-        h1 = mha.register_forward_pre_hook(grab("conv"), with_kwargs=True)
-        h2 = src.register_forward_pre_hook(grab("src"), with_kwargs=True)
-        try:
-            _run(model, x, device)
-            _run(source_model, x, device)
-        finally:
-            h1.remove()
-            h2.remove()
-        if len(got["conv"]) != len(got["src"]):
+        conv_calls, src_calls = _call_inputs(model, source_model, mha, src, x, device,
+                                             lambda m, args, kwargs: _mha_call(args, kwargs), once)
+        if len(conv_calls) != len(src_calls):
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
                                    "a different number of times.")
-        for qkv_c, qkv_s in zip(got["conv"], got["src"], strict=True):
+        for qkv_c, qkv_s in zip(conv_calls, src_calls, strict=True):
             if which is None and not (qkv_c[0] is qkv_c[1] is qkv_c[2]):
                 return {"output_error": None, "output_error_naive": None,
                         "note": "not fitted (MultiheadAttention.in_proj_weight of a "
@@ -384,24 +390,10 @@ def _fit_rnn(model, source_model, unit: _Unit, batches, device, max_iter, tol,
     has_bias = rnn.bias
     mom = _Moments(has_bias)
     for x in batches:
-        got: dict[str, tuple] = {}
-
-        def grab(tag, _got=got):
-            def pre(mod, args, kwargs):
-                _got[tag] = _rnn_inputs(mod, args, kwargs)
-                raise _Stop
-            return pre
-
-        h1 = rnn.register_forward_pre_hook(grab("conv"), with_kwargs=True)
-        h2 = src_rnn.register_forward_pre_hook(grab("src"), with_kwargs=True)
-        try:
-            _run(model, x, device)
-            _run(source_model, x, device)
-        finally:
-            h1.remove()
-            h2.remove()
-        xc, hc = got["conv"]
-        xs, hs = got["src"]
+        conv_calls, src_calls = _call_inputs(model, source_model, rnn, src_rnn, x, device,
+                                             _rnn_inputs, True)
+        xc, hc = conv_calls[0]
+        xs, hs = src_calls[0]
         for k in range(layer + 1):
             ioc, xc_next = _rnn_layer_io(rnn, k, xc, hc)
             ios, xs_next = _rnn_layer_io(src_rnn, k, xs, hs)
