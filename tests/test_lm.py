@@ -195,7 +195,8 @@ def test_the_language_model_task_sets_the_papers_defaults(tmp_path):
     cfg = FinetuneConfig(**task_config(f"text:{root}", {"lr": 5.0, "clip_grad": 0}))
     assert (cfg.lr, cfg.clip_grad) == (5.0, 0)
     images = FinetuneConfig(**task_config("digits", {"clip_grad": None}))
-    assert (images.lr, images.clip_grad, images.momentum) == (0.01, 5.0, 0.9)
+    assert (images.lr, images.clip_grad, images.momentum) == (0.02, 5.0, 0.9)
+    assert images.warmup_epochs is None and cfg.warmup_epochs == 0  # images: automatic
 
 
 def test_finetune_on_text_writes_a_model_directory_and_metrics(tmp_path):
