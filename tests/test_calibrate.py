@@ -432,22 +432,23 @@ def test_quickstart_digits_calibrated_far_above_naive():
 @pytest.mark.slow
 def test_fashion_vit_calibrated_far_above_naive_and_damping_generalises():
     """Real pretrained ViT (nn.TransformerEncoder), `block` on every projection (the
-    attention's in_proj_weight included), 512 calibration images, top-1 on 2,000 test
-    images. Measured on the 10,000: source 85.3 %, naive 32.5 %, calibrated without damping
-    81.7 % (plain least squares over-fits its 512 samples), with the default damping 84.4 %."""
+    attention's in_proj_weight included), 256 calibration images, top-1 on 1,000 test
+    images. Measured: source 83.7 %, naive 31.9 %, calibrated without damping 79.1 % (plain
+    least squares over-fits its samples), with the default damping 83.0 % (with 512
+    samples on all 10,000 test images: 85.3 / 32.5 / 81.7 / 84.4 %)."""
     model = symconvert.create_model("timm:fashion_vit", pretrained=True)
     naive, _ = symconvert.convert(copy.deepcopy(model), "block")
     calibrated, plan = symconvert.convert(copy.deepcopy(model), "block",
-                                          calibrate="fashion-mnist", calibration_samples=512)
+                                          calibrate="fashion-mnist", calibration_samples=256)
     undamped, _ = symconvert.convert(copy.deepcopy(model), "block", calibrate="fashion-mnist",
-                                     calibration_samples=512, calibration_damp=0)
+                                     calibration_samples=256, calibration_damp=0)
     assert any(e.name.endswith("in_proj_weight") for e in plan.converted)
     assert all(e.output_error < e.output_error_naive for e in plan.converted)
-    acc_src = _top1(model, "fashion-mnist", 2000)
-    acc_naive, acc_cal = _top1(naive, "fashion-mnist", 2000), _top1(calibrated, "fashion-mnist", 2000)
-    acc_undamped = _top1(undamped, "fashion-mnist", 2000)
+    acc_src = _top1(model, "fashion-mnist", 1000)
+    acc_naive, acc_cal = _top1(naive, "fashion-mnist", 1000), _top1(calibrated, "fashion-mnist", 1000)
+    acc_undamped = _top1(undamped, "fashion-mnist", 1000)
     assert acc_cal - acc_naive > 0.3 and acc_cal > acc_src - 0.025
-    assert acc_cal > acc_undamped + 0.01
+    assert acc_cal > acc_undamped + 0.02
 
 
 @pytest.mark.slow
