@@ -108,14 +108,32 @@ def run_process(
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
-WIKITEXT = REPO.parent / "shared/data/wikitext-2"
+def _find_wikitext() -> Path:
+    """WikiText-2 from ``shared/`` beside the checkout, or, in a clone of a local checkout
+    (``git clone . /tmp/x``), beside the checkout it was cloned from; $SYMCONVERT_WIKITEXT
+    wins. Tests never download."""
+    if os.environ.get("SYMCONVERT_WIKITEXT"):
+        return Path(os.environ["SYMCONVERT_WIKITEXT"])
+    here = REPO.parent / "shared/data/wikitext-2"
+    if here.is_dir():
+        return here
+    origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        beside_origin = Path(origin).resolve().parent / "shared/data/wikitext-2"
+        if beside_origin.is_dir():
+            return beside_origin
+    return here
+
+
+WIKITEXT = _find_wikitext()
 
 
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory) -> Path:
     """A slice of WikiText-2 as a ``text:ROOT`` corpus: the first 400 lines of its valid
     file as train.txt, the first 120 of its test file as test.txt."""
-    assert WIKITEXT.is_dir(), f"WikiText-2 expected at {WIKITEXT} (shared/ beside the repo)"
+    assert WIKITEXT.is_dir(), f"WikiText-2 expected at {WIKITEXT} (shared/ beside the repo, or $SYMCONVERT_WIKITEXT)"
     root = tmp_path_factory.mktemp("wikitext-slice")
     valid = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()
     test = (WIKITEXT / "test.txt").read_text(encoding="utf-8").splitlines()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _helpers_train import one_thread
+from conftest import WIKITEXT  # noqa: E402
 from torch import nn
 
 import symconvert
@@ -32,7 +33,7 @@ from symconvert.tasks.lm import (
 )
 
 LM = "py:symconvert.models.lstm_lm:lstm_lm"
-WIKITEXT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+WIKITEXT2 = WIKITEXT  # conftest: shared/ beside the checkout (or its origin)
 
 
 @pytest.fixture(autouse=True)
