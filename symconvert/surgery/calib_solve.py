@@ -6,6 +6,7 @@ blocks that feed it their accumulated moments."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,17 @@ from symconvert.surgery.calib_moments import (
 # without it the fit over-fits its 512 samples (fashion_vit `block`: 81.7 % calibrated, and a
 # default fine-tune then ends lower, 80.6 %); with 0.01 it scores 84.4 %, then 84.6 %.
 DEFAULT_DAMP = 0.01
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """How far each layer's fit is taken: CG steps and its stopping test (residual
+    ``tol``), L-BFGS evaluations for ``eigen:K`` and the damping."""
+
+    max_iter: int = 50
+    tol: float = 1e-9
+    eigen_steps: int = 60
+    damp: float = DEFAULT_DAMP
 
 
 def _weight_view(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -174,7 +186,7 @@ class _Fitter:
 
 
 def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
-              max_iter, tol, eigen_steps, damp=DEFAULT_DAMP) -> dict[str, float]:
+              opts: SolveOptions) -> dict[str, float]:
     module = unit.module
     if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or unit.tensor != "weight":
         raise CalibrationError(f"{unit.name}: calibration supports conv, linear and LSTM/GRU layers, "
@@ -212,13 +224,12 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
             mom.add(xs, ys)
     src = src_mods[sites[0]]
     return _solve_and_write(unit, mom, conv_groups, src.weight, src.bias if has_bias else None,
-                            module.bias if has_bias else None, max_iter, tol, eigen_steps,
-                            damp)
+                            module.bias if has_bias else None, opts)
 
 
 def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.Tensor,
-                     src_b: torch.Tensor | None, bias: torch.Tensor | None, max_iter: int,
-                     tol: float, eigen_steps: int, damp: float = DEFAULT_DAMP) -> dict[str, float]:
+                     src_b: torch.Tensor | None, bias: torch.Tensor | None,
+                     opts: SolveOptions) -> dict[str, float]:
     """Fit ``unit``'s packed tensor (and ``bias``, fitted with it when given) from the
     moments, starting at the nearest symmetric weight of the source's ``src_w``; write the
     fit into the model unless it is worse than that start. Returns the unit's record."""
@@ -228,8 +239,8 @@ def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.
     src_b = None if src_b is None else src_b.detach().double()
     naive_p = scheme.pack(src_w, unit.sym.groups)
     naive = relative_error(fitter.wb(naive_p, src_b), mom)
-    p, b = fitter.solve(naive_p, src_b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps,
-                        damp=damp)
+    p, b = fitter.solve(naive_p, src_b, mom, max_iter=opts.max_iter, tol=opts.tol,
+                        eigen_steps=opts.eigen_steps, damp=opts.damp)
     fitted = relative_error(fitter.wb(p, b), mom)
     if fitted > naive:  # never worse than where it started (an unconverged eigen fit)
         p, b, fitted = naive_p, src_b, naive
@@ -278,7 +289,7 @@ def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
-             max_iter, tol, eigen_steps, damp=DEFAULT_DAMP) -> dict[str, Any]:
+             opts: SolveOptions) -> dict[str, Any]:
     """Fit an input projection of nn.MultiheadAttention (``in_proj_weight``, or one of
     ``q/k/v_proj_weight``): a linear layer whose input is the attention's query (key,
     value) and whose target is the source's projection of its own input, bias included."""
@@ -309,7 +320,7 @@ def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, d
             xc, xs = qkv_c[which or 0].detach(), qkv_s[which or 0].detach()
             y = F.linear(xs, src_w, None if src_b is None else src_b.detach())
             mom.add(xc.reshape(1, -1, xc.shape[-1]), y.reshape(1, -1, y.shape[-1]))
-    return _solve_and_write(unit, mom, 1, src_w, src_b, bias, max_iter, tol, eigen_steps, damp)
+    return _solve_and_write(unit, mom, 1, src_w, src_b, bias, opts)
 
 
 # ----------------------------------------------------------------------------- RNN
@@ -372,8 +383,8 @@ def _rnn_inputs(rnn: nn.RNNBase, args, kwargs) -> tuple[torch.Tensor, Any]:
     return x, hx
 
 
-def _fit_rnn(model, source_model, unit: _Unit, batches, device, max_iter, tol,
-             eigen_steps, damp=DEFAULT_DAMP) -> dict[str, float]:
+def _fit_rnn(model, source_model, unit: _Unit, batches, device,
+             opts: SolveOptions) -> dict[str, float]:
     """Fit one gate-weight tensor of an LSTM/GRU/RNN: ``weight_ih_l{k}`` on the layer's
     input sequence, ``weight_hh_l{k}`` on the previous hidden states, the target being the
     source's gate pre-activations (W x + b) on the source's own sequences."""
@@ -408,8 +419,7 @@ def _fit_rnn(model, source_model, unit: _Unit, batches, device, max_iter, tol,
             y = y + getattr(src_rnn, bias_name).detach()
         mom.add(inp_c[None], y[None])
     record = _solve_and_write(unit, mom, 1, w_s, getattr(src_rnn, bias_name) if has_bias else None,
-                              getattr(rnn, bias_name) if has_bias else None, max_iter, tol,
-                              eigen_steps, damp)
+                              getattr(rnn, bias_name) if has_bias else None, opts)
     from symconvert.surgery.rnn import refresh_flat_weights
 
     refresh_flat_weights(rnn)

@@ -52,6 +52,7 @@ from symconvert.surgery.calib_moments import (
 )
 from symconvert.surgery.calib_solve import (
     DEFAULT_DAMP,
+    SolveOptions,
     _fit_mha,
     _fit_rnn,
     _fit_unit,
@@ -197,9 +198,12 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
     gets ``output_error`` / ``output_error_naive`` per converted layer and a
     ``calibration`` record. ``damp`` pulls each fit towards the nearest symmetric weight
     (``damp`` × the layer's mean input energy × ‖W − W₀‖²; 0 is plain least squares), which
-    keeps a few hundred samples from being over-fitted. Returns a ``CalibrationResult``."""
+    keeps a few hundred samples from being over-fitted. Each fit's conjugate gradients stop
+    after ``max_iter`` steps or when the residual falls under ``tol`` × its start. Returns a
+    ``CalibrationResult``."""
     if not (math.isfinite(damp) and damp >= 0):
         raise CalibrationError(f"--calibration-damp must be a finite number >= 0, got {damp}.")
+    opts = SolveOptions(max_iter=max_iter, tol=tol, eigen_steps=eigen_steps, damp=damp)
     start = time.perf_counter()
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -229,13 +233,11 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
                                                "calibration needs the unconverted model of the same architecture.")
                 if isinstance(unit.module, nn.MultiheadAttention):
                     record = _fit_mha(model, source_model, unit, calls, batches, device,
-                                      max_iter, tol, eigen_steps, damp)
+                                      opts)
                 elif isinstance(unit.module, nn.RNNBase):
-                    record = _fit_rnn(model, source_model, unit, batches, device, max_iter, tol,
-                                      eigen_steps, damp)
+                    record = _fit_rnn(model, source_model, unit, batches, device, opts)
                 else:
-                    record = _fit_unit(model, source_model, unit, calls, batches, device, max_iter,
-                                       tol, eigen_steps, damp)
+                    record = _fit_unit(model, source_model, unit, calls, batches, device, opts)
                 layers[unit.name] = record
                 bar.step(unit.name, record.get("output_error_naive"), record.get("output_error"))
         finally:
