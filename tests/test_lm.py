@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _helpers_train import one_thread
-from conftest import WIKITEXT  # noqa: E402
+from conftest import WIKITEXT
 from torch import nn
 
 import symconvert
@@ -33,7 +33,6 @@ from symconvert.tasks.lm import (
 )
 
 LM = "py:symconvert.models.lstm_lm:lstm_lm"
-WIKITEXT2 = WIKITEXT  # conftest: shared/ beside the checkout (or its origin)
 
 
 @pytest.fixture(autouse=True)
@@ -237,10 +236,10 @@ TRAIN = {"epochs": 2, "lr": 20.0, "batch_size": 10, "bptt": 35, "clip_grad": 0.2
 
 @pytest.fixture(scope="module")
 def wikitext():
-    if not (WIKITEXT2 / "valid.txt").is_file() or not (WIKITEXT2 / "test.txt").is_file():
-        pytest.fail(f"WikiText-2 not found at {WIKITEXT2} (valid.txt and test.txt expected; CI "
+    if not (WIKITEXT / "valid.txt").is_file() or not (WIKITEXT / "test.txt").is_file():
+        pytest.fail(f"WikiText-2 not found at {WIKITEXT} (valid.txt and test.txt expected; CI "
                     "clones the repository with shared/ beside it)")
-    return load_corpus(WIKITEXT2, train="valid.txt", valid=None, test="test.txt", **WIKI)
+    return load_corpus(WIKITEXT, train="valid.txt", valid=None, test="test.txt", **WIKI)
 
 
 @pytest.fixture(scope="module")
@@ -292,13 +291,13 @@ def test_wikitext2_converted_dense_lm_recovers_by_finetuning(wikitext, dense_lm,
     # 100 segments of 35 tokens × 10 streams; the corpus caps and files recorded by save_lm
     budget = {"epochs": 1, "lr": 5.0, "batch_size": 10, "bptt": 35, "subsample": 35_000,
               "distill": False, "device": "cpu", "progress": False}
-    result = finetune(conv_dir, f"text:{WIKITEXT2}", tmp_path / "finetuned", **budget)
+    result = finetune(conv_dir, f"text:{WIKITEXT}", tmp_path / "finetuned", **budget)
     # --subsample caps the eval split too: measure all three on the full evaluation text
     before = before_eval["perplexity"]
     after = evaluate_lm(symconvert.load(result.out), wikitext)["perplexity"]
     # the control: the dense LM fine-tuned with the same budget (not asserted on: it tells
     # how much of the recovery is symmetry-specific and how much is just more training)
-    control = finetune(dense_dir, f"text:{WIKITEXT2}", tmp_path / "dense-finetuned", **budget)
+    control = finetune(dense_dir, f"text:{WIKITEXT}", tmp_path / "dense-finetuned", **budget)
     print(f"\nWikiText-2: dense {dense['perplexity']:.2f}; converted to channel-hh "
           f"{before:.2f} ({before / dense['perplexity'] - 1:+.1%}); fine-tuned 100 segments "
           f"{after:.2f} ({after / dense['perplexity'] - 1:+.1%}); dense fine-tuned alike "

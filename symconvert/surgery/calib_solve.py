@@ -78,9 +78,9 @@ class _Fitter:
             w = torch.cat([w, bias.reshape(self.cg, -1, 1)], dim=2)
         return w
 
-    def solve(self, p0: torch.Tensor, b0: torch.Tensor | None, mom: _Moments, *,
-              max_iter: int = 50, tol: float = 1e-9, ridge: float = 1e-12, damp: float = DEFAULT_DAMP,
-              eigen_steps: int = 60) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def solve(self, p0: torch.Tensor, b0: torch.Tensor | None, mom: _Moments,
+              opts: SolveOptions = SolveOptions(), *,
+              ridge: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = mom.h
         scale = h.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30)
         p0 = p0.detach().double()
@@ -88,12 +88,12 @@ class _Fitter:
         # damping: + damp·‖[W|b] − [W₀|b₀]‖² (scaled by H's mean diagonal), a pull towards
         # the nearest symmetric weight that keeps the fit from over-fitting the calibration
         # inputs along directions they barely excite (GPTQ's percdamp, centred on W₀)
-        lam = damp * scale
+        lam = opts.damp * scale
         h = h + (ridge * scale + lam) * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-        c = mom.c + lam * self.wb(p0, b0) if damp > 0 else mom.c
+        c = mom.c + lam * self.wb(p0, b0) if opts.damp > 0 else mom.c
         if self.scheme.name == "eigen":
-            return self._lbfgs(p0, b0, h, c, mom.yy, eigen_steps)
-        return self._cg(p0, b0, h, c, max_iter, tol)
+            return self._lbfgs(p0, b0, h, c, mom.yy, opts.eigen_steps)
+        return self._cg(p0, b0, h, c, opts.max_iter, opts.tol)
 
     # -- linear schemes: preconditioned CG on the normal equations
     def _adjoint(self, g: torch.Tensor, like_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -239,8 +239,7 @@ def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.
     src_b = None if src_b is None else src_b.detach().double()
     naive_p = scheme.pack(src_w, unit.sym.groups)
     naive = relative_error(fitter.wb(naive_p, src_b), mom)
-    p, b = fitter.solve(naive_p, src_b, mom, max_iter=opts.max_iter, tol=opts.tol,
-                        eigen_steps=opts.eigen_steps, damp=opts.damp)
+    p, b = fitter.solve(naive_p, src_b, mom, opts)
     fitted = relative_error(fitter.wb(p, b), mom)
     if fitted > naive:  # never worse than where it started (an unconverged eigen fit)
         p, b, fitted = naive_p, src_b, naive

@@ -344,6 +344,7 @@ def calibrated_costs(model: nn.Module, data_or_loader: Any, candidates: Iterable
     finally:
         for h in handles:
             h.remove()
+    opts = SolveOptions(max_iter=max_iter, tol=tol, eigen_steps=eigen_steps, damp=damp)
     costs: dict[tuple[str, str], float] = {}
     for name, (module, ok) in todo.items():
         mom = moments[name]
@@ -356,8 +357,7 @@ def calibrated_costs(model: nn.Module, data_or_loader: Any, candidates: Iterable
             fitter = _Fitter(scheme, tuple(w.shape), cg, cg, b is not None)
             p0 = scheme.pack(w, cg)
             naive = relative_error(fitter.wb(p0, b), mom)
-            p, bb = fitter.solve(p0, b, mom, max_iter=max_iter, tol=tol, eigen_steps=eigen_steps,
-                                 damp=damp)
+            p, bb = fitter.solve(p0, b, mom, opts)
             costs[(name, scheme.spec)] = min(naive, relative_error(fitter.wb(p, bb), mom))
     return costs
 
