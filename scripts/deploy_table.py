@@ -50,14 +50,14 @@ def measure(model_name: str, scheme: str, repeats: int, batches=(1, 8)) -> dict:
             sizes[label] = path.stat().st_size
             paths[label] = path
         latency = {}
-        from symconvert.io.export_packed import is_language_model
+        from symconvert.tasks import task_of
 
-        if not is_language_model(model):
+        task = task_of(model)
+        (example,) = task.example_inputs(model)
+        if example.is_floating_point():  # images: a latency ratio per batch size
             sessions = {k: ort_session(paths[k]) for k in ("dense ONNX", "packed ONNX")}
-            from symconvert.io.export import example_input
-
             for batch in batches:
-                x = {"input": torch.randn(example_input(model, batch).shape).numpy()}
+                x = {"input": torch.randn(task.example_inputs(model, batch)[0].shape).numpy()}
                 for s in sessions.values():
                     s.run(None, x)
                 _, _, ratio = _median_pair(

@@ -6,19 +6,22 @@
     dense = symconvert.fold(symconvert.load("r50-channel"))
 """
 
-__version__ = "0.1.0"
 
 from symconvert import models  # noqa: E402,F401  (registers symconvert's timm models)
 from symconvert.errors import SymconvertError  # noqa: E402
-from symconvert.io.checkpoint import load, read_metadata, save  # noqa: E402
+from symconvert.io.checkpoint import save  # noqa: E402
+from symconvert.io.loading import load, read_metadata  # noqa: E402
 from symconvert.models.sources import create_model  # noqa: E402
 from symconvert.schemes import get_scheme, list_schemes  # noqa: E402
+from symconvert.surgery.api import convert, inspect  # noqa: E402
 from symconvert.surgery.calibrate import calibrate, calibrated_costs  # noqa: E402
 from symconvert.surgery.config import ConvertConfig  # noqa: E402
-from symconvert.surgery.convert import convert, fold, inspect  # noqa: E402
+from symconvert.surgery.convert import fold  # noqa: E402
 from symconvert.surgery.plan import Plan, count_parameters  # noqa: E402
+from symconvert.version import __version__  # noqa: E402
 
 __all__ = [
+    "__version__",
     "ConvertConfig",
     "Plan",
     "SymconvertError",

@@ -1,103 +1,94 @@
-"""Numbers a command takes, checked before it creates or loads anything.
+"""Numbers and names a command takes outside the stage configs, checked before it creates
+or loads anything; the last guard before weights reach a file.
 
-``check_finetune_args(**flags)`` is called by the ``finetune`` command and by
-``symconvert.train.run.finetune`` (the API) first thing; ``require_finite(model, what)`` is the
-last guard before weights reach a file (a checkpoint, a model directory).
+The stage options (``ConvertConfig``, ``FinetuneConfig``, ``ReportOptions``,
+``ExportOptions``) check themselves (``symconvert.options``). What is left here: the flags of
+``evaluate`` and the model's (``check_number_args``), ``--format`` (``check_format``),
+``--input-size`` (``parse_input_size``), ``--device`` (``resolve_device``) and
+``require_finite(model, what)``.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Any
 
-from symconvert.errors import SymconvertError, TrainingError
+import torch
+
+from symconvert.errors import DataError, SymconvertError, TrainingError
+from symconvert.options import Option, check_value
 
 MAX_CLASSES = 10_000_000
+MAX_INPUT_SIZE = 8192
 
-#: flag -> (lowest allowed, strictly above it?)
-_FLOATS = {
-    "lr": (0.0, True),
-    "weight_decay": (0.0, False),
-    "warmup_epochs": (0.0, False),
-    "min_lr": (0.0, False),
-    "decay_rate": (0.0, True),
-    "momentum": (0.0, False),
-    "clip_grad": (0.0, False),
-    "distill_alpha": (0.0, False),
-    "distill_temperature": (0.0, True),
-    "calibration_damp": (0.0, False),
+#: the numeric flags outside the stage configs
+_NUMBERS = {
+    "batch_size": (Option("", ge=1), "int"),
+    "subsample": (Option("", ge=1), "int"),
+    "workers": (Option("", ge=0), "int"),
+    "num_classes": (Option("", ge=1), "int"),
 }
-_INTS = {
-    "epochs": 1,
-    "batch_size": 1,
-    "checkpoint_every": 0,
-    "workers": 0,
-    "subsample": 1,
-    "num_classes": 1,
-    "seed": 0,
-    "latency_runs": 1,
-    "latency_batch": 1,
-    "min_channels": 0,
-    "log_interval": 0,
-    "bptt": 1,
-    "calibration_samples": 1,
-}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def check_number_args(**flags: Any) -> None:
-    """Every known numeric flag finite and in range; ``None`` means "default"."""
+    """Every known numeric flag whole and in range (``None`` means "default"), and
+    ``input_size`` parsable."""
     for name, value in flags.items():
-        if value is None or isinstance(value, bool):
-            continue
-        if name in _FLOATS:
-            low, strict = _FLOATS[name]
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise SymconvertError(f"{_flag(name)} {value!r}: expected a number") from None
-            if not math.isfinite(number):
-                raise SymconvertError(f"{_flag(name)} {value}: must be a finite number")
-            if number < low or (strict and number == low):
-                rel = "greater than" if strict else "at least"
-                raise SymconvertError(f"{_flag(name)} {value}: must be {rel} {low:g}")
-        elif name in _INTS:
-            if not isinstance(value, int):
-                raise SymconvertError(f"{_flag(name)} {value!r}: expected a whole number")
-            if value < _INTS[name]:
-                raise SymconvertError(f"{_flag(name)} {value}: must be at least {_INTS[name]}")
+        if name == "input_size":
+            parse_input_size(value)
+        elif name in _NUMBERS:
+            spec, kind = _NUMBERS[name]
+            check_value(name, spec, value, kind)
     if flags.get("num_classes") is not None and flags["num_classes"] > MAX_CLASSES:
         raise SymconvertError(f"--num-classes {flags['num_classes']}: at most {MAX_CLASSES:,}")
-    if flags.get("input_size") is not None:
-        from symconvert.tasks.data import parse_input_size
-
-        parse_input_size(flags["input_size"])
-    fmt = flags.get("fmt")
-    if fmt is not None and flags.get("formats") and fmt not in flags["formats"]:
-        raise SymconvertError(f"--format {fmt!r}: choose {' or '.join(flags['formats'])}")
-    if flags.get("distill_alpha") is not None and float(flags["distill_alpha"]) > 1:
-        raise SymconvertError(f"--distill-alpha {flags['distill_alpha']}: must be in [0, 1]")
-    milestones = flags.get("decay_milestones")
-    if isinstance(milestones, str) and milestones.strip():
-        for part in milestones.split(","):
-            part = part.strip()
-            if part and (not part.isdigit()):
-                raise SymconvertError(f"--decay-milestones {milestones!r}: expected epochs such "
-                                      "as 60,120,160 (whole numbers >= 0)")
 
 
-def check_finetune_args(**flags: Any) -> None:
-    """The finetune flags (``FinetuneConfig`` fields and the command's own)."""
-    check_number_args(**flags)
+def check_format(fmt: str, formats: Sequence[str], flag: str = "--format") -> None:
+    if fmt not in formats:
+        raise SymconvertError(f"{flag} {fmt!r}: choose {' or '.join(formats)}")
+
+
+def parse_input_size(value: int | str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``224`` / ``"224"`` / ``"160,128"`` / ``(3,160,128)`` → ``(H, W)``."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        parts = [value]
+    elif isinstance(value, str):
+        try:
+            parts = [int(p) for p in value.replace("x", ",").split(",") if p.strip()]
+        except ValueError:
+            parts = []
+    else:
+        parts = [int(p) for p in value]
+        if len(parts) == 3:
+            parts = parts[1:]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise DataError(f"--input-size {value!r}: expected H or H,W (positive integers), "
+                        "e.g. --input-size 224 or --input-size 160,128")
+    if max(parts) > MAX_INPUT_SIZE:
+        raise DataError(f"--input-size {value!r}: at most {MAX_INPUT_SIZE} pixels a side")
+    return parts[0], parts[1]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else as torch spells it."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SymconvertError(f"--device {device!r}: not a device torch knows "
+                              "(use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SymconvertError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
 
 
 def require_finite(model: Any, what: str) -> None:
     """Refuse to write weights with NaN/inf in them (a diverged run)."""
-    import torch
-
     # parameters only: a persistent buffer may hold -inf on purpose (attention masks)
     for name, tensor in model.named_parameters():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() \
@@ -108,4 +99,5 @@ def require_finite(model: Any, what: str) -> None:
                 "gradient clipping on, or try --no-amp).")
 
 
-__all__ = ["check_finetune_args", "check_number_args", "require_finite"]
+__all__ = ["MAX_CLASSES", "MAX_INPUT_SIZE", "check_format", "check_number_args",
+           "parse_input_size", "require_finite", "resolve_device"]

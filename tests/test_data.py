@@ -157,7 +157,7 @@ def test_timm_model_with_one_input_channel_gets_grey_statistics():
 
 
 def test_rgb_images_become_luma_for_a_grey_model():
-    from symconvert.tasks.images import _convert_channels
+    from symconvert.tasks.image_datasets import convert_channels as _convert_channels
 
     rgb = torch.zeros(1, 3, 2, 2)
     rgb[:, 1] = 1.0  # pure green

@@ -92,12 +92,12 @@ def test_bad_convert_input_creates_nothing(tmp_path, cli):
 
 
 def test_interrupted_convert_leaves_no_partial_directory(tmp_path, cli, monkeypatch):
-    import symconvert.cli.core as core
+    import symconvert.io.checkpoint as checkpoint
 
     def interrupted(out, plan):
         raise KeyboardInterrupt  # Ctrl-C after model.safetensors and symconvert.json
 
-    monkeypatch.setattr(core, "write_plan", interrupted)
+    monkeypatch.setattr(checkpoint, "write_plan", interrupted)
     out = tmp_path / "m"
     result = cli("convert", MODEL, "--scheme", "channel", "--out", out)
     assert result.code == 130, result
@@ -155,13 +155,13 @@ def test_output_equal_to_input_is_refused(converted, tmp_path, cli):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
 def test_os_errors_are_exit_2_naming_path_and_cause(code, tmp_path, cli, monkeypatch):
-    import safetensors.torch
+    import symconvert.io.checkpoint as checkpoint
 
     def failing(state, path, metadata=None):
         Path(path).write_bytes(b"half")
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    monkeypatch.setattr(checkpoint, "save_file", failing)
     out = tmp_path / "m"
     result = cli("convert", MODEL, "--scheme", "channel", "--out", out)
     assert_clean_error(result, str(out / "model.safetensors"), os.strerror(code))
@@ -198,7 +198,7 @@ def test_report_checks_its_outputs_before_measuring(converted, tmp_path, cli, mo
     def readonly(directory, target):
         raise files.os_error(OSError(errno.EROFS, os.strerror(errno.EROFS)), target)
 
-    monkeypatch.setattr(files, "_probe_dir", readonly)
+    monkeypatch.setattr(files, "probe_dir", readonly)
     for flag, name in (("--out", "r.json"), ("--plot", "r.png")):
         result = cli("report", converted, flag, tmp_path / name, "--no-progress")
         assert_clean_error(result, str(tmp_path / name), "Read-only file system")

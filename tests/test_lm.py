@@ -26,11 +26,10 @@ from symconvert.tasks.lm import (
     evaluate_lm,
     load_corpus,
     read_tokens,
-    save_lm,
     segments,
-    train_lm,
     unigram_perplexity,
 )
+from symconvert.train.lm import save_lm, train_lm
 
 LM = "py:symconvert.models.lstm_lm:lstm_lm"
 

@@ -22,7 +22,8 @@ from _helpers_train import (
 from safetensors.torch import load_file, save_file
 
 import symconvert
-from symconvert.tasks.lm import load_corpus, train_lm
+from symconvert.tasks.lm import load_corpus
+from symconvert.train.lm import train_lm
 from symconvert.train.state import CHECKPOINT_NAME, load_checkpoint
 
 LM = "py:symconvert.models.lstm_lm:lstm_lm"

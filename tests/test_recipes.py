@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import REPO, assert_clean_error, run_cli
 
-from symconvert.errors import RecipeError
+from symconvert.errors import RecipeError, SymconvertError
 from symconvert.pipeline.load import (
     find_recipe,
     finetune_settings,
@@ -208,21 +208,47 @@ def test_finetune_settings_map_to_the_trainer():
     assert resolved["lr"] == 3e-4  # the trainer's adamw default, spelled out
 
 
-def test_extra_reaches_trainer_settings_it_knows(monkeypatch):
-    """finetune.extra passes any FinetuneConfig field the trainer gains, with no schema change."""
-    import symconvert.train.config as train_mod
+def test_a_new_trainer_option_is_a_recipe_key_and_a_flag_with_its_check():
+    """One field on FinetuneConfig is the recipe key (type, help, bounds) and the CLI flag:
+    the schema is generated, nothing else changes."""
+    import typer.testing
 
-    with pytest.raises(RecipeError, match=r"finetune\.extra\.label_smoothing.*no such setting"):
-        parse_recipe({**MINIMAL, "finetune": {"extra": {"label_smoothing": 0.1}}})
+    from symconvert.cli.options import with_options
+    from symconvert.options import option
+    from symconvert.pipeline.schema import section_model
+    from symconvert.train.config import FinetuneConfig
 
     @dataclasses.dataclass
-    class WithSmoothing(train_mod.FinetuneConfig):
-        label_smoothing: float = 0.0
+    class WithSmoothing(FinetuneConfig):
+        label_smoothing: float = option(0.0, "Label smoothing of the cross-entropy.",
+                                        ge=0.0, lt=1.0)
 
-    monkeypatch.setattr(train_mod, "FinetuneConfig", WithSmoothing)
-    recipe = parse_recipe({**MINIMAL, "finetune": {"extra": {"label_smoothing": 0.1}}})
-    assert finetune_settings(recipe)["label_smoothing"] == 0.1
-    assert resolve(recipe)["finetune"]["extra"] == {"label_smoothing": 0.1}
+    section = section_model(WithSmoothing, "S", "doc", unset=True)
+    assert section(label_smoothing=0.1).label_smoothing == 0.1
+    assert section.model_fields["label_smoothing"].description.startswith("Label smoothing")
+    with pytest.raises(Exception, match="less than 1"):
+        section(label_smoothing=1.5)
+    with pytest.raises(SymconvertError, match=r"--label-smoothing 1.5: must be in \[0, 1\)"):
+        WithSmoothing(label_smoothing=1.5)
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @with_options(WithSmoothing, unset=True)
+    def cmd(config: dict = None) -> None:
+        seen.update(config)
+
+    result = typer.testing.CliRunner().invoke(app, ["--label-smoothing", "0.2", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"label_smoothing": 0.2, "epochs": 3}  # only what was given
+
+
+def test_extra_names_unknown_and_own_keys():
+    """finetune.extra (older recipes) passes trainer options through; it names a key the
+    section has and an option the trainer lacks."""
+    with pytest.raises(RecipeError, match=r"finetune\.extra\.label_smoothing.*no such setting"):
+        parse_recipe({**MINIMAL, "finetune": {"extra": {"label_smoothing": 0.1}}})
     with pytest.raises(RecipeError, match="set it as finetune.lr"):
         parse_recipe({**MINIMAL, "finetune": {"extra": {"lr": 0.1}}})
 
@@ -230,20 +256,20 @@ def test_extra_reaches_trainer_settings_it_knows(monkeypatch):
 LM_RECIPE = {"model": {"name": "py:symconvert.models.lstm_lm:lstm_lm", "pretrained": False},
              "scheme": "channel", "data": "text:/data/ptb", "selection": {"layers": "rnn"},
              "finetune": {"epochs": 50, "lr": 20, "clip_grad": 0.25, "batch_size": 20,
-                          "extra": {"bptt": 35}}}
+                          "bptt": 35}}
 
 
 def test_a_language_model_recipe_goes_to_the_same_trainer_with_its_tasks_defaults():
     """`data: text:ROOT` is fine-tuned by symconvert.train.run.finetune like images; the
     language-model task fills what the recipe leaves out (plain SGD, clip 0.25, batch 20)."""
     recipe = parse_recipe({**LM_RECIPE, "finetune": {"epochs": 50, "distill": False,
-                                                     "extra": {"bptt": 35}}})
+                                                     "bptt": 35}})
     assert finetune_settings(recipe) == {"epochs": 50, "distill": False, "bptt": 35}
     resolved = resolve(recipe)["finetune"]
     assert (resolved["lr"], resolved["clip_grad"], resolved["batch_size"],
             resolved["momentum"], resolved["weight_decay"]) == (20.0, 0.25, 20, 0.0, 0.0)
-    with pytest.raises(RecipeError, match=r"finetune\.extra\.bpt\b.*Did you mean bptt"):
-        parse_recipe({**LM_RECIPE, "finetune": {"distill": False, "extra": {"bpt": 35}}})
+    with pytest.raises(RecipeError, match=r"finetune\.bpt\b.*Did you mean finetune\.bptt"):
+        parse_recipe({**LM_RECIPE, "finetune": {"distill": False, "bpt": 35}})
     with pytest.raises(RecipeError, match=r"finetune\.distill"):  # no trained teacher
         parse_recipe({**LM_RECIPE, "finetune": {"epochs": 1}})
 
@@ -266,7 +292,7 @@ def test_run_a_language_model_recipe(tmp_path):
                   "kwargs": {"vocab_size": vocab, "emb": 16, "hidden": 16}},
         "scheme": "channel", "selection": {"layers": "rnn"}, "data": f"text:{corpus_dir}",
         "finetune": {"epochs": 2, "lr": 5, "clip_grad": 0.25, "batch_size": 4,
-                     "distill": False, "device": "cpu", "extra": {"bptt": 10}},
+                     "distill": False, "device": "cpu", "bptt": 10},
         "report": {"latency_runs": 1, "plot": False}, "out": str(out)})
     result = run_cli("run", path, "--no-progress")
     assert result.code == 0, result

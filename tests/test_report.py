@@ -19,8 +19,8 @@ from torch import nn
 
 import symconvert
 from symconvert.errors import SymconvertError
-from symconvert.report.build import parse_compare
 from symconvert.report.measure import read_metrics
+from symconvert.report.options import parse_compare
 from symconvert.report.render import compare_sentence, render_markdown, render_text, sections
 
 MODEL = "timm:quickstart_digits"

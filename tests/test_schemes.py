@@ -176,6 +176,14 @@ def _orbit_count(spec: str, shape, groups: int) -> int:
         labels = new
 
 
+def test_every_selection_scheme_has_its_laws_here():
+    """The group laws below cover every registered scheme whose unpack is a selection
+    (``Scheme.is_gather``): a new permutation scheme adds its generators to GENERATORS."""
+    gather = {s.spec for s in list_schemes() if s.is_gather}
+    assert gather <= set(GENERATORS), sorted(gather - set(GENERATORS))
+    assert all(s.is_linear for s in list_schemes() if s.is_gather)
+
+
 def test_every_named_scheme_is_registered():
     # the registry is the single list the CLI, the planner and these laws share
     for name in ("channel", "spatial", "channel+spatial", "block", "quarter", "eighth",

@@ -8,7 +8,7 @@ import re
 import torch
 from _helpers_train import one_thread, tiny_mlp
 
-import symconvert.train.loop as train
+import symconvert.train.progress as train
 from symconvert.tasks import get_task
 from symconvert.tasks.language_model import corpus_loaders
 from symconvert.tasks.lm import load_corpus

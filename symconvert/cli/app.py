@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
@@ -10,6 +11,7 @@ import typer
 from rich.console import Console
 
 from symconvert.errors import SymconvertError
+from symconvert.io.files import describe_os_error
 
 app = typer.Typer(
     name="symconvert",
@@ -44,11 +46,11 @@ def _root(
 
 
 def _register_commands() -> None:
-    # Each stage keeps its commands beside its own code; importing registers them on `app`.
-    import importlib
-
-    for module in ("symconvert.cli.core", "symconvert.cli.train", "symconvert.cli.report",
-                   "symconvert.cli.run"):
+    # Each stage keeps its commands in its own module, which imports `app` and registers
+    # them on it; the modules are imported here, when the CLI runs (not at import of this
+    # module, which they import).
+    for module in ("symconvert.cli.core", "symconvert.cli.export", "symconvert.cli.train",
+                   "symconvert.cli.report", "symconvert.cli.run"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:  # a stage not built yet
@@ -96,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(exc, OSError):
             # a disk that fills, a folder that cannot be written: bad input, exit 2
-            from symconvert.io.files import describe_os_error
-
             if debug:
                 traceback.print_exc()
             err_console.print(f"[bold red]error:[/] {describe_os_error(exc)}", highlight=False)

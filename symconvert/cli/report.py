@@ -1,4 +1,4 @@
-"""CLI command of the report stage: ``report``."""
+"""CLI command of the report stage: ``report`` (its measuring options are ``ReportOptions``'s)."""
 
 from __future__ import annotations
 
@@ -7,37 +7,31 @@ from pathlib import Path
 import typer
 
 from symconvert.cli.app import app, console, err_console
-from symconvert.io.metadata import TRUST_CODE_HELP
-
-DATA_HELP = (
-    "Eval data for the accuracy rows: digits | fashion-mnist[:ROOT] | mnist:ROOT | "
-    "cifar10:ROOT | cifar100:ROOT | imagefolder:ROOT. Without it, accuracy is left out "
-    "(with the reason)."
-)
+from symconvert.cli.options import with_options
+from symconvert.errors import SymconvertError
+from symconvert.io.files import META_NAME, WEIGHTS_NAME, atomic_write_text, check_output_file
+from symconvert.io.metadata import TRUST_CODE_HELP, trusting_code
+from symconvert.report import build
+from symconvert.report.options import ReportOptions
+from symconvert.report.plot import plot_report
+from symconvert.report.render import FORMATS, Report, render, render_table
 
 
 @app.command("report")
+@with_options(ReportOptions)
 def report_command(
     directory: Path = typer.Argument(..., help="A converted or fine-tuned model directory."),
-    data: str | None = typer.Option(None, "--data", "-d", help=DATA_HELP),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json or markdown."),
     plot: Path | None = typer.Option(None, "--plot", help="Also write a PNG: per-layer parameters and symmetrisation error, fine-tuning curves, accuracy."),
-    compare: str | None = typer.Option(None, "--compare", help="Baselines at the same budget, comma-separated: prune (global L1 magnitude pruning of the source to the same parameter count, fine-tuned alike), dense (the source fine-tuned alike). Needs --data."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the report to this file instead of stdout."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N; used for accuracy, latency and baselines."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Evaluation batch size."),
-    subsample: int | None = typer.Option(None, "--subsample", help="Evaluate on at most N items of the eval split (stratified, deterministic)."),
-    input_size: str | None = typer.Option(None, "--input-size", help="Input size H or H,W (default: the model's pretrained config)."),
-    latency_runs: int = typer.Option(10, "--latency-runs", help="Timed forward passes per model (the median is reported)."),
-    latency_batch: int = typer.Option(8, "--latency-batch", help="Batch size of the latency runs."),
-    workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
+    config: dict = None,  # --data … --compare (ReportOptions)
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress lines on stderr."),
     trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
 ) -> None:
     """The parameter/accuracy report of a converted or fine-tuned model: parameters,
-    bytes on disk, FLOPs, latency, top-1/top-5 of the source / converted / fine-tuned
-    models on the same split, a per-layer table and provenance. The same numbers in every
-    --format.
+    bytes on disk, FLOPs, latency, top-1/top-5 (or the model's task's scores) of the source /
+    converted / fine-tuned models on the same split, a per-layer table and provenance. The
+    same numbers in every --format.
 
     Examples:
 
@@ -49,23 +43,12 @@ def report_command(
 
       symconvert report r18-channel/finetuned --data digits --compare prune,dense
     """
-    from symconvert.checks import check_number_args
-    from symconvert.io.metadata import trusting_code
-    from symconvert.report.build import ReportOptions, build_report
-    from symconvert.report.plot import plot_report
-
+    options = ReportOptions(**config, progress=progress and err_console.is_terminal)
     _check_outputs(directory, fmt, out, plot)
-    check_number_args(batch_size=batch_size, subsample=subsample, workers=workers,
-                      latency_runs=latency_runs, latency_batch=latency_batch,
-                      input_size=input_size)
-    options = ReportOptions(data=data, device=device, batch_size=batch_size, subsample=subsample,
-                            input_size=input_size, workers=workers, latency_runs=latency_runs,
-                            latency_batch=latency_batch, compare=compare or (),
-                            progress=progress and err_console.is_terminal)
     log = (lambda msg: err_console.print(f"[dim]report:[/] {msg}", highlight=False)) \
         if progress else None
     with trusting_code(trust_code):
-        report = build_report(directory, options=options, log=log)
+        report = build.build_report(directory, options=options, log=log)
     _write_report(report, fmt, out)
     if plot is not None:
         path = plot_report(report, plot)
@@ -74,11 +57,6 @@ def report_command(
 
 def _check_outputs(directory: Path, fmt: str, out: Path | None, plot: Path | None) -> None:
     """--format, --out and --plot checked before minutes of measuring, not after."""
-    from symconvert.errors import SymconvertError
-    from symconvert.io.checkpoint import META_NAME, WEIGHTS_NAME
-    from symconvert.io.files import check_output_file
-    from symconvert.report.render import FORMATS
-
     if fmt not in FORMATS:
         raise SymconvertError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}.")
     if plot is not None and plot.suffix.lower() != ".png":
@@ -96,18 +74,12 @@ def _check_outputs(directory: Path, fmt: str, out: Path | None, plot: Path | Non
         raise SymconvertError(f"--out and --plot are both {out}; give two files.")
 
 
-def _write_report(report: dict, fmt: str, out: Path | None) -> None:
+def _write_report(report: Report, fmt: str, out: Path | None) -> None:
     """The report in --format, into --out or on stdout."""
-    from symconvert.io.files import atomic_write_text
-    from symconvert.report.render import render
-
     if out is not None:
-        text = render(report, fmt)
-        atomic_write_text(out, text + "\n")
+        atomic_write_text(out, render(report, fmt) + "\n")
         err_console.print(f"wrote [bold]{out}[/] ({fmt})", highlight=False)
     elif fmt == "table":
-        from symconvert.report.render import render_table
-
         for item in render_table(report):
             console.print(item)
     else:

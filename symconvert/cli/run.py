@@ -5,18 +5,22 @@ from __future__ import annotations
 import time
 
 import typer
+import yaml
+from rich.markup import escape
+from rich.syntax import Syntax
+from rich.table import Table
 
 from symconvert.cli.app import app, console, err_console
-from symconvert.io.metadata import TRUST_CODE_HELP
+from symconvert.errors import RecipeError
+from symconvert.io.metadata import TRUST_CODE_HELP, trusting_code
+from symconvert.pipeline.load import dump_yaml, load_recipe, shipped_recipes
+from symconvert.pipeline.runner import RunResult, dry_run, run
+from symconvert.pipeline.schema import Recipe
+from symconvert.report.render import render_table
+from symconvert.report.tables import plan_table, totals_line
 
 
 def _list_recipes() -> None:
-    import yaml
-    from rich.markup import escape
-    from rich.table import Table
-
-    from symconvert.pipeline.load import shipped_recipes
-
     table = Table(title="shipped recipes (symconvert run NAME)")
     for col in ("name", "model", "scheme", "data", "description"):
         table.add_column(col, overflow="fold")
@@ -45,7 +49,7 @@ def run_command(
         [], "--set", help="Override a recipe key: --set finetune.epochs=3, --set "
         "data=cifar10:/data/cifar, --set model.pretrained=false (dotted key, YAML value). "
         "Repeatable."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, the "
+    dry: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe, the "
                                  "stages and the layer plan; write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the "
                                    "run directory (only the files a run writes)."),
@@ -77,28 +81,23 @@ def run_command(
 
       symconvert run                                     # list the shipped recipes
     """
-    from symconvert.pipeline.load import load_recipe
-    from symconvert.pipeline.runner import run
-
     if recipe is None:
         _list_recipes()
         return
     parsed = load_recipe(recipe, overrides=overrides)
-    if dry_run:
+    if dry:
         _print_dry_run(parsed, overwrite, resume)
         return
-    from symconvert.io.metadata import trusting_code
-
     start = time.perf_counter()
     with trusting_code(trust_code):
         result = run(parsed, overwrite=overwrite, resume=resume, progress=progress,
                      echo=lambda text: err_console.print(text, highlight=False, markup=False))
-    if not result.report:  # a non-zero torchrun rank: rank 0 prints
-        return
-    from symconvert.report.render import render_table
+    if result.report:  # a non-zero torchrun rank: rank 0 prints
+        _print_result(result, time.perf_counter() - start)
 
+
+def _print_result(result: RunResult, wall: float) -> None:
     console.print(*render_table(result.report))
-    wall = time.perf_counter() - start
     files = ", ".join(str(p) for p in result.files.values())
     console.print(f"run directory [bold]{result.out}[/]: recipe.yaml, run.log, converted/, "
                   f"{'finetuned/, ' if result.finetuned else ''}{files}", highlight=False)
@@ -106,14 +105,7 @@ def run_command(
     console.print(f"done in {wall:.0f}s ({stages})", highlight=False)
 
 
-def _print_dry_run(recipe, overwrite: bool, resume: bool) -> None:
-    from rich.syntax import Syntax
-    from rich.table import Table
-
-    from symconvert.cli.core import _table, _totals
-    from symconvert.pipeline.load import dump_yaml
-    from symconvert.pipeline.runner import dry_run
-
+def _print_dry_run(recipe: Recipe, overwrite: bool, resume: bool) -> None:
     plan = dry_run(recipe, overwrite=overwrite, resume=resume)
     console.print(f"[bold]resolved recipe[/] ({recipe.path or '<recipe>'}, with --set applied "
                   "and defaults filled in):", highlight=False)
@@ -126,11 +118,9 @@ def _print_dry_run(recipe, overwrite: bool, resume: bool) -> None:
         table.add_row(st.name, st.does, st.writes)
     console.print(table)
     if plan.plan is not None:
-        console.print(_table(plan.plan, f"{recipe.model.name} — {plan.plan.scheme}",
-                             show_skipped=False, max_rows=60))
-        console.print(_totals(plan.plan))
+        console.print(plan_table(plan.plan, f"{recipe.model.name} — {plan.plan.scheme}",
+                                 show_skipped=False, max_rows=60))
+        console.print(totals_line(plan.plan))
     if plan.problems:
-        from symconvert.errors import RecipeError
-
         raise RecipeError("the run would stop here:\n  " + "\n  ".join(plan.problems))
     console.print("[green]ready to run[/]: drop --dry-run.")

@@ -1,51 +1,113 @@
-"""Export: fold the symmetry back into the ORIGINAL architecture and write it as dense
-safetensors, ONNX or TorchScript."""
+"""Export: fold the symmetry back into the ORIGINAL architecture (or keep it packed) and
+write one file in a registered format.
+
+    export(model, "onnx", "r18.onnx", packed=True, dtype="float16")
+
+A format is one ``ExportFormat`` subclass in its own module, decorated with
+``@register_export`` and imported (one line) by ``symconvert/io/__init__.py``:
+``export_dense`` (safetensors state_dict of the source architecture), ``export_onnx``,
+``export_torchscript``. The CLI's ``--format`` choices, the report's ``deployment`` table
+and ``ExportOptions`` all read this registry.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from symconvert.errors import SymconvertError
-from symconvert.io.checkpoint import _dedupe
-from symconvert.io.files import atomic_write as _atomic_write
-from symconvert.io.files import check_output_file
-from symconvert.surgery.convert import fold
-
-FORMATS = ("dense", "onnx", "torchscript")
+from symconvert.io.dtypes import DTYPE_NAMES, dtype_name, parse_dtype
+from symconvert.io.files import atomic_write, check_output_file, os_error
+from symconvert.options import Options, option
 
 
-def example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """A zero input of the size the model's pretrained config expects."""
-    from timm.data import resolve_data_config
+class ExportFormat:
+    """One export format. ``write`` writes ``model`` (a converted model, changed in place)
+    to the path it is given (a temporary file the caller renames into place) and returns
+    the in-graph unpacking accounting (``{"index_bytes", "tables", "layers"}``, zeros when
+    nothing is packed)."""
 
-    from symconvert.tasks.data import model_in_chans
+    name: ClassVar[str]
+    #: a few words for ``--help`` and the report
+    help: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    #: ``--packed`` applies (the file keeps the free parameters and unpacks in the graph)
+    packable: ClassVar[bool] = False
+    #: the report measures its dense and packed files (``deployment``)
+    deployable: ClassVar[bool] = False
 
-    cfg = resolve_data_config(model=model)
-    channels, *spatial = cfg["input_size"]
-    # a model built with another in_chans than its pretrained config says (in_chans=1)
-    channels = model_in_chans(model, getattr(model, "pretrained_cfg", None)) or channels
-    return torch.zeros(batch_size, channels, *spatial)
+    def write(self, model: nn.Module, path: Path, *, packed: bool,
+              dtype: torch.dtype) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+EXPORTS: dict[str, ExportFormat] = {}
+
+
+def register_export(cls: type[ExportFormat]) -> type[ExportFormat]:
+    """Class decorator: make ``cls.name`` an export format (``--format NAME``)."""
+    if cls.name in EXPORTS:
+        raise ValueError(f"export format {cls.name!r} registered twice")
+    EXPORTS[cls.name] = cls()
+    return cls
+
+
+def export_names() -> list[str]:
+    return list(EXPORTS)
+
+
+def get_export(name: str) -> ExportFormat:
+    try:
+        return EXPORTS[name]
+    except KeyError:
+        raise SymconvertError(f"unknown export format {name!r}; choose from "
+                              f"{', '.join(EXPORTS)}.") from None
+
+
+@dataclass
+class ExportOptions(Options):
+    """The options of ``symconvert export`` (and of ``export``)."""
+
+    format: str = option("dense", "Export format (dense: a safetensors state_dict of the "
+                         "source architecture).", choices=export_names)
+    packed: bool = option(False, "onnx/torchscript: store only the free parameters and "
+                          "rebuild each dense weight in the graph (about the size of the model "
+                          "directory; onnxruntime folds it at session creation).")
+    dtype: str = option("float32", "Storage precision of the written tensors: float32, "
+                        "bfloat16 or float16 (half the bytes; `load` computes in float32). In "
+                        "onnx/torchscript the graph casts to float32.", choices=DTYPE_NAMES)
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_name(parse_dtype(self.dtype))
+        get_export(self.format)  # an unknown format names the registered ones
+        super().__post_init__()
+        if self.packed and not EXPORTS[self.format].packable:
+            packable = " or ".join(n for n, f in EXPORTS.items() if f.packable)
+            raise SymconvertError(
+                f"--packed applies to --format {packable} (a dense safetensors export is the "
+                "folded state_dict; the packed one is the model directory itself).")
 
 
 def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool = False,
            packed: bool = False, dtype: str | torch.dtype | None = None) -> Path:
-    """Fold ``model`` (in place) and write it to ``out`` in ``fmt``. ``packed`` (onnx,
-    torchscript) keeps the free parameters and unpacks in the graph; ``dtype`` is the
-    storage precision (see ``symconvert.io.export_packed``)."""
-    from symconvert.io.export_packed import export_model, parse_dtype
+    """Write ``model`` (changed in place: folded, or packed for export) to ``out`` in the
+    registered format ``fmt``; ``packed`` keeps the free parameters and unpacks in the
+    graph; ``dtype`` is the storage precision (see ``symconvert.io.export_packed``)."""
+    return export_with_info(model, fmt, out, overwrite=overwrite, packed=packed,
+                            dtype=dtype)["path"]
 
-    if fmt not in FORMATS:
-        raise SymconvertError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
-    if packed and fmt == "dense":
-        raise SymconvertError("--packed applies to --format onnx or torchscript (a dense "
-                              "safetensors export is the folded state_dict; the packed one "
-                              "is the model directory itself).")
-    storage = parse_dtype(dtype)
+
+def export_with_info(model: nn.Module, fmt: str, out: str | os.PathLike, *,
+                     overwrite: bool = False, packed: bool = False,
+                     dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+    """``export``, returning ``{"path", "bytes", "index_bytes", "tables", "layers"}``."""
+    options = ExportOptions(format=fmt, packed=packed,
+                            dtype=dtype_name(parse_dtype(dtype)))
     out = Path(out)
     if out.exists() and not overwrite:
         raise SymconvertError(f"{out} exists; pass --overwrite or choose another --out.")
@@ -53,22 +115,17 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, overwrite: bool =
         try:
             out.absolute().parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from symconvert.io.files import os_error
-
             raise os_error(exc, out) from None
     check_output_file(out, overwrite=True)  # only "can a file be written there"
-    if fmt != "dense":
-        return export_model(model, fmt, out, packed=packed, dtype=storage)["path"]
-    model = fold(model).eval()
-    if fmt == "dense":  # the only format left here
-        from safetensors.torch import save_file
+    info: dict[str, Any] = {}
+    storage = parse_dtype(options.dtype)
 
-        state, aliases = _dedupe(model.state_dict())
-        state = {k: v.to(storage) if v.is_floating_point() else v for k, v in state.items()}
-        meta = {
-            "source": json.dumps(getattr(model, "symconvert_source", None) or {}),
-            "aliases": json.dumps(aliases),
-            "format": "dense (symconvert export: folded, loads into the source architecture)",
-        }
-        _atomic_write(out, lambda path: save_file(state, str(path), metadata=meta))
-    return out
+    def write(path: str) -> None:
+        info.update(EXPORTS[fmt].write(model, Path(path), packed=packed, dtype=storage))
+
+    atomic_write(out, write)
+    return {"path": out, "bytes": out.stat().st_size, **info}
+
+
+__all__ = ["EXPORTS", "ExportFormat", "ExportOptions", "export", "export_names",
+           "export_with_info", "get_export", "register_export"]

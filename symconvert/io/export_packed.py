@@ -29,44 +29,17 @@ and cast to float32 in the graph, so the file shrinks and the compute stays floa
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from symconvert.errors import SymconvertError
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-#: the token sequence length of a language model's example input
-LM_SEQUENCE = 8
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype:
-    """``float32|bfloat16|float16`` (also ``torch.float16``, ``fp16``, ``bf16``) → dtype."""
-    if value is None:
-        return torch.float32
-    if isinstance(value, torch.dtype):
-        if value in DTYPES.values():
-            return value
-        raise SymconvertError(f"unsupported storage dtype {value}; choose float32, bfloat16 or float16.")
-    key = str(value).strip().lower().removeprefix("torch.")
-    key = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(key, key)
-    if key not in DTYPES:
-        raise SymconvertError(f"--dtype {value!r}: choose float32, bfloat16 or float16.")
-    return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
+from symconvert.io.dtypes import DTYPES
+from symconvert.io.export import EXPORTS
+from symconvert.surgery.convert import fold
+from symconvert.surgery.layers import handler_for
+from symconvert.surgery.parametrization import converted_tensors
 
 # ----------------------------------------------------------------- index tables
 
@@ -176,10 +149,6 @@ class _Cast(nn.Module):
         return stored.to(self.compute)
 
 
-def _is_linear_scheme(scheme) -> bool:
-    return not scheme.spec.startswith("eigen")
-
-
 def pack_for_export(model: nn.Module, dtype: torch.dtype = torch.float32,
                     in_graph: bool = True) -> dict[str, Any]:
     """Swap every ``Symmetric`` of ``model`` (in place) for a ``PackedWeight`` that unpacks
@@ -187,8 +156,6 @@ def pack_for_export(model: nn.Module, dtype: torch.dtype = torch.float32,
     its tables (mixed per-layer schemes work); ``in_graph`` computes the transpose
     group's row table by formula instead of storing it. Returns the table accounting:
     ``{"index_bytes": int, "tables": int, "layers": int}``."""
-    from symconvert.surgery.parametrization import converted_tensors
-
     tables: dict[tuple, tuple] = {}
     done: set[int] = set()
     layers = 0
@@ -199,7 +166,7 @@ def pack_for_export(model: nn.Module, dtype: torch.dtype = torch.float32,
         done.add(id(plist))
         layers += 1
         packed_shape = tuple(plist.original.shape)
-        if _is_linear_scheme(sym.scheme):
+        if sym.scheme.is_gather:
             key = (sym.scheme.spec, sym.shape, sym.groups, packed_shape)
             if key not in tables:
                 width, rows, cols = gather_tables(sym.scheme, packed_shape, sym.shape, sym.groups)
@@ -223,8 +190,6 @@ def cast_storage(model: nn.Module, dtype: torch.dtype) -> None:
     float32 through a cast (buffers such as BatchNorm statistics stay float32)."""
     if dtype == torch.float32:
         return
-    from symconvert.surgery.layers import handler_for
-
     seen: set[int] = set()
     for module in list(model.modules()):
         touched = False
@@ -243,43 +208,12 @@ def cast_storage(model: nn.Module, dtype: torch.dtype) -> None:
                 handler.after_convert(module)
 
 
-# ------------------------------------------------------------------ model inputs
-
-
-def is_language_model(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_language_model", False))
-
-
-def example_inputs(model: nn.Module, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
-    """One example input: images for a vision model, ``[T, B]`` token ids for a
-    language model."""
-    if is_language_model(model):
-        return (torch.zeros(LM_SEQUENCE, batch_size, dtype=torch.long),)
-    from symconvert.io.export import example_input
-
-    return (example_input(model, batch_size),)
-
-
-def _io_names(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[list[str], dict]:
-    if not is_language_model(model):
-        return ["output"], {"input": {0: "batch"}, "output": {0: "batch"}}
-    with torch.no_grad():
-        _, hidden = model(*example)
-    names = ["output", "hidden", "cell"] if isinstance(hidden, tuple) else ["output", "hidden"]
-    axes: dict = {"input": {0: "time", 1: "batch"}, "output": {0: "time", 1: "batch"}}
-    for name in names[1:]:
-        axes[name] = {1: "batch"}
-    return names, axes
-
-
 # ---------------------------------------------------------------------- writing
 
 
 def prepare(model: nn.Module, packed: bool, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Make ``model`` (in place) the module that is traced: folded to dense, or with
     in-graph unpacking; tensors stored in ``dtype``. Returns the table accounting."""
-    from symconvert.surgery.convert import fold
-
     model.eval()
     info = {"index_bytes": 0, "tables": 0, "layers": 0}
     if packed:
@@ -290,109 +224,16 @@ def prepare(model: nn.Module, packed: bool, dtype: torch.dtype = torch.float32) 
     return info
 
 
-def write_onnx(model: nn.Module, path: str | os.PathLike, packed: bool) -> None:
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise SymconvertError(
-            "ONNX export needs the onnx package: pip install 'symconvert[onnx]'."
-        ) from None
-    example = example_inputs(model)
-    output_names, axes = _io_names(model, example)
-    with torch.no_grad():
-        torch.onnx.export(model, example, str(path), input_names=["input"],
-                          output_names=output_names, dynamo=False, dynamic_axes=axes,
-                          # folding would store the dense weights: keep the gathers
-                          do_constant_folding=not packed)
-    if packed:
-        dedupe_initializers(path)
-
-
-def dedupe_initializers(path: str | os.PathLike) -> int:
-    """Keep one copy of initializers with equal bytes (shared index tables the tracer
-    lifted once per layer); returns the bytes saved."""
-    import hashlib
-
-    import onnx
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    first: dict[tuple, str] = {}
-    rename: dict[str, str] = {}
-    keep = []
-    saved = 0
-    for init in graph.initializer:
-        raw = init.raw_data
-        key = (init.data_type, tuple(init.dims), hashlib.sha256(raw).hexdigest()) if raw else None
-        if key is not None and key in first:
-            rename[init.name] = first[key]
-            saved += len(raw)
-            continue
-        if key is not None:
-            first[key] = init.name
-        keep.append(init)
-    if not rename:
-        return 0
-
-    def relink(g) -> None:
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
-            for attr in node.attribute:
-                if attr.g is not None and len(attr.g.node):
-                    relink(attr.g)
-                for sub in attr.graphs:
-                    relink(sub)
-
-    relink(graph)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    names = {i.name for i in keep}
-    inputs = [i for i in graph.input if i.name not in rename or i.name in names]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    onnx.save(model, str(path))
-    return saved
-
-
-def write_torchscript(model: nn.Module, path: str | os.PathLike) -> None:
-    example = example_inputs(model)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example, check_trace=False)
-    torch.jit.save(traced, str(path))
-
-
-def export_model(model: nn.Module, fmt: str, out: str | os.PathLike, *, packed: bool = False,
-                 dtype: str | torch.dtype | None = None,
-                 atomic_write: Callable | None = None) -> dict[str, Any]:
-    """Write ``model`` (a converted model; changed in place) as ``onnx`` or
-    ``torchscript``; ``packed`` keeps the free parameters and unpacks in the graph.
-    Returns ``{"path", "bytes", "index_bytes", "tables", "layers"}``."""
-    from symconvert.io.checkpoint import _atomic_write
-
-    if fmt not in ("onnx", "torchscript"):
-        raise SymconvertError(f"--packed needs --format onnx or torchscript, not {fmt!r}.")
-    out = Path(out)
-    info = prepare(model, packed, parse_dtype(dtype))
-    write = (lambda p: write_onnx(model, p, packed)) if fmt == "onnx" \
-        else (lambda p: write_torchscript(model, p))
-    (atomic_write or _atomic_write)(out, write)
-    return {"path": out, "bytes": out.stat().st_size, **info}
-
-
 # -------------------------------------------------------------------- estimates
 
 
 def deployment_bytes(model: nn.Module) -> dict[str, Any]:
-    """Tensor bytes each export would store, per storage dtype, without writing a file:
-    ``{"dense_onnx", "packed_onnx", "dense_torchscript", "packed_torchscript",
-    "index_bytes", "by_dtype": {dtype: {"symconvert", "dense", "packed_onnx",
-    "packed_torchscript"}}}`` (float32 at the top level). A file adds its graph and header
+    """Tensor bytes each deployable export format F (``ExportFormat.deployable``: onnx,
+    torchscript) would store, per storage dtype, without writing a file: ``{"dense_F",
+    "packed_F", "index_bytes", "by_dtype": {dtype: {"symconvert", "dense", "packed_F"}}}``
+    (float32 at the top level). A file adds its graph and header
     (well under 1 % for real models); a dense ONNX export is smaller by the BatchNorms the
     exporter folds into the convolutions."""
-    from symconvert.surgery.parametrization import converted_tensors
-
     converted: dict[int, tuple] = {}
     for _, module, tensor, sym in converted_tensors(model):
         plist = module.parametrizations[tensor]
@@ -411,7 +252,7 @@ def deployment_bytes(model: nn.Module) -> dict[str, Any]:
     dense_params = sum(math.prod(sym.shape) for sym, _ in converted.values())
     tables: dict[tuple, int] = {}
     for sym, orig in converted.values():
-        if _is_linear_scheme(sym.scheme):
+        if sym.scheme.is_gather:
             key = (sym.scheme.spec, sym.shape, sym.groups, tuple(orig.shape))
             if key not in tables:
                 _, rows, cols = gather_tables(sym.scheme, tuple(orig.shape), sym.shape, sym.groups)
@@ -419,63 +260,19 @@ def deployment_bytes(model: nn.Module) -> dict[str, Any]:
                     rows = None  # computed in-graph
                 tables[key] = sum(t.numel() * 4 for t in (rows, cols) if t is not None)
     index = sum(tables.values())
+    formats = [name for name, fmt in EXPORTS.items() if fmt.deployable]
     by_dtype = {}
     for name, dt in DTYPES.items():
         size = torch.empty((), dtype=dt).element_size()
         dense = (plain_params + dense_params) * size + buffers
         packed = (plain_params + packed_params) * size + buffers + index
         by_dtype[name] = {"symconvert": packed - index, "dense": dense,
-                          "packed_onnx": packed, "packed_torchscript": packed}
-    return {"dense_onnx": by_dtype["float32"]["dense"],
-            "packed_onnx": by_dtype["float32"]["packed_onnx"],
-            "dense_torchscript": by_dtype["float32"]["dense"],
-            "packed_torchscript": by_dtype["float32"]["packed_torchscript"],
+                          **{f"packed_{fmt}": packed for fmt in formats}}
+    top = by_dtype["float32"]
+    return {**{f"{kind}_{fmt}": top["dense" if kind == "dense" else f"packed_{fmt}"]
+               for fmt in formats for kind in ("dense", "packed")},
             "index_bytes": index, "by_dtype": by_dtype}
 
 
-def store_directory_as(directory: str | os.PathLike, dtype: str | torch.dtype | None) -> None:
-    """Rewrite a model directory with its tensors in ``dtype`` (``finetune --dtype``: the
-    run trains and checkpoints in float32; only the written model is stored smaller)."""
-    import symconvert
-
-    storage = parse_dtype(dtype)
-    if storage == torch.float32 and symconvert.read_metadata(directory).get("dtype") in (None, "float32", "torch.float32"):
-        return
-    model = symconvert.load(directory)
-    symconvert.save(model, directory, dtype=storage, overwrite=True)
-
-
-def measure_deployment(directory: str | os.PathLike) -> dict[str, Any]:
-    """The report's ``deployment`` entry for a model directory: bytes of every export
-    format, written to a temporary directory and measured (float32), plus the tensor
-    bytes per storage dtype (``by_dtype``, computed: dtype size × tensors, + index tables
-    for packed). A format that cannot be written is absent, with its reason in
-    ``reasons``."""
-    import tempfile
-
-    import symconvert
-    from symconvert.io.export import export
-
-    directory = Path(directory)
-    model = symconvert.load(directory)
-    computed = deployment_bytes(model)
-    out: dict[str, Any] = {"symconvert": (directory / "model.safetensors").stat().st_size}
-    reasons: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="symconvert-deploy-") as tmp:
-        for fmt in ("onnx", "torchscript"):
-            for packed in (False, True):
-                key = f"{'packed' if packed else 'dense'}_{fmt}"
-                try:
-                    path = export(symconvert.load(directory), fmt, Path(tmp) / key, packed=packed)
-                    out[key] = path.stat().st_size
-                except Exception as exc:  # noqa: BLE001  (a measurement: report why it is missing)
-                    reasons[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    try:
-        dtype = dtype_name(parse_dtype(symconvert.read_metadata(directory).get("dtype")))
-    except SymconvertError:
-        dtype = "float32"
-    out.update({"index_bytes": computed["index_bytes"], "stored_dtype": dtype,
-                "by_dtype": computed["by_dtype"]})
-    if reasons:
-        out["reasons"] = reasons
-    return out
+__all__ = ["PackedWeight", "cast_storage", "deployment_bytes", "gather_tables",
+           "pack_for_export", "prepare", "triangle_rows"]

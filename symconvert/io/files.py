@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -30,6 +31,10 @@ from pathlib import Path
 from symconvert.errors import SymconvertError
 
 LOCK_NAME = ".symconvert.lock"
+#: the files of a model directory
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "symconvert.json"
+PLAN_NAME = "plan.json"
 _umask_lock = threading.Lock()
 #: output directories open in this process, innermost last (atomic_write reports to them)
 _ACTIVE: list[OutputDir] = []
@@ -159,8 +164,6 @@ def refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], flag: s
             raise OutputError(f"{flag} {out} is an input of this command; writing it would "
                               "destroy what is being read. Choose another path.")
         if item.is_dir():
-            from symconvert.io.checkpoint import META_NAME, WEIGHTS_NAME
-
             for name in (WEIGHTS_NAME, META_NAME):
                 if _same(out, item / name):
                     raise OutputError(f"{flag} {out} is {name} of the input directory {item}; "
@@ -168,14 +171,15 @@ def refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], flag: s
                                       "another path.")
 
 
-def _existing_parent(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
+    """The nearest ancestor of ``path`` (or itself) that exists."""
     path = path.absolute()
     while not path.exists():
         path = path.parent
     return path
 
 
-def _probe_dir(directory: Path, target: Path) -> None:
+def probe_dir(directory: Path, target: Path) -> None:
     """os.access says yes to root everywhere; only a real write proves a directory usable."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".symconvert-probe-", dir=directory)
@@ -196,12 +200,12 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), *, flag: s
         raise OutputError(f"{flag} {path} exists; pass --overwrite or choose another path.")
     parent = path.absolute().parent
     if not parent.is_dir():
-        existing = _existing_parent(parent)
+        existing = existing_parent(parent)
         if not existing.is_dir():
             raise OutputError(f"{flag} {path}: {existing} is a file, not a folder.")
         raise OutputError(f"{flag} {path}: the folder {parent} does not exist; create it or "
                           "choose another path.")
-    _probe_dir(parent, path)
+    probe_dir(parent, path)
     return path
 
 
@@ -240,8 +244,6 @@ class OutputDir:
             raise
 
     def _lock(self) -> None:
-        import fcntl
-
         lock = self.path / LOCK_NAME
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
@@ -325,5 +327,6 @@ def output_dir(path: str | os.PathLike, *, inputs: Iterable = (), keep_partial: 
         state.close(failed)
 
 
-__all__ = ["LOCK_NAME", "OutputError", "atomic_write", "atomic_write_text", "check_output_file",
-           "describe_os_error", "file_mode", "os_error", "output_dir", "refuse_inputs"]
+__all__ = ["LOCK_NAME", "META_NAME", "PLAN_NAME", "WEIGHTS_NAME", "OutputError", "atomic_write",
+           "atomic_write_text", "check_output_file", "describe_os_error", "existing_parent",
+           "file_mode", "os_error", "output_dir", "probe_dir", "refuse_inputs"]

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import math
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import timm
+import torchvision
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -44,7 +47,8 @@ from pydantic import (
     model_validator,
 )
 
-from symconvert.errors import CheckpointError
+from symconvert.errors import CheckpointError, UnknownSchemeError
+from symconvert.schemes import get_scheme
 
 #: the largest tensor a recorded shape may describe (2**31 elements: 8 GiB of fp32)
 MAX_ELEMENTS = 2**31
@@ -129,9 +133,6 @@ class LayerRecord(BaseModel):
 
     @model_validator(mode="after")
     def _scheme_fits(self) -> LayerRecord:
-        from symconvert.errors import UnknownSchemeError
-        from symconvert.schemes import get_scheme
-
         try:
             scheme = get_scheme(self.scheme)
         except UnknownSchemeError as exc:
@@ -223,7 +224,6 @@ def builtin_py(name: str) -> bool:
     module, _, attr = name.partition(":")
     if not (module == "symconvert.models" or module.startswith("symconvert.models.")):
         return False
-    import importlib
 
     try:
         mod = importlib.import_module(module)
@@ -250,16 +250,11 @@ def check_trusted(meta: dict[str, Any], trust_code: bool | None = None,
     if library == "timm":
         if name.startswith("hf-hub:"):
             return
-        import timm
-
-        import symconvert.models  # noqa: F401  (registers symconvert's own architectures)
 
         if not timm.is_model(name.split(".")[0]):
             raise CheckpointError(f"{where} records timm:{name}, which is not a registered "
                                   "timm model.")
     elif library == "torchvision":
-        import torchvision
-
         if name not in torchvision.models.list_models():
             raise CheckpointError(f"{where} records torchvision:{name}, which is not a "
                                   "registered torchvision model.")

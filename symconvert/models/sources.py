@@ -18,13 +18,20 @@ import os
 import pickle
 import re
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from symconvert.errors import SymconvertError, UnknownModelError, WeightsError
+from symconvert.surgery.selection import head_names
 
 LIBRARIES = ("timm", "torchvision", "py")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -51,24 +58,26 @@ def parse_model(spec: str) -> tuple[str, str]:
     raise _unknown(spec)
 
 
+def check_registered(model: str) -> None:
+    """A MODEL string names a registered model (an explicit ``timm:``/``torchvision:`` name
+    too, which ``parse_model`` only splits): a typo fails now, with close matches."""
+    library, bare = parse_model(model)
+    if library == "timm" and not bare.startswith("hf-hub:") and not _timm_has(bare):
+        raise _unknown(bare, "timm")
+    if library == "torchvision" and not _torchvision_has(bare):
+        raise _unknown(bare, "torchvision")
+
+
 def _timm_has(name: str) -> bool:
-    import timm
-
-    import symconvert.models  # noqa: F401  (registers symconvert's own architectures)
-
+    # importing this module ran symconvert/models/__init__.py: symconvert's own are registered
     return bool(timm.is_model(name.split(".")[0]))
 
 
 def _torchvision_has(name: str) -> bool:
-    import torchvision
-
     return name in torchvision.models.list_models()
 
 
 def _unknown(name: str, library: str | None = None) -> UnknownModelError:
-    import timm
-    import torchvision
-
     pool: list[str] = []
     if library in (None, "timm"):
         pool += [f"timm:{n}" for n in timm.list_models()]
@@ -115,6 +124,13 @@ def create_model(
     return create_model_from_source(source)
 
 
+def model_string(source: dict) -> str:
+    """The MODEL string of a recorded source: ``timm:resnet18``, ``hf-hub:ORG/NAME``,
+    ``py:package.module:function``."""
+    name = str(source.get("name"))
+    return name if name.startswith("hf-hub:") else f"{source.get('library')}:{name}"
+
+
 def create_model_from_source(source: dict, pretrained: bool | None = None) -> nn.Module:
     """Rebuild a model from a recorded source dict (as ``create_model`` records it).
 
@@ -143,10 +159,6 @@ def create_model_from_source(source: dict, pretrained: bool | None = None) -> nn
 
 
 def _build_timm(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
-    import timm
-
-    import symconvert.models  # noqa: F401
-
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         raise _unknown(name, "timm")
     kw = dict(kwargs)
@@ -155,9 +167,9 @@ def _build_timm(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, **kw)
     except Exception as exc:
-        if pretrained and _looks_offline(exc):
+        if pretrained and looks_offline(exc):
             raise _offline_error(f"timm:{name}", exc) from None
-        if name.startswith("hf-hub:") and _looks_offline(exc):
+        if name.startswith("hf-hub:") and looks_offline(exc):
             raise _hub_config_offline(name, exc) from None
         if isinstance(exc, (TypeError, ValueError)) or (kwargs and _kwarg_failure(exc)):
             raise SymconvertError(f"timm could not build {name!r}"
@@ -167,8 +179,6 @@ def _build_timm(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
 
 
 def _build_torchvision(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
-    import torchvision
-
     if name not in torchvision.models.list_models():
         raise _unknown(name, "torchvision")
     kw = dict(kwargs)
@@ -177,7 +187,7 @@ def _build_torchvision(name, pretrained, num_classes, weights, kwargs) -> nn.Mod
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
     except Exception as exc:
-        if pretrained and _looks_offline(exc):
+        if pretrained and looks_offline(exc):
             raise _offline_error(f"torchvision:{name}", exc) from None
         if isinstance(exc, (TypeError, ValueError)) or (kwargs and _kwarg_failure(exc)):
             raise SymconvertError(f"torchvision could not build {name!r}"
@@ -229,7 +239,7 @@ def _kwarg_failure(exc: BaseException) -> bool:
                             ZeroDivisionError, OverflowError))
 
 
-def _looks_offline(exc: BaseException) -> bool:
+def looks_offline(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     markers = (
         "connection", "offline", "urlopen", "name resolution", "resolve", "timed out",
@@ -275,7 +285,6 @@ def reset_head(model: nn.Module, num_classes: int) -> None:
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)
         return
-    from symconvert.surgery.selection import head_names
 
     names = sorted(head_names(model), key=len)
     if not names:
@@ -303,9 +312,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist.")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -340,8 +346,6 @@ def with_module_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> di
     A state_dict read from safetensors has none, and some modules' loaders require it
     (torchvision's MNASNet raises ValueError without a version).
     """
-    from collections import OrderedDict
-
     out = OrderedDict(state)
     own = getattr(model.state_dict(), "_metadata", None)
     if own is not None:
@@ -366,8 +370,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike, num_classes: int | N
     """Load a local weights file strictly. When ``num_classes`` was asked for and the
     file's classifier has another size, the file's head is dropped (the model keeps its
     fresh ``num_classes`` head), as timm does for pretrained weights."""
-    from symconvert.surgery.selection import head_names
-
     state = read_state_dict(path)
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -398,8 +400,6 @@ def _fill_num_batches_tracked(model: nn.Module, state: dict[str, torch.Tensor]) 
     Plain ``load_state_dict`` accepts them (the version metadata it sees says so) and
     keeps the module's own counter; ``with_module_versions`` attaches the current version,
     so fill the counter in as PyTorch does."""
-    from torch.nn.modules.batchnorm import _NormBase
-
     for name, module in model.named_modules():
         if not isinstance(module, _NormBase) or not module.track_running_stats:
             continue

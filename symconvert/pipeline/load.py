@@ -18,6 +18,7 @@ Running a recipe is ``symconvert.pipeline.runner``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -37,6 +38,8 @@ from symconvert.pipeline.schema import (
     show,
     validate_recipe,
 )
+from symconvert.tasks.data import parse_data_spec
+from symconvert.train.config import FinetuneConfig, task_config
 
 
 def _to_plain(obj: Any) -> Any:
@@ -115,7 +118,6 @@ def parse_recipe(data: Any, origin: str = "<recipe>", overrides: Iterable[str] =
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {origin}: expected a mapping of keys (model:, scheme:, "
                           f"data:, ...) at the top level, got {show(data)}")
-    import copy
 
     tree = copy.deepcopy(data)
     from_set: set[str] = set()
@@ -142,8 +144,6 @@ def _check_semantics(recipe: Recipe, errors: Problems) -> None:
                    "the model has pretrained: false and no weights; remove report.compare or "
                    "give model.weights")
     if recipe.finetune.enabled and not has_source and recipe.finetune.teacher is None:
-        from symconvert.train.config import FinetuneConfig
-
         distill = recipe.finetune.distill
         if distill is None:
             distill = FinetuneConfig.distill  # the trainer's default
@@ -154,8 +154,6 @@ def _check_semantics(recipe: Recipe, errors: Problems) -> None:
                        "or finetune.teacher: MODEL_OR_DIR")
     extra = recipe.finetune.extra
     if extra:
-        from symconvert.train.config import FinetuneConfig
-
         trainer = {f.name for f in dataclasses.fields(FinetuneConfig)}
         own = set(FinetuneSection.model_fields)
         for name in extra:
@@ -264,8 +262,6 @@ def resolve(recipe: Recipe) -> dict[str, Any]:
 def trainer_config(recipe: Recipe) -> Any:
     """``FinetuneConfig`` for this recipe (the data's task fills what it leaves out); its
     own checks re-raised naming recipe keys."""
-    from symconvert.train.config import FinetuneConfig, task_config
-
     try:
         return FinetuneConfig(**task_config(recipe.data.spec, finetune_settings(recipe)))
     except SymconvertError as exc:
@@ -285,8 +281,6 @@ def dump_yaml(data: Mapping[str, Any]) -> str:
 
 def check_data(recipe: Recipe) -> None:
     """Fail before any heavy work if the data root named by ``data`` does not exist."""
-    from symconvert.tasks.data import parse_data_spec
-
     try:
         spec = parse_data_spec(recipe.data.spec)
     except SymconvertError as exc:

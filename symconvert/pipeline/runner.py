@@ -29,24 +29,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from symconvert.checks import resolve_device
 from symconvert.errors import RecipeError, SymconvertError
+from symconvert.io.checkpoint import check_writable
+from symconvert.io.files import WEIGHTS_NAME, output_dir
+from symconvert.io.metadata import trust_code_default, trusting_code
 from symconvert.pipeline.load import (
     check_data,
     dump_yaml,
-    finetune_settings,
     recipe_origin,
     resolve,
     trainer_config,
 )
 from symconvert.pipeline.schema import Recipe
+from symconvert.pipeline.stages import (
+    REPORT_STEM,
+    build_source,
+    convert_stage,
+    finetune_stage,
+    report_stage,
+)
+from symconvert.surgery.api import inspect
+from symconvert.tasks import task_for_data
+from symconvert.train.distributed import setup_distributed
 
 RECIPE_NAME = "recipe.yaml"
 LOG_NAME = "run.log"
 CONVERTED_DIR = "converted"
 FINETUNED_DIR = "finetuned"
-REPORT_STEM = "report"
 #: Everything ``run`` writes into the run directory; ``--overwrite`` removes only these.
 RUN_ARTIFACTS = (RECIPE_NAME, LOG_NAME, CONVERTED_DIR, FINETUNED_DIR, "compare",
                  f"{REPORT_STEM}.json", f"{REPORT_STEM}.md", f"{REPORT_STEM}.png")
@@ -82,10 +95,7 @@ def stages(recipe: Recipe) -> list[StagePlan]:
         files.append(f"{REPORT_STEM}.png")
     compare = f", compared with {' and '.join(recipe.report.compare)}" if recipe.report.compare \
         else ""
-    from symconvert.tasks import task_for_data
-
-    metric = "perplexity" if task_for_data(recipe.data.spec).primary == "perplexity" else "accuracy"
-    measured = f"{metric} on {recipe.data.spec}"
+    measured = f"{task_for_data(recipe.data.spec).score_title} on {recipe.data.spec}"
     plan.append(StagePlan("report", f"{measured}{compare}",
                           ", ".join(str(out / f) for f in files) or "(printed only)"))
     return plan
@@ -118,14 +128,12 @@ def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
                         "needs --overwrite, --resume or another --set out=...")
     plan = None
     if build_model:
-        import symconvert
-
         try:
             model = build_source(recipe)
             kwargs = recipe.convert_kwargs()
             for key in ("calibrate", "calibration_samples", "calibration_damp"):  # convert-only
                 kwargs.pop(key, None)  # (a dry run measures nothing)
-            plan = symconvert.inspect(model, recipe.scheme, **kwargs)
+            plan = inspect(model, recipe.scheme, **kwargs)
         except RecipeError as exc:
             problems.append(str(exc))
         except SymconvertError as exc:
@@ -184,8 +192,6 @@ def _prepare_out(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
             raise RecipeError(
                 f"--resume: the recipe differs from the one in {out / RECIPE_NAME} in "
                 f"{', '.join(changed)}; resume with the same recipe, or --overwrite to restart.")
-    from symconvert.io.checkpoint import check_writable
-
     check_writable(out, overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -198,17 +204,12 @@ def _distributed() -> tuple[int, int]:
 def _init_group(device: str | None) -> bool:
     """Under torchrun: join the process group early so that rank 0 alone converts and
     reports while the others wait (the trainer reuses the group). True if it created it."""
-    from symconvert.train.distributed import setup_distributed
-    from symconvert.train.evaluate import resolve_device
-
     dist, _ = setup_distributed(resolve_device(device or "auto"))
     return dist.owns_group
 
 
 def _broadcast_error(failed: bool) -> bool:
     """True on every rank if any rank failed (so no rank waits forever at a barrier)."""
-    import torch
-
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return failed
     t = torch.tensor([1.0 if failed else 0.0])
@@ -216,47 +217,6 @@ def _broadcast_error(failed: bool) -> bool:
         t = t.cuda()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
-
-
-def build_source(recipe: Recipe) -> Any:
-    """The source model the recipe names (``symconvert.create_model``)."""
-    import symconvert
-    from symconvert.errors import WeightsError
-
-    m = recipe.model
-    try:
-        return symconvert.create_model(m.name, pretrained=m.pretrained, weights=m.weights,
-                                       num_classes=m.num_classes, **m.kwargs)
-    except WeightsError as exc:  # its hint names CLI flags; say the recipe keys too
-        raise RecipeError(f"model: {exc} In a recipe: --set model.weights=FILE, or "
-                          "--set model.pretrained=false.") from None
-
-
-def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """Build the source model, convert it and write ``out`` (model, metadata, plan.json)."""
-    import json
-
-    import symconvert
-    from symconvert.io.files import atomic_write as _atomic_write
-
-    m = recipe.model
-    model = build_source(recipe)
-    selection = recipe.convert_kwargs()  # the same keywords `symconvert convert` passes
-    model, plan = symconvert.convert(model, recipe.scheme, **selection)
-    args = {"model": m.name, "scheme": recipe.scheme, "pretrained": m.pretrained,
-            "weights": m.weights, "num_classes": m.num_classes, "model_kwargs": m.kwargs,
-            **selection,
-            **({"schemes": plan.schemes} if hasattr(plan, "schemes") else {})}
-    extra = {"convert": args}
-    if selection.get("calibrate") is not None:
-        from symconvert.surgery.calibrate import calibration_record
-
-        extra["calibration"] = calibration_record(plan)
-    symconvert.save(model, out, extra_metadata=extra, overwrite=True)
-    # the same plan.json as `symconvert convert` writes
-    text = json.dumps(plan.to_dict(), indent=2) + "\n"
-    _atomic_write(out / "plan.json", lambda p: Path(p).write_text(text))
-    return plan.to_dict()
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
@@ -270,14 +230,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     rank, world = _distributed()
     main = rank == 0
     check_data(recipe)
-    resolved = resolve(recipe)  # the trainer's own checks run here, before any work
-    if recipe.finetune.enabled:
-        from symconvert.checks import check_finetune_args
-
-        try:  # finite, in-range numbers before the run directory exists
-            check_finetune_args(**finetune_settings(recipe))
-        except SymconvertError as exc:
-            raise RecipeError(f"finetune: {exc}") from None
+    # the trainer's own checks (finite, in-range options) run here, before the run
+    # directory exists
+    resolved = resolve(recipe)
     owns_group = _init_group(recipe.finetune.device)
 
     def leave_group() -> None:
@@ -285,13 +240,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         # with ranks that have finished.
         nonlocal owns_group
         if owns_group:
-            import torch
-
             torch.distributed.destroy_process_group()
             owns_group = False
-
-    from symconvert.io.files import output_dir
-    from symconvert.io.metadata import trust_code_default, trusting_code
 
     # the recipe's own py: model was named by the user, so its directories may rebuild it;
     # the run directory is locked against a second concurrent run
@@ -328,29 +278,13 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
 
     # 1. convert (rank 0; the others wait in _broadcast_error)
     t0 = time.perf_counter()
-    if main:
-        try:
-            if resume and (converted / "model.safetensors").exists():
-                echo(f"convert: reusing {converted}")
-                log("convert: reused")
-            else:
-                echo(f"convert: {recipe.model.name} with {recipe.scheme} → {converted}")
-                plan = convert_stage(recipe, converted)
-                log(f"convert: {plan['converted']} layers converted, parameters "
-                    f"{plan['params']['before']:,} → {plan['params']['after']:,}")
-        except BaseException as exc:  # noqa: BLE001
-            failed = exc
-            log(f"convert failed: {type(exc).__name__}: {exc}")
-    if _broadcast_error(failed is not None):
-        if failed is not None:
-            raise failed
-        raise RecipeError("rank 0 could not convert the model; see its error")
+    _convert_step(recipe, converted, resume, echo, log, main)
     seconds["convert"] = time.perf_counter() - t0
 
     # 2. finetune (every rank)
     report_dir = converted
     if recipe.finetune.enabled:
-        seconds["finetune"] = _finetune_step(recipe, converted, finetuned, resume, progress,
+        seconds["finetune"] = finetune_stage(recipe, converted, finetuned, resume, progress,
                                              echo, log, main)
         report_dir = finetuned
 
@@ -371,69 +305,28 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
                      report=report, files=files, seconds=seconds)
 
 
-def _finetune_step(recipe: Recipe, converted: Path, finetuned: Path, resume: bool,
-                   progress: bool, echo: Callable[[str], None], log: _Log, main: bool) -> float:
-    """``symconvert.train.run.finetune`` of the converted directory, as the CLI calls it; the
-    seconds it took."""
-    from symconvert.train.run import finetune
-
-    t0 = time.perf_counter()
-    settings = finetune_settings(recipe)
+def _convert_step(recipe: Recipe, converted: Path, resume: bool, echo: Callable[[str], None],
+                  log: _Log, main: bool) -> None:
+    """Rank 0 converts (or, resuming, reuses the converted directory); every rank learns
+    whether it failed."""
+    failed: BaseException | None = None
     if main:
-        echo(f"finetune: on {recipe.data.spec} → {finetuned}")
-        log(f"finetune: start ({', '.join(f'{k}={v}' for k, v in settings.items())})")
-    try:
-        result = finetune(converted, recipe.data.spec, out=finetuned,
-                          teacher=recipe.finetune.teacher,
-                          resume=resume and (finetuned / "checkpoint.pt").exists(),
-                          overwrite=True, progress=progress and main, **settings)
-    except BaseException as exc:
-        if main:
-            log(f"finetune stopped: {type(exc).__name__}: {exc}")
-            if isinstance(exc, KeyboardInterrupt):
-                echo("the last checkpoint is kept: rerun the same command with --resume "
-                     "to continue")
-        raise
-    seconds = time.perf_counter() - t0
-    if main:
-        log(f"finetune: done in {seconds:.1f}s; eval {result.eval}")
-    return seconds
+        try:
+            if resume and (converted / WEIGHTS_NAME).exists():
+                echo(f"convert: reusing {converted}")
+                log("convert: reused")
+            else:
+                echo(f"convert: {recipe.model.name} with {recipe.scheme} → {converted}")
+                plan = convert_stage(recipe, converted)
+                log(f"convert: {plan['converted']} layers converted, parameters "
+                    f"{plan['params']['before']:,} → {plan['params']['after']:,}")
+        except BaseException as exc:  # noqa: BLE001
+            failed = exc
+            log(f"convert failed: {type(exc).__name__}: {exc}")
+    if _broadcast_error(failed is not None):
+        if failed is not None:
+            raise failed
+        raise RecipeError("rank 0 could not convert the model; see its error")
 
 
-def report_options(recipe: Recipe) -> Any:
-    """``symconvert.report.build.ReportOptions`` for this recipe."""
-    from symconvert.report.build import ReportOptions
-
-    rep, data, ft = recipe.report, recipe.data, recipe.finetune
-    kwargs: dict[str, Any] = {"data": data.spec, "input_size": data.input_size,
-                              "subsample": data.subsample, "compare": tuple(rep.compare)}
-    for key, value in (("device", ft.device), ("workers", ft.workers),
-                       ("batch_size", rep.batch_size), ("latency_runs", rep.latency_runs),
-                       ("latency_batch", rep.latency_batch)):
-        if value is not None:
-            kwargs[key] = value
-    try:
-        return ReportOptions(**kwargs)
-    except SymconvertError as exc:
-        raise RecipeError(f"recipe {recipe_origin(recipe)}: report: {exc}") from None
-
-
-def report_stage(recipe: Recipe, model_dir: Path, out: Path,
-                 log: Callable[[str], None] | None = None) -> tuple[dict[str, Any],
-                                                                    dict[str, Path]]:
-    """Build the report of ``model_dir`` and write the files ``recipe.report`` asks for."""
-    from symconvert.io.files import atomic_write as _atomic_write
-    from symconvert.report.build import build_report
-    from symconvert.report.plot import plot_report
-    from symconvert.report.render import render
-
-    report = build_report(model_dir, options=report_options(recipe), log=log)
-    files: dict[str, Path] = {}
-    for fmt in recipe.report.formats:
-        path = out / f"{REPORT_STEM}.{'md' if fmt == 'markdown' else fmt}"
-        text = render(report, fmt)
-        _atomic_write(path, lambda p, text=text: Path(p).write_text(text + "\n"))
-        files[fmt] = path
-    if recipe.report.plot:
-        files["plot"] = plot_report(report, out / f"{REPORT_STEM}.png")
-    return report, files
+__all__ = ["DryRun", "RunResult", "StagePlan", "dry_run", "run", "stages"]

@@ -30,6 +30,13 @@ from pydantic import (
 )
 
 from symconvert.errors import RecipeError, SymconvertError
+from symconvert.models.sources import check_registered
+from symconvert.options import Option, field_default, option_fields
+from symconvert.report.options import ReportOptions
+from symconvert.schemes import get_scheme
+from symconvert.surgery.config import ConvertConfig
+from symconvert.tasks.data import parse_data_spec
+from symconvert.train.config import DATA_FIELDS, FinetuneConfig
 
 # ------------------------------------------------------------------------ field kinds
 
@@ -73,55 +80,26 @@ def _as_list(split: bool) -> BeforeValidator:
     return BeforeValidator(run)
 
 
-def _size_text(value: Any) -> Any:
+def _as_text(value: Any) -> Any:
     """``input_size: 16`` or ``[16, 16]`` → ``"16"`` / ``"16,16"`` (the CLI's spelling)."""
     if isinstance(value, (int, list, tuple)) and not isinstance(value, bool):
         return ",".join(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
     return value
 
 
-def _layer_kinds() -> list[str]:
-    from symconvert.surgery.layers import layer_kinds
-
-    return layer_kinds()
-
-
 def _check_model(name: str) -> None:
     # parse_model only splits an explicit `timm:NAME`; ask the registry too, so that a typo
     # fails at validation rather than at the start of the run.
-    from symconvert.models.sources import _timm_has, _torchvision_has, _unknown, parse_model
-
-    library, bare = parse_model(name)
-    if library == "timm" and not bare.startswith("hf-hub:") and not _timm_has(bare):
-        raise _unknown(bare, "timm")
-    if library == "torchvision" and not _torchvision_has(bare):
-        raise _unknown(bare, "torchvision")
+    check_registered(name)
 
 
 def _check_scheme(name: str) -> None:
-    from symconvert.schemes import get_scheme
-
     if str(name).strip() != "auto":  # auto: per layer one of selection.schemes
         get_scheme(name)
 
 
-def _check_schemes(names: list[str] | None) -> None:
-    from symconvert.surgery.auto import parse_schemes
-
-    if names is not None:
-        parse_schemes(names)
-
-
 def _check_data(spec: str) -> None:
-    from symconvert.tasks.data import parse_data_spec
-
     parse_data_spec(spec)
-
-
-def _check_input_size(value: str) -> None:
-    from symconvert.tasks.data import parse_input_size
-
-    parse_input_size(value)
 
 
 def _help(text: str, example: str | None = None) -> Any:
@@ -165,120 +143,99 @@ class ModelSection(Section):
                                    "for the model factory")
 
 
-# ConvertConfig's fields that are not ``selection`` keys: the scheme is a top-level key and
-# ``costs`` (a mapping of (layer, scheme) pairs, or a function) exists in the API only.
-_NOT_SELECTION = ("scheme", "costs")
-# The recipe's spelling of the ConvertConfig fields whose Python type is looser than a YAML
-# value (a list or a string; a loader or tensor as calibration data), with the checks
-# against symconvert's registries. Every other field keeps its ConvertConfig type; name,
-# default, help and bounds always come from ConvertConfig. A list type that does not take
-# null (include, exclude) defaults to [] (no filter), as the resolved recipe.yaml shows.
-_RECIPE_TYPES: dict[str, Any] = {
-    "include": Annotated[list[str], _as_list(False)],
-    "exclude": Annotated[list[str], _as_list(False)],
-    "layers": Annotated[list[str] | None, _as_list(True), _one_of(_layer_kinds)],
-    "gates": Annotated[list[str] | None, _as_list(True), _one_of(("hh", "ih"))],
-    "schemes": Annotated[list[str] | None, _as_list(True), _checked(_check_schemes)],
-    "calibrate": Annotated[str | None, _checked(_check_data)],
-}
-_BOUND_NAMES = ("ge", "gt", "le", "lt")
+#: recipe checks the config field cannot carry itself: calibration data is a data spec,
+#: which surgery (below the tasks) does not parse
+_RECIPE_CHECKS: dict[str, Callable[[Any], Any]] = {"calibrate": _check_data}
 
 
-def _selection_field(field: dataclasses.Field, hints: dict[str, Any]) -> tuple[Any, Any]:
-    """``(type, FieldInfo)`` of one ConvertConfig field as a recipe key."""
-    tp = _RECIPE_TYPES.get(field.name, hints[field.name])
-    bounds = {k: v for k, v in field.metadata.items() if k in _BOUND_NAMES}
-    info: dict[str, Any] = {"description": field.metadata.get("help"), **bounds}
-    if field.default is None and typing.get_origin(tp) is Annotated \
-            and typing.get_args(tp)[0] == list[str]:
-        info["default_factory"] = list
-    else:
-        info["default"] = field.default
-    return tp, Field(**info)
+def _recipe_type(f: dataclasses.Field, spec: Option, hint: Any, unset: bool) -> Any:
+    """The type (with its validators) of a config option as a recipe key: a list option
+    takes a list or a string, a text option (``text_type``) also a number or a list of
+    them (``input_size: 16``), each checked against the option's choices and checks."""
+    checks: list[Any] = [_checked(c) for c in (spec.check, _RECIPE_CHECKS.get(f.name))
+                         if c is not None]
+    if spec.choices is not None:
+        checks.append(_one_of(spec.choices))
+    if spec.many is not None:
+        nullable = unset or (spec.many == "comma" and field_default(f) is None)
+        base = list[str] | None if nullable else list[str]
+        return Annotated[(base, _as_list(spec.many == "comma"), *checks)]
+    tp = hint
+    if spec.text_type is not None:
+        tp = spec.text_type | None if hint is Any else hint | spec.text_type
+        checks.insert(0, BeforeValidator(_as_text))
+    if unset and type(None) not in typing.get_args(tp):
+        tp = tp | None
+    return Annotated[(tp, *checks)] if checks else tp
 
 
-def _selection_section() -> type[Section]:
-    from symconvert.surgery.config import ConvertConfig
-
-    hints = typing.get_type_hints(ConvertConfig)
-    fields = {f.name: _selection_field(f, hints) for f in dataclasses.fields(ConvertConfig)
-              if f.name not in _NOT_SELECTION}
+def section_model(cls: type, name: str, doc: str, *, only: Sequence[str] | None = None,
+                  exclude: Sequence[str] = (), unset: bool = False, first: Sequence[str] = (),
+                  **own: tuple[Any, Any]) -> type[Section]:
+    """A recipe section generated from a stage config's option fields (``spec.recipe``):
+    each key with its type, help, default, bounds and choices. ``unset``: every default is
+    None ("the stage's default"). ``own`` adds keys of the section's own, after the
+    generated ones except those named in ``first``."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {k: own.pop(k) for k in first}
+    for f, spec in option_fields(cls):
+        if not spec.recipe or f.name in exclude or (only is not None and f.name not in only):
+            continue
+        info: dict[str, Any] = {"description": spec.help, **spec.bounds()}
+        tp = _recipe_type(f, spec, hints[f.name], unset)
+        default = None if unset else field_default(f)
+        if spec.many is not None and not unset and default in (None, ()) \
+                and not (spec.many == "comma" and default is None):
+            info["default_factory"] = list
+        else:
+            info["default"] = list(default) if isinstance(default, tuple) else default
+        fields[f.name] = (tp, Field(**info))
+    fields.update(own)
     return pydantic.create_model(  # type: ignore[call-overload]
-        "SelectionSection", __base__=Section, __module__=__name__,
-        __doc__="How the model is converted besides the scheme: every key is a field of "
-        "``symconvert.ConvertConfig`` (a keyword of ``symconvert.convert``/``inspect``) of the "
-        "same name, passed through as is (``convert_kwargs``); a new ConvertConfig field is a "
-        "new key.", **fields)
+        name, __base__=Section, __module__=__name__, __doc__=doc, **fields)
 
 
-SelectionSection = _selection_section()
+SelectionSection = section_model(
+    ConvertConfig, "SelectionSection",
+    "How the model is converted besides the scheme: every key is a field of "
+    "``symconvert.ConvertConfig`` (a keyword of ``symconvert.convert``/``inspect``) of the "
+    "same name, passed through as is (``convert_kwargs``); a new ConvertConfig field is a "
+    "new key.")
 
 
-class DataSection(Section):
-    """The fine-tuning and evaluation data (SPEC §6)."""
-
-    SHORTHAND: ClassVar[str | None] = "spec"
-
-    spec: Annotated[str, _checked(_check_data)] = Field(**_help(
+DataSection = section_model(
+    FinetuneConfig, "DataSection",
+    "The fine-tuning and evaluation data (SPEC §6); its other keys are the data options of "
+    "``FinetuneConfig`` (the report reads the same input size and subsample).",
+    only=DATA_FIELDS, first=("spec",), spec=(Annotated[str, _checked(_check_data)], Field(**_help(
         "--data SPEC: digits, fashion-mnist[:ROOT], mnist:ROOT, cifar10:ROOT, cifar100:ROOT, "
-        "imagefolder:ROOT, text:ROOT", "digits"))
-    input_size: Annotated[str | None, BeforeValidator(_size_text),
-                          _checked(_check_input_size)] = Field(
-        None, description="H or H,W: override the model's input size")
-    subsample: int | None = Field(None, ge=1, description="use at most N items per split "
-                                  "(stratified; text: N tokens)")
-    augment: bool | None = Field(None, description="random crop/flip for training (default: "
-                                 "the data source's own default)")
-    download: bool = Field(False, description="let torchvision download the data set if missing")
+        "imagefolder:ROOT, text:ROOT", "digits"))))
+DataSection.SHORTHAND = "spec"
 
+FinetuneSection = section_model(
+    FinetuneConfig, "FinetuneSection",
+    "Fine-tuning (SPEC §6): every key but ``enabled``, ``teacher`` and ``extra`` is a field of "
+    "``FinetuneConfig`` (a ``symconvert finetune`` flag) of the same name. A key left out (or "
+    "null) takes the default of the data's task, which the resolved ``recipe.yaml`` of a run "
+    "spells out.",
+    exclude=DATA_FIELDS, unset=True, first=("enabled",),
+    enabled=(bool, Field(True, description="fine-tune at all (false: convert and report only)")),
+    teacher=(str | None, Field(None, description="distil from this MODEL or model directory "
+                               "instead of the source")),
+    extra=(dict[str, Any], Field(default_factory=dict, description="more trainer settings by "
+                                 "name (a field of FinetuneConfig this symconvert has as no key "
+                                 "of its own)")))
 
-class FinetuneSection(Section):
-    """Fine-tuning (SPEC §6). A key left out (or null) takes the default of the data's task,
-    which the resolved ``recipe.yaml`` of a run spells out."""
-
-    enabled: bool = Field(True, description="fine-tune at all (false: convert and report only)")
-    epochs: int | None = Field(None, ge=1, description="epochs")
-    lr: float | None = Field(None, gt=0.0, description="peak learning rate")
-    batch_size: int | None = Field(None, ge=1, description="batch size per process")
-    opt: Annotated[str | None, _one_of(("sgd", "adamw"))] = Field(None, description="optimiser")
-    momentum: float | None = Field(None, ge=0.0, lt=1.0, description="SGD momentum")
-    sched: Annotated[str | None, _one_of(("cosine", "step", "multistep", "none"))] = Field(
-        None, description="lr schedule")
-    weight_decay: float | None = Field(None, ge=0.0, description="weight decay")
-    warmup_epochs: float | None = Field(None, ge=0.0, description="linear warm-up epochs")
-    min_lr: float | None = Field(None, ge=0.0, description="final learning rate of the schedule")
-    clip_grad: float | None = Field(None, ge=0.0, description="max global gradient norm (0: off)")
-    amp: bool | None = Field(None, description="mixed precision (default: on for CUDA, off for CPU)")
-    amp_dtype: Annotated[str | None, _one_of(("bfloat16", "float16"))] = Field(
-        None, description="AMP dtype")
-    device: str | None = Field(None, description="auto, cpu, cuda or cuda:N")
-    workers: int | None = Field(None, ge=0, description="data-loading worker processes")
-    seed: int | None = Field(None, description="random seed")
-    distill: bool | None = Field(None, description="distil from the unconverted source model")
-    distill_alpha: float | None = Field(None, ge=0.0, le=1.0, description="weight of the KL term")
-    distill_temperature: float | None = Field(None, gt=0.0, description="distillation temperature")
-    checkpoint_every: int | None = Field(None, ge=0, description="also checkpoint every N steps")
-    teacher: str | None = Field(None, description="distil from this MODEL or model directory "
-                                "instead of the source")
-    extra: dict[str, Any] = Field(default_factory=dict, description="more trainer settings by "
-                                  "name (any field of symconvert.train.config.FinetuneConfig, e.g. bptt, "
-                                  "log_interval)")
-
-
-class ReportSection(Section):
-    """The report (SPEC §7). The table is always printed; ``formats`` are the files written.
-    It is measured on ``data`` (same input size and subsample) with ``finetune.device``."""
-
-    formats: Annotated[list[str], _as_list(True), _one_of(("json", "markdown"))] = Field(
+ReportSection = section_model(
+    ReportOptions, "ReportSection",
+    "The report (SPEC §7). The table is always printed; ``formats`` are the files written. "
+    "It is measured on ``data`` (same input size and subsample) with ``finetune.device``; the "
+    "other keys are fields of ``ReportOptions`` (``symconvert report`` flags).",
+    first=("formats", "plot"), formats=(Annotated[list[str], _as_list(True), _one_of(("json", "markdown"))], Field(
         default_factory=lambda: ["json", "markdown"],
-        description="report files to write into the run directory")
-    plot: bool = Field(True, description="write report.png (per-layer savings, fine-tuning curve)")
-    compare: Annotated[list[str], _as_list(True), _one_of(("prune", "dense"))] = Field(
-        default_factory=list, description="baselines fine-tuned with the same budget")
-    batch_size: int | None = Field(None, ge=1, description="evaluation batch size")
-    latency_runs: int | None = Field(None, ge=1, description="timed runs of the folded model "
-                                     "and the source (median reported)")
-    latency_batch: int | None = Field(None, ge=1, description="batch size of the latency runs")
+        description="report files to write into the run directory")),
+    plot=(bool, Field(True, description="write report.png (per-layer savings, fine-tuning "
+                                        "curve)")))
 
 
 class Recipe(Section):

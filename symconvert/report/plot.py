@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from symconvert.errors import SymconvertError
-from symconvert.report.render import COMPARE_KINDS, Report, _perplexity_report
+from symconvert.io.files import atomic_write
+from symconvert.report.options import COMPARE_KINDS
+from symconvert.report.render import Report, report_task
 
 
 def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path:
@@ -33,11 +35,28 @@ def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path
     fig.suptitle(f"symconvert report — {report['model']}, {report['scheme']}: parameters "
                  f"{report['params']['before']:,} → {report['params']['after']:,} "
                  f"(−{report['params']['saved_fraction']:.1%})", fontsize=15)
+    _plot_layers(axes[0], layers, n)
+    _plot_curves(axes[1][0], report)
+    _plot_accuracy(axes[1][1], report)
+    for row in axes:
+        for a in row:
+            a.tick_params(axis="x", labelsize=11)
+            a.grid(axis="x", alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_layers(axes: Any, layers: list[dict[str, Any]], n: int) -> None:
+    """Top row: parameters before/after and the symmetrisation error, per layer."""
     names = [e["name"] for e in layers]
     ys = list(range(len(layers)))
     label_size = 11 if n <= 20 else 9 if n <= 40 else 7
 
-    ax = axes[0][0]
+    ax = axes[0]
     if layers:
         ax.barh([y - 0.2 for y in ys], [e["params_before"] for e in layers], height=0.4,
                 label="before", color="#9aa9bd")
@@ -51,7 +70,7 @@ def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path
     ax.set_title("parameters per converted layer", fontsize=13)
     ax.set_xlabel("parameters", fontsize=12)
 
-    ax = axes[0][1]
+    ax = axes[1]
     errors = [e["symmetrization_error"] for e in layers]
     if layers and any(x is not None for x in errors):
         ax.barh(ys, [x or 0.0 for x in errors], color="#c05621")
@@ -64,28 +83,13 @@ def plot_report(report: Report, path: str | os.PathLike, dpi: int = 100) -> Path
                  fontsize=12)
     ax.set_xlabel("relative Frobenius distance", fontsize=12)
 
-    _plot_curves(axes[1][0], report)
-    _plot_accuracy(axes[1][1], report)
-    for row in axes:
-        for a in row:
-            a.tick_params(axis="x", labelsize=11)
-            a.grid(axis="x", alpha=0.3)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    from symconvert.io.files import atomic_write
-
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    finally:
-        plt.close(fig)
-    return path
-
 
 def _plot_curves(ax: Any, report: Report) -> None:
     # epoch 0 = before fine-tuning (the converted / pruned / source model), when measured
     acc = report.get("accuracy") or {}
-    # a language model's curve is its eval perplexity (raw), a classifier's top-1 (in %)
-    key, scale, name = (("perplexity", 1.0, "eval perplexity") if _perplexity_report(acc)
-                        else ("top1", 100.0, "eval top-1 (%)"))
+    # the task's metric: a classifier's top-1 (in %), a language model's perplexity (raw)
+    metric = report_task(report).metric
+    key, name = metric.key, f"eval {metric.axis_label}"
     start = {"symmetric": (acc.get("converted") or {}).get(key)}
     curves = {"symmetric": (report.get("curves") or {}).get("finetuned") or []}
     for kind in COMPARE_KINDS:
@@ -96,10 +100,10 @@ def _plot_curves(ax: Any, report: Report) -> None:
     drawn = False
     loss_ax = None
     for (label, rows), color in zip(curves.items(), ("#2b6cb0", "#c05621", "#2f855a"), strict=False):
-        pts = [(r.get("epoch", i + 1), scale * r[f"eval_{key}"]) for i, r in enumerate(rows)
-               if isinstance(r.get(f"eval_{key}"), (int, float))]
+        pts = [(r.get("epoch", i + 1), metric.plotted(r[f"eval_{key}"]))
+               for i, r in enumerate(rows) if isinstance(r.get(f"eval_{key}"), (int, float))]
         if pts and start.get(label) is not None:
-            pts.insert(0, (0, scale * start[label]))
+            pts.insert(0, (0, metric.plotted(start[label])))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", color=color,
                     label=f"{label}: {name.split(' (')[0]}")
@@ -131,8 +135,8 @@ def _plot_curves(ax: Any, report: Report) -> None:
 
 def _plot_accuracy(ax: Any, report: Report) -> None:
     acc = report["accuracy"]
-    ppl = _perplexity_report(acc)
-    key, scale, name = ("perplexity", 1.0, "perplexity") if ppl else ("top1", 100.0, "top-1 (%)")
+    metric = report_task(report).metric
+    key, name = metric.key, metric.axis_label
     bars = [(label, acc[k][key]) for k, label in
             (("source", "source"), ("converted", "converted\n(before FT)"),
              ("calibrated", "calibrated\n(before FT)"), ("finetuned", "fine-tuned"))
@@ -146,11 +150,12 @@ def _plot_accuracy(ax: Any, report: Report) -> None:
                 ha="center", va="center", fontsize=13)
     else:
         labels, values = zip(*bars, strict=True)
-        ax.bar(labels, [v * scale for v in values], color="#4a5568")
+        ax.bar(labels, [metric.plotted(v) for v in values], color="#4a5568")
         for i, v in enumerate(values):
-            ax.text(i, v * scale, f"{v * scale:.2f}", ha="center", va="bottom", fontsize=11)
+            ax.text(i, metric.plotted(v), f"{metric.plotted(v):.2f}", ha="center", va="bottom",
+                    fontsize=11)
         ax.set_ylabel(name, fontsize=12)
-        if not ppl:
+        if metric.percent:
             low = min(values) * 100
             ax.set_ylim(max(0.0, low - 10), 108)  # headroom for the value labels
         ax.tick_params(axis="x", labelsize=11)

@@ -11,9 +11,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from symconvert.errors import SymconvertError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 
-COMPARE_KINDS = ("prune", "dense")
+from symconvert.errors import SymconvertError
+from symconvert.io.export import EXPORTS
+from symconvert.report.deployment import deployable_keys
+from symconvert.report.options import COMPARE_KINDS
+from symconvert.tasks import Task, get_task, task_for_scores
+
 FORMATS = ("table", "json", "markdown")
 
 Report = dict[str, Any]
@@ -22,54 +30,72 @@ Report = dict[str, Any]
 # ------------------------------------------------------------------- sentences
 
 
-def compare_sentence(compare: dict[str, Any]) -> str:
-    """One sentence: which won at the same parameter budget and by how much."""
+def compare_sentence(compare: dict[str, Any], task: Task | None = None) -> str:
+    """One sentence: which won at the same parameter budget and by how much. A percentage
+    metric (top-1) is compared in points, any other (perplexity) by its ratio."""
+    task = task or _task(compare.get("task"), compare.get("symmetric"))
+    metric = task.metric
     sym = compare["symmetric"]
-    parts = []
-    if "perplexity" in sym:
-        return _perplexity_sentence(compare)
-    if "top1" not in sym:
-        return "The symmetric model has no top-1 to compare."
-    n = compare.get("n")
-
-    def images(diff_pt: float) -> str:
-        # on a small eval split a point is a handful of images: say how many
-        return f" = {round(abs(diff_pt) * n / 100)} of {n:,} images" if n else ""
-
-    if "prune" in compare and "top1" in compare["prune"]:
-        diff = (sym["top1"] - compare["prune"]["top1"]) * 100
-        verdict = ("symmetry wins" if diff > 0 else "pruning wins" if diff < 0 else "a tie")
-        margin = f" by {abs(diff):.2f} pt{images(diff)}" if diff else ""
-        parts.append(
-            f"with {compare['removed']:,} parameters removed from each, {sym['label']} reaches "
-            f"{fmt_pct(sym['top1'])} top-1 and magnitude pruning {fmt_pct(compare['prune']['top1'])}"
-            f" ({verdict}{margin}), but only the symmetric file is smaller "
-            f"({sym['bytes']:,} vs {compare['prune']['bytes']:,} bytes)")
-    if "dense" in compare and "top1" in compare["dense"]:
-        diff = (compare["dense"]["top1"] - sym["top1"]) * 100
-        cost = (f"symmetry costs {diff:.2f} pt{images(diff)}" if diff > 0 else
-                f"symmetry is {-diff:.2f} pt ahead{images(diff)}" if diff < 0 else
-                "no difference")
-        parts.append(f"the dense control fine-tuned with the same budget reaches "
-                     f"{fmt_pct(compare['dense']['top1'])} ({cost})")
+    if metric.key not in sym:
+        return f"The symmetric model has no {metric.label} to compare."
+    parts = (_points_sentence if metric.percent else _ratio_sentence)(compare, task)
     text = "; ".join(parts)
     return (text[0].upper() + text[1:] + ".") if text else ""
 
 
-def _perplexity_sentence(compare: dict[str, Any]) -> str:
-    """``compare_sentence`` for a language model: perplexity, lower is better."""
-    sym = compare["symmetric"]
+def _points_sentence(compare: dict[str, Any], task: Task) -> list[str]:
+    metric, sym, n = task.metric, compare["symmetric"], compare.get("n")
+    key, label, fmt = metric.key, metric.label, metric.format
+    parts = []
+
+    def items(diff_pt: float) -> str:
+        # on a small eval split a point is a handful of items: say how many
+        return f" = {round(abs(diff_pt) * n / 100)} of {n:,} {task.items}" if n else ""
+
+    if key in (compare.get("prune") or {}):
+        diff = (sym[key] - compare["prune"][key]) * 100
+        verdict = ("symmetry wins" if diff > 0 else "pruning wins" if diff < 0 else "a tie")
+        margin = f" by {abs(diff):.2f} pt{items(diff)}" if diff else ""
+        parts.append(
+            f"with {compare['removed']:,} parameters removed from each, {sym['label']} reaches "
+            f"{fmt(sym[key])} {label} and magnitude pruning {fmt(compare['prune'][key])}"
+            f" ({verdict}{margin}), but only the symmetric file is smaller "
+            f"({sym['bytes']:,} vs {compare['prune']['bytes']:,} bytes)")
+    if key in (compare.get("dense") or {}):
+        diff = (compare["dense"][key] - sym[key]) * 100
+        cost = (f"symmetry costs {diff:.2f} pt{items(diff)}" if diff > 0 else
+                f"symmetry is {-diff:.2f} pt ahead{items(diff)}" if diff < 0 else
+                "no difference")
+        parts.append(f"the dense control fine-tuned with the same budget reaches "
+                     f"{fmt(compare['dense'][key])} ({cost})")
+    return parts
+
+
+def _ratio_sentence(compare: dict[str, Any], task: Task) -> list[str]:
+    metric, sym = task.metric, compare["symmetric"]
     parts = []
     for kind, what in (("prune", "magnitude pruning at the same parameter count"),
                        ("dense", "the dense control fine-tuned with the same budget")):
-        other = (compare.get(kind) or {}).get("perplexity")
+        other = (compare.get(kind) or {}).get(metric.key)
         if other is None:
             continue
-        ratio = sym["perplexity"] / other - 1
-        parts.append(f"{what} reaches perplexity {other:.2f} against {sym['perplexity']:.2f} "
-                     f"for {sym['label']} ({ratio:+.1%})")
-    text = "; ".join(parts)
-    return (text[0].upper() + text[1:] + ".") if text else ""
+        ratio = sym[metric.key] / other - 1
+        parts.append(f"{what} reaches {metric.label} {metric.format(other)} against "
+                     f"{metric.format(sym[metric.key])} for {sym['label']} ({ratio:+.1%})")
+    return parts
+
+
+def _task(name: str | None, scores: dict[str, Any] | None = None) -> Task:
+    """The report's task: by name, or (a report built by hand) by the scores it holds."""
+    return get_task(name) if name else task_for_scores(scores)
+
+
+def report_task(report: Report) -> Task:
+    """The task a report was measured for (``report["task"]``)."""
+    acc = report.get("accuracy") or {}
+    measured = next((acc[k] for k in ("source", "converted", "finetuned")
+                     if isinstance(acc.get(k), dict) and "reason" not in acc[k]), None)
+    return _task(report.get("task"), measured)
 
 
 # ------------------------------------------------------------------------ rendering
@@ -106,35 +132,20 @@ class Section:
     note: str | None = None
 
 
-def _perplexity_report(acc: dict[str, Any]) -> bool:
-    """A language model's report: its entries are perplexities (lower is better)."""
-    return any(isinstance(acc.get(k), dict) and "perplexity" in acc[k]
-               for k in ("source", "converted", "finetuned"))
-
-
-def fmt_ppl(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
-
-
-def _ppl_cells(entry: dict[str, Any] | None) -> list[str]:
-    if not entry or "reason" in entry:
-        return ["—", f"not measured: {(entry or {}).get('reason', 'not measured')}"]
-    return [fmt_ppl(entry.get("perplexity")), ""]
-
-
-def _acc_cells(entry: dict[str, Any] | None) -> list[str]:
+def _score_cells(entry: dict[str, Any] | None, task: Task) -> list[str]:
+    """The task's scores of one model, then a note (why it was not measured)."""
     if not entry or "reason" in entry:
         reason = (entry or {}).get("reason", "not measured")
-        return ["—", "—", f"not measured: {reason}"]
-    note = f"perplexity {entry['perplexity']:.2f}" if "perplexity" in entry else ""
-    return [fmt_pct(entry.get("top1")), fmt_pct(entry.get("top5")), note]
+        return ["—"] * len(task.score_metrics) + [f"not measured: {reason}"]
+    return [m.format(entry.get(m.key)) for m in task.score_metrics] + [""]
 
 
 def sections(report: Report) -> list[Section]:
     """The report as tables of strings: what ``render_table`` and ``render_markdown`` show."""
-    out = [_summary_section(report), _accuracy_section(report["accuracy"])]
+    task = report_task(report)
+    out = [_summary_section(report), _accuracy_section(report["accuracy"], task)]
     if report.get("compare"):
-        out.append(_compare_section(report["compare"], _perplexity_report(report["accuracy"])))
+        out.append(_compare_section(report["compare"], task))
     if report.get("deployment"):
         out.append(_deployment_section(report["deployment"]))
     out.append(_layers_section(report))
@@ -171,42 +182,37 @@ def _summary_section(report: Report) -> Section:
     )
 
 
-def _accuracy_section(acc: dict[str, Any]) -> Section:
-    """Top-1/top-5 (or perplexity for a language model) of every model measured."""
+_MODELS = (("source", "source"), ("converted", "converted, before fine-tuning"),
+           ("calibrated", "converted, calibrated"), ("finetuned", "fine-tuned"))
+
+
+def _accuracy_section(acc: dict[str, Any], task: Task) -> Section:
+    """The task's scores (top-1/top-5, perplexity) of every model measured."""
+    columns = ["model", *(m.label for m in task.score_metrics), "note"]
+    right = [False, *([True] * len(task.score_metrics)), False]
     if "reason" in acc and not any(k in acc for k in ("source", "converted", "finetuned")):
-        return Section(title="accuracy", columns=["model", "top-1", "top-5", "note"],
-                       right=[False, True, True, False],
-                       rows=[[m, "—", "—", f"not measured: {acc['reason']}"]
+        return Section(title=task.score_title, columns=columns, right=right,
+                       rows=[[m, *_score_cells({"reason": acc["reason"]}, task)]
                              for m in ("source", "converted", "fine-tuned")])
-    if _perplexity_report(acc):
-        return Section(
-            title=f"perplexity on the {acc.get('split')} split ({fmt_int(acc.get('n'))} tokens)",
-            columns=["model", "perplexity", "note"], right=[False, True, False],
-            rows=[[label, *_ppl_cells(acc.get(key))] for key, label in
-                  (("source", "source"), ("converted", "converted, before fine-tuning"),
-                   ("finetuned", "fine-tuned"))])
     return Section(
-        title=f"accuracy on the {acc.get('split')} split (n = {fmt_int(acc.get('n'))})",
-        columns=["model", "top-1", "top-5", "note"], right=[False, True, True, False],
-        rows=[[label, *_acc_cells(acc.get(key))] for key, label in
-              (("source", "source"), ("converted", "converted, before fine-tuning"),
-               ("calibrated", "converted, calibrated"),
-               ("finetuned", "fine-tuned"))])
+        title=f"{task.score_title} on the {acc.get('split')} split "
+              f"({task.describe_n(acc.get('n'))})",
+        columns=columns, right=right,
+        rows=[[label, *_score_cells(acc.get(key), task)] for key, label in _MODELS])
 
 
-def _compare_section(cmp_: dict[str, Any], ppl: bool) -> Section:
+def _compare_section(cmp_: dict[str, Any], task: Task) -> Section:
     """``--compare``: the symmetric model and the baselines side by side."""
+    shown = task.score_metrics if task.metric.percent else task.score_metrics[:1]
     rows = []
     for key in ("symmetric", *COMPARE_KINDS):
         e = cmp_.get(key)
         if not e:
             continue
         before = e.get("before_finetune") or {}
-        scores = ([fmt_ppl(before.get("perplexity")), fmt_ppl(e.get("perplexity"))] if ppl
-                  else [fmt_pct(before.get("top1")), fmt_pct(e.get("top1")),
-                        fmt_pct(e.get("top5"))])
         rows.append([e["label"], fmt_int(e["params_stored"]), fmt_int(e["params_nonzero"]),
-                     fmt_int(e["bytes"]), *scores])
+                     fmt_int(e["bytes"]), task.metric.format(before.get(task.metric.key)),
+                     *(m.format(e.get(m.key)) for m in shown)])
     budget = cmp_["budget"]
     budget_text = (f"Budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
                    f"{'on' if budget['distill'] else 'off'}, seed {budget['seed']}"
@@ -214,12 +220,11 @@ def _compare_section(cmp_: dict[str, Any], ppl: bool) -> Section:
     notes = [cmp_["summary"], budget_text + "."] + [
         f"{cmp_[k]['label'][0].upper()}{cmp_[k]['label'][1:]}: {cmp_[k]['note']}."
         for k in COMPARE_KINDS if k in cmp_]
+    columns = ["model", "params stored", "params non-zero", "file bytes",
+               f"{task.metric.label} before FT", *(m.label for m in shown)]
     return Section(
         title=f"side by side, {fmt_int(cmp_['removed'])} parameters removed",
-        columns=["model", "params stored", "params non-zero", "file bytes",
-                 *(["perplexity before FT", "perplexity"] if ppl else
-                   ["top-1 before FT", "top-1", "top-5"])],
-        right=[False] + [True] * (len(rows[0]) - 1 if rows else 6), rows=rows,
+        columns=columns, right=[False] + [True] * (len(columns) - 1), rows=rows,
         note=" ".join(notes))
 
 
@@ -258,13 +263,17 @@ def _provenance_section(report: Report) -> Section:
         ])
 
 
+def _deployment_labels() -> dict[str, str]:
+    labels = {"symconvert": "symconvert directory"}
+    for key, fmt, packed in deployable_keys():
+        labels[key] = f"{EXPORTS[fmt].label}, {'--packed' if packed else 'dense'}"
+    return labels
+
+
 def _deployment_section(dep: dict[str, Any]) -> Section:
     dtypes = list(dep.get("by_dtype", {}))
-    labels = {"symconvert": "symconvert directory", "dense_onnx": "ONNX, dense",
-              "packed_onnx": "ONNX, --packed", "dense_torchscript": "TorchScript, dense",
-              "packed_torchscript": "TorchScript, --packed"}
     rows = []
-    for key, label in labels.items():
+    for key, label in _deployment_labels().items():
         by = {d: dep["by_dtype"][d].get("dense" if key.startswith("dense") else key)
               for d in dtypes}
         measured = fmt_int(dep.get(key)) if key in dep else \
@@ -311,10 +320,6 @@ def render_markdown(report: Report) -> str:
 
 def render_table(report: Report) -> list[Any]:
     """rich renderables (one Table per section) for ``console.print(*render_table(r))``."""
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
-
     out: list[Any] = [Text(f"symconvert report: {report['model']}", style="bold")]
     for sec in sections(report):
         table = Table(title=escape(sec.title), title_justify="left", show_header=any(sec.columns))
@@ -331,8 +336,6 @@ def render_table(report: Report) -> list[Any]:
 
 def render_text(report: Report, width: int = 160) -> str:
     """The rich table as plain text (for ``--out FILE`` and tests)."""
-    from rich.console import Console
-
     console = Console(width=width, record=True, file=open(os.devnull, "w"),  # noqa: SIM115
                       color_system=None)
     for item in render_table(report):
@@ -352,6 +355,6 @@ def render(report: Report, fmt: str) -> str:
     return render_text(report)
 
 
-__all__ = ["COMPARE_KINDS", "FORMATS", "Section", "compare_sentence", "fmt_err", "fmt_int",
-           "fmt_ms", "fmt_pct", "fmt_ppl", "fmt_ratio", "render", "render_json",
-           "render_markdown", "render_table", "render_text", "sections"]
+__all__ = ["FORMATS", "Report", "Section", "compare_sentence", "fmt_err", "fmt_int", "fmt_ms",
+           "fmt_pct", "fmt_ratio", "render", "render_json", "render_markdown", "render_table",
+           "render_text", "report_task", "sections"]

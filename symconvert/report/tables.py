@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from symconvert.surgery.auto import AutoPlan
 from symconvert.surgery.plan import Plan
 
 
@@ -28,6 +29,10 @@ def schemes_table(schemes) -> Table:
 
 
 def plan_table(plan: Plan, title: str, show_skipped: bool = True, max_rows: int | None = None) -> Table:
+    """Per layer: action, parameters, errors, reason; for ``--scheme auto`` (``AutoPlan``)
+    each layer's own scheme and the alternatives' costs (``auto_table``)."""
+    if isinstance(plan, AutoPlan):
+        return auto_table(plan, title, show_skipped=show_skipped, max_rows=max_rows)
     table = Table(title=title, show_lines=False)
     # data-aware errors (convert/inspect --calibrate): naive and calibrated output error
     calibrated = any(e.output_error is not None for e in plan.layers)
@@ -53,8 +58,69 @@ def plan_table(plan: Plan, title: str, show_skipped: bool = True, max_rows: int 
 
 
 def totals_line(plan: Plan) -> str:
+    if isinstance(plan, AutoPlan):
+        return auto_totals(plan)
     return (
         f"[bold]{plan.scheme}[/]: {len(plan.converted)} layers converted, "
         f"{len(plan.skipped)} skipped; parameters {plan.total_before:,} → {plan.total_after:,} "
         f"([bold green]−{plan.saved_fraction:.2%}[/])"
     )
+
+
+def _short(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.0f}k"
+    return f"{n:,}"
+
+
+def auto_table(plan: AutoPlan, title: str, show_skipped: bool = True, max_rows: int | None = None):
+    """Per layer: the chosen scheme, its cost, and the alternatives' costs (−saved)."""
+    table = Table(title=title, show_lines=False)
+    for col, just in (("layer", "left"), ("shape", "left"), ("scheme", "left"),
+                      ("params before", "right"), ("params after", "right"),
+                      (plan.cost_name, "right"), ("alternatives: cost (saved)", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    rows = [e for e in plan.layers if show_skipped or e.converted]
+    shown = rows if max_rows is None else rows[:max_rows]
+    for e in shown:
+        shape = "×".join(str(s) for s in e.shape) + (f" g={e.groups}" if e.groups != 1 else "")
+        alts = [f"{s} {a['cost']:.3f} (−{_short(a['saved'])})"
+                for s, a in (e.alternatives or {}).items() if not (e.converted and s == e.scheme)]
+        if e.converted:
+            scheme = f"[green]{escape(e.scheme)}[/]"
+            other = " · ".join(alts) or "—"
+        else:
+            scheme = "[dim]none[/]"
+            other = " · ".join(alts) if alts else (e.reason or "")
+        if e.aliases:
+            other += f" (tied with {', '.join(e.aliases)})"
+        cost = "—" if e.cost is None else f"{e.cost:.3f}"
+        table.add_row(escape(e.name), shape, scheme, fmt_int(e.params_before),
+                      fmt_int(e.params_after), cost, escape(other))
+    if max_rows is not None and len(rows) > max_rows:
+        table.add_row(f"… {len(rows) - max_rows} more", "", "", "", "", "", "")
+    return table
+
+
+def auto_totals(plan: AutoPlan) -> str:
+    counts = ", ".join(f"{s} {n}" for s, n in plan.scheme_counts.items()) or "none"
+    line = (
+        f"[bold]auto[/] ({', '.join(plan.schemes)}; cost: {plan.cost_name}): "
+        f"{len(plan.converted)} layers converted ({counts}), {len(plan.skipped)} skipped; "
+        f"parameters {plan.total_before:,} → {plan.total_after:,} "
+        f"([bold green]−{plan.saved_fraction:.2%}[/], target {plan.target_reduction:.2%}); "
+        f"total cost {plan.total_cost:.4f}"
+    )
+    if plan.reachable and plan.lower_bound is not None:
+        gap = plan.total_cost - plan.lower_bound
+        line += f", lower bound {plan.lower_bound:.4f} (at most {gap:.4f} above the optimum)"
+    if not plan.reachable:
+        line += (f"\n[bold red]cannot be reached[/]: {plan.unreachable_message()} Shown: the "
+                 "largest-reduction plan.")
+    return line
+
+
+__all__ = ["auto_table", "auto_totals", "fmt_err", "fmt_int", "plan_table", "schemes_table",
+           "totals_line"]

@@ -38,6 +38,12 @@ class Scheme:
     fraction: str = ""
     #: kinds of weight the scheme can act on
     kinds: tuple[str, ...] = ("conv", "linear", "rnn")
+    #: unpack is linear in the packed parameters (W = A·P): a least-squares fit in the
+    #: packed space is exact (calibration), the gradient is a fixed map
+    is_linear: bool = True
+    #: unpack is a selection: every dense entry equals one packed entry, so an export can
+    #: rebuild W by index gathers (``symconvert.io.export_packed``)
+    is_gather: bool = True
 
     def __init__(self, arg: str | None = None) -> None:
         if arg is not None:

@@ -38,6 +38,8 @@ class Eigen(Scheme):
     layers = "as channel, K < n"
     fraction = "≈ K(n+1)/n²"
     example_arg = "16"
+    is_linear = False  # V diag(e) Vᵀ: a product of its free parameters
+    is_gather = False
 
     def __init__(self, arg: str | None = None) -> None:
         if arg is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from symconvert.errors import UnknownSchemeError
+from symconvert.schemes.base import Scheme
 
 _SCHEMES: dict[str, type] = {}
 #: listing order (SPEC section 3); schemes registered later are listed after these
@@ -27,8 +28,6 @@ def scheme_names() -> list[str]:
 
 def get_scheme(spec: str):
     """Build a scheme from its spec string: ``channel``, ``repeat:4``, ``eigen:16``."""
-    from symconvert.schemes.base import Scheme
-
     if isinstance(spec, Scheme):
         return spec
     name, _, arg = str(spec).strip().partition(":")

@@ -16,6 +16,7 @@ from symconvert.schemes.base import (
     orbit_mean,
 )
 from symconvert.schemes.registry import register_scheme
+from symconvert.schemes.square import Channel
 
 _KERNEL = SquareGroup("kernel-transpose", (IDENTITY, TRANSPOSE))
 
@@ -75,8 +76,6 @@ class ChannelSpatial(Scheme):
         return g * (n * (n + 1) // 2) * _KERNEL.orbit_count(shape[2])
 
     def pack(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-        from symconvert.schemes.square import Channel
-
         g, n = matrix_blocks(tuple(weight.shape), groups)
         k = weight.shape[2]
         chan = Channel.group
@@ -86,8 +85,6 @@ class ChannelSpatial(Scheme):
         return orbit_mean(x, 2, _KERNEL.orbit_images(k, dev))
 
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
-        from symconvert.schemes.square import Channel
-
         g, n = matrix_blocks(shape, groups)
         x = orbit_gather(packed, 2, _KERNEL, shape[2])
         return orbit_gather(x, 1, Channel.group, n).reshape(shape)

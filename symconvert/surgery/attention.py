@@ -21,9 +21,18 @@ from torch import nn
 
 from symconvert.surgery.layers import LayerHandler, TensorTarget, register_layer_handler
 
+#: the q/k/v input projections calibration fits, and which of (query, key, value) each
+#: reads (in_proj_weight, q/k/v stacked, reads all three)
+PROJECTIONS = {"in_proj_weight": None, "q_proj_weight": 0, "k_proj_weight": 1,
+               "v_proj_weight": 2}
+
 
 class MultiheadAttentionHandler(LayerHandler):
     kind = "linear"
+    calibration = "attention"
+
+    def calibratable(self, module: nn.Module, tensor: str) -> bool:
+        return tensor in PROJECTIONS
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.MultiheadAttention)

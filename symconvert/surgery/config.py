@@ -4,6 +4,8 @@ The scheme, which layers (the selection keywords), a target reduction, the candi
 schemes of ``scheme="auto"`` and calibration. ``symconvert.convert``/``inspect`` take one
 (or its fields as keywords), the CLI builds one from its flags, recipes from their
 ``selection`` section, and a model directory records ``to_record()`` under ``convert``.
+Every field but ``scheme`` and ``costs`` is an option (``symconvert.options``): its flag of
+``symconvert convert``/``inspect`` and its recipe key are generated from it.
 """
 
 from __future__ import annotations
@@ -12,44 +14,57 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from symconvert.options import Options, option
+from symconvert.surgery.auto import DEFAULT_SCHEMES, parse_schemes
 from symconvert.surgery.calib_solve import DEFAULT_DAMP
-from symconvert.surgery.selection import Selection
+from symconvert.surgery.selection import Selection, parse_gates, parse_layer_kinds
 
-
-def _option(default: Any, help: str, **bounds: float) -> Any:
-    """A field with its help text and numeric bounds (``ge``/``gt``/``lt``): what a recipe's
-    ``selection`` section (``symconvert.pipeline.schema``) is generated from."""
-    return field(default=default, metadata={"help": help, **bounds})
+#: the selection keywords (``Selection.build``'s)
+SELECTION_FIELDS = ("include", "exclude", "layers", "min_channels", "include_head", "gates")
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(Options):
     scheme: Any  # a scheme name ("channel", "eigen:8", "auto") or a Scheme
-    include: list[str] | str | None = _option(
-        None, "only layers whose name matches (glob or re:REGEX)")
-    exclude: list[str] | str | None = _option(
-        None, "skip layers whose name matches (glob or re:REGEX)")
-    layers: list[str] | str | None = _option(None, "layer kinds to consider (default all)")
-    min_channels: int = _option(0, "skip layers with fewer channels", ge=0)
-    include_head: bool = _option(False, "also convert the classifier head")
-    gates: list[str] | str | None = _option(
-        None, "recurrent weights to convert: hh (default) or hh,ih")
-    allow_empty: bool = _option(False, "go on even if nothing is converted")
-    target_reduction: float | None = _option(
-        None, "convert the cheapest layers until the model is this fraction smaller",
-        gt=0.0, lt=1.0)
-    schemes: list[str] | str | None = _option(  # scheme="auto": the candidates
-        None, "scheme: auto — the candidate schemes (default "
-        "channel,block,spatial,channel+spatial,quarter)")
-    calibrate: Any = _option(  # a --data spec, a DataLoader or an input tensor
-        None, "calibration data (a --data spec; its train split): fit every converted layer "
-        "to the source's outputs before fine-tuning (convert --calibrate)")
-    calibration_samples: int = _option(512, "calibration inputs", ge=1)
-    calibration_damp: float = _option(
-        DEFAULT_DAMP, "calibration: pull of each fit towards the nearest symmetric weight, "
-        "relative to the layer's mean input energy (0: plain least squares)", ge=0.0)
+    include: list[str] | str | None = option(
+        None, "Only layers whose name matches (glob, or re:REGEX).", many="repeat")
+    exclude: list[str] | str | None = option(
+        None, "Skip layers whose name matches (glob, or re:REGEX).", many="repeat")
+    layers: list[str] | str | None = option(
+        None, "Layer kinds to consider: conv,linear,rnn (default all).", many="comma",
+        text_type=str, check=parse_layer_kinds)
+    min_channels: int = option(0, "Skip layers with fewer channels.", ge=0)
+    include_head: bool = option(False, "Also convert the classifier head.")
+    gates: list[str] | str | None = option(
+        None, "RNN weights: hh (default) or hh,ih.", many="comma", text_type=str,
+        check=parse_gates)
+    allow_empty: bool = option(False, "Go on (write the model) even if nothing is converted.")
+    target_reduction: float | None = option(
+        None, "Convert the cheapest layers until the model is this fraction smaller "
+        "(e.g. 0.25).", gt=0.0, lt=1.0)
+    schemes: list[str] | str | None = option(
+        None, "With --scheme auto: the candidate schemes, comma-separated (default "
+        f"{','.join(DEFAULT_SCHEMES)}; e.g. channel,block,eigen:16).", many="comma",
+        text_type=str, check=parse_schemes)
+    calibrate: Any = option(  # a --data spec, a DataLoader or an input tensor
+        None, "Calibration data (any --data spec; its train split): fit every converted layer "
+        "to the source layer's output on real inputs and re-estimate BatchNorm statistics, "
+        "so the model works before fine-tuning. With --target-reduction, layers are ranked "
+        "by this calibrated output error.", text_type=str)
+    calibration_samples: int = option(
+        512, "Number of calibration inputs (drawn from the train split, seeded).", ge=1)
+    calibration_damp: float = option(
+        DEFAULT_DAMP, "Pull of each calibrated fit towards the nearest symmetric weight, "
+        "relative to the layer's mean input energy; keeps the fit from over-fitting its "
+        "samples (0: plain least squares).", ge=0.0)
     #: scheme="auto": {(layer, scheme): cost} or a function of the candidate pairs
     costs: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude"):  # no filter: None, whatever spelling
+            if not getattr(self, name):
+                setattr(self, name, None)
+        super().__post_init__()
 
     @classmethod
     def of(cls, scheme: Any, **options: Any) -> ConvertConfig:
@@ -65,20 +80,17 @@ class ConvertConfig:
         return cls(scheme=scheme, **options)
 
     def selection(self) -> Selection:
-        return Selection.build(self.include, self.exclude, self.layers, self.min_channels,
-                               self.include_head, self.gates)
+        return Selection.build(**self.selection_kwargs())
 
     def selection_kwargs(self) -> dict[str, Any]:
         """The selection keywords alone (include … gates)."""
-        return {k: getattr(self, k) for k in ("include", "exclude", "layers", "min_channels",
-                                              "include_head", "gates")}
+        return {k: getattr(self, k) for k in SELECTION_FIELDS}
 
     def to_record(self) -> dict[str, Any]:
         """What a model directory records (JSON values; a loader or tensor given as
         calibration data is recorded by its type)."""
         scheme = getattr(self.scheme, "spec", self.scheme)
-        record = {k: getattr(self, k) for k in ("include", "exclude", "layers", "min_channels",
-                                                "include_head", "gates", "allow_empty",
+        record = {k: getattr(self, k) for k in (*SELECTION_FIELDS, "allow_empty",
                                                 "target_reduction", "schemes")}
         record["scheme"] = scheme
         if self.calibrate is not None:
@@ -87,3 +99,6 @@ class ConvertConfig:
             record["calibration_samples"] = self.calibration_samples
             record["calibration_damp"] = self.calibration_damp
         return record
+
+
+__all__ = ["SELECTION_FIELDS", "ConvertConfig"]

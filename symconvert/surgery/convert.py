@@ -1,4 +1,6 @@
-"""Surgery: carry out a plan (``convert``) and undo it into plain dense weights (``fold``)."""
+"""Surgery: the plan of a conversion (``inspect``), carrying it out (``apply_plan``,
+``attach``) and undoing it into plain dense weights (``fold``). The public ``convert``
+(plain, auto or calibrated) is ``symconvert.surgery.api``."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from symconvert.errors import SymconvertError
 from symconvert.schemes import Scheme
+from symconvert.surgery.auto import build_auto_plan, is_auto
 from symconvert.surgery.config import ConvertConfig
 from symconvert.surgery.layers import handler_for
 from symconvert.surgery.parametrization import Symmetric, converted_tensors
@@ -27,8 +30,6 @@ def inspect(model: nn.Module, scheme: str | Scheme | ConvertConfig, /, *,
     (default ``symconvert.surgery.auto.DEFAULT_SCHEMES``) or none, at the least total cost: the
     weight error, or ``costs`` ({(layer_name, scheme): cost} or a function of the
     candidate pairs returning it). See ``symconvert.surgery.auto``."""
-    from symconvert.surgery.auto import build_auto_plan, is_auto
-
     if not isinstance(scheme, ConvertConfig):
         options.setdefault("allow_empty", True)
     config = ConvertConfig.of(scheme, **options)
@@ -44,46 +45,6 @@ def inspect(model: nn.Module, scheme: str | Scheme | ConvertConfig, /, *,
                           with_error=_with_error)
     require_nonempty(plan, config.allow_empty)
     return plan
-
-
-def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
-            **options: Any) -> tuple[nn.Module, Plan]:
-    """Replace every selected, eligible weight by its symmetric parametrization, in place.
-
-    Takes a ``ConvertConfig`` or its fields as keywords: the selection (``include``,
-    ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
-    ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
-    ``calibrate``/``calibration_samples``/``calibration_damp``.
-
-    Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
-    original is dropped: the module keeps only the packed free parameters
-    (``<layer>.parametrizations.weight.original``). Returns ``(model, plan)``.
-    ``scheme="auto"``: see ``inspect``; an unreachable ``target_reduction`` is an error.
-
-    ``calibrate`` (a ``--data`` spec, loader or input tensor): then fit every converted
-    layer to the source layer's output on ``calibration_samples`` inputs and re-estimate
-    BatchNorm statistics (``symconvert.surgery.calibrate``); the plan records the per-layer
-    ``output_error``. With ``target_reduction`` (or ``scheme="auto"``), layers are then
-    ranked by their calibrated output error instead of the weight error.
-    """
-    from symconvert.surgery.auto import require_reachable
-
-    config = ConvertConfig.of(scheme, **options)
-    if config.calibrate is not None:
-        from symconvert.surgery.calibrate import convert_calibrated
-
-        return convert_calibrated(model, config.scheme, config.calibrate,
-                                  config.calibration_samples, damp=config.calibration_damp,
-                                  allow_empty=config.allow_empty,
-                                  target_reduction=config.target_reduction,
-                                  schemes=config.schemes, costs=config.costs,
-                                  **config.selection_kwargs())
-    # the error is measured while attaching (one pack per layer instead of two), unless
-    # --target-reduction needs it to choose the layers
-    plan = inspect(model, config, _with_error=config.target_reduction is not None)
-    require_reachable(plan)
-    apply_plan(model, plan)
-    return model, plan
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:

@@ -3,7 +3,13 @@
 A handler is registered per layer kind (``conv``, ``linear``, ``rnn``): it says whether a
 module is of its kind and lists the module's convertible tensors with the shape and the
 number of square blocks (``groups``) a scheme should see. Adding a layer type is one
-handler in this file (or one ``register_layer_handler`` call elsewhere).
+handler in its own module and one import line in ``symconvert/surgery/__init__.py``
+(``rnn.py`` and ``attention.py`` are such modules).
+
+The facts calibration needs live on the handler too: ``calibration`` names the fitter of
+the kind (``"conv"``: y = W * x by unfolding, ``"linear"``: y = W x, ``"attention"``: the
+q/k/v input projections of nn.MultiheadAttention, ``"recurrent"``: RNN gate blocks; None:
+not fitted) and ``calibratable(module, tensor)`` says whether a converted tensor is fitted.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ class TensorTarget:
 
 class LayerHandler:
     kind: str = ""
+    #: the calibration fitter of this kind (see the module doc); None: not calibrated
+    calibration: str | None = None
+
+    def calibratable(self, module: nn.Module, tensor: str) -> bool:
+        """Whether calibration fits the converted ``module.<tensor>``."""
+        return self.calibration is not None
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -65,9 +77,13 @@ class ConvHandler(LayerHandler):
     keeps its own forward, which reads ``self.weight``."""
 
     kind = "conv"
+    calibration = "conv"
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.modules.conv._ConvNd)
+
+    def calibratable(self, module: nn.Module, tensor: str) -> bool:
+        return tensor == "weight" and not getattr(module, "transposed", False)
 
     def targets(self, module: nn.Module, options: dict) -> Iterator[TensorTarget]:
         weight = module.weight
@@ -80,9 +96,13 @@ class ConvHandler(LayerHandler):
 
 class LinearHandler(LayerHandler):
     kind = "linear"
+    calibration = "linear"
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
+
+    def calibratable(self, module: nn.Module, tensor: str) -> bool:
+        return tensor == "weight"
 
     def targets(self, module: nn.Module, options: dict) -> Iterator[TensorTarget]:
         yield TensorTarget("weight", tuple(module.weight.shape), 1)
@@ -90,7 +110,3 @@ class LinearHandler(LayerHandler):
 
 register_layer_handler(ConvHandler())
 register_layer_handler(LinearHandler())
-
-# nn.LSTM / nn.GRU / nn.RNN live in their own file (they need flat-weight care); importing
-# it here registers them whenever layers are looked up.
-from symconvert.surgery import attention, rnn  # noqa: E402,F401  (LSTM/GRU/RNN; nn.MultiheadAttention)

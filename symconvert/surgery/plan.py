@@ -3,15 +3,17 @@ parameter arithmetic. ``inspect`` returns it; ``convert`` carries it out."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from symconvert.errors import NothingEligibleError, SymconvertError
 from symconvert.schemes import Scheme, get_scheme
-from symconvert.surgery.layers import handler_for
-from symconvert.surgery.parametrization import symmetric_of
+from symconvert.surgery.layers import LayerHandler, TensorTarget, handler_for
+from symconvert.surgery.parametrization import Symmetric, symmetric_of
 from symconvert.surgery.selection import Selection, head_names
 
 CONVERT = "convert"
@@ -139,6 +141,91 @@ def symmetrization_error(scheme: Scheme, weight: torch.Tensor, groups: int) -> f
         return float((w - scheme.project(w, groups)).norm() / norm)
 
 
+@dataclass
+class Candidate:
+    """One tensor a layer handler offers (``module.<target.tensor>``), before any scheme is
+    asked; ``reason`` says why no scheme will be (the selection, the handler, already
+    converted)."""
+
+    name: str
+    module: nn.Module
+    handler: LayerHandler
+    target: TensorTarget
+    weight: torch.Tensor
+    reason: str | None
+    converted: bool = False  # already carries a symmetric parametrization
+
+    @property
+    def key(self) -> str:
+        """The plan's layer name: the module, or ``module.tensor`` for other tensors."""
+        t = self.target.tensor
+        return self.name if t == "weight" else (f"{self.name}.{t}" if self.name else t)
+
+
+def candidates(model: nn.Module, selection: Selection) -> Iterator[Candidate]:
+    """Every tensor a layer handler offers, in module order (tied aliases included)."""
+    head = head_names(model)
+    for name, module in model.named_modules():
+        handler = handler_for(module)
+        if handler is None:
+            continue
+        module_reason = selection.module_reason(name, handler.kind, head)
+        for target in handler.targets(module, {"gates": selection.gates}):
+            existing = symmetric_of(module, target.tensor)
+            reason = module_reason or target.reason
+            if existing is not None:
+                reason = f"already converted ({existing.scheme.spec})"
+            yield Candidate(name, module, handler, target, getattr(module, target.tensor),
+                            reason, existing is not None)
+
+
+def scheme_reason(candidate: Candidate, scheme: Scheme, selection: Selection) -> str | None:
+    """Why ``scheme`` cannot convert the candidate under ``selection``, or None if it can
+    (and saves parameters)."""
+    target = candidate.target
+    if candidate.reason is not None:
+        return candidate.reason
+    if candidate.handler.kind not in scheme.kinds:
+        return f"{scheme.name} does not apply to {candidate.handler.kind} layers"
+    reason = scheme.check(target.shape, target.groups)
+    if reason is None and selection.min_channels and min(target.shape[:2]) < selection.min_channels:
+        return f"fewer than --min-channels {selection.min_channels} channels"
+    if reason is None and scheme.free_count(target.shape, target.groups) >= candidate.weight.numel():
+        return "nothing to save"
+    return reason
+
+
+def eligible(model: nn.Module, schemes: Iterable[str | Scheme], selection: Selection
+             ) -> Iterator[tuple[Candidate, list[Scheme]]]:
+    """``build_plan``'s eligible entries: each candidate tensor (a tied one once) with the
+    schemes among ``schemes`` that convert it; a candidate no scheme converts is left out."""
+    schemes = [get_scheme(s) for s in schemes]
+    seen: set[int] = set()
+    for cand in candidates(model, selection):
+        if not cand.converted and id(cand.weight) in seen:
+            continue
+        seen.add(id(cand.weight))
+        ok = [s for s in schemes if scheme_reason(cand, s, selection) is None]
+        if ok:
+            yield cand, ok
+
+
+def _entry(cand: Candidate, scheme: Scheme, reason: str | None, with_error: bool) -> LayerPlan:
+    target, numel = cand.target, cand.weight.numel()
+    entry = LayerPlan(
+        module=cand.name, tensor=target.tensor, kind=cand.handler.kind,
+        layer_type=type(cand.module).__name__.replace("Parametrized", ""),
+        shape=list(target.shape), groups=target.groups, scheme=scheme.spec,
+        action=CONVERT if reason is None else SKIP, reason=reason, params_before=numel,
+        params_after=scheme.free_count(target.shape, target.groups) if reason is None else numel,
+    )
+    if reason is None:
+        entry.note = scheme.describe(target.shape, target.groups)
+        if with_error:
+            entry.symmetrization_error = symmetrization_error(scheme, cand.weight, target.groups)
+    return entry
+
+
 def build_plan(
     model: nn.Module,
     scheme: str | Scheme,
@@ -149,74 +236,27 @@ def build_plan(
     """Every candidate tensor of ``model`` with the action ``scheme`` and ``selection``
     call for. Nothing is changed."""
     scheme = get_scheme(scheme)
-    head = head_names(model)
     entries: list[LayerPlan] = []
     by_param: dict[int, LayerPlan] = {}
-    names: list[str] = []
-    for name, module in model.named_modules():
-        handler = handler_for(module)
-        if handler is None:
+    for cand in candidates(model, selection):
+        if not cand.converted and id(cand.weight) in by_param:  # tied: converted once
+            by_param[id(cand.weight)].aliases.append(cand.key)
             continue
-        names.append(name)
-        module_reason = selection.module_reason(name, handler.kind, head)
-        for target in handler.targets(module, {"gates": selection.gates}):
-            existing = symmetric_of(module, target.tensor)
-            weight = getattr(module, target.tensor)
-            if existing is None and id(weight) in by_param:  # tied: converted once
-                by_param[id(weight)].aliases.append(
-                    name if target.tensor == "weight" else f"{name}.{target.tensor}"
-                )
-                continue
-            numel = weight.numel()
-            reason = module_reason or target.reason
-            if existing is not None:
-                reason = f"already converted ({existing.scheme.spec})"
-            elif reason is None and handler.kind not in scheme.kinds:
-                reason = f"{scheme.name} does not apply to {handler.kind} layers"
-            elif reason is None:
-                reason = scheme.check(target.shape, target.groups)
-            if reason is None and selection.min_channels and min(target.shape[:2]) < selection.min_channels:
-                reason = f"fewer than --min-channels {selection.min_channels} channels"
-            after = numel
-            if reason is None:
-                after = scheme.free_count(target.shape, target.groups)
-                if after >= numel:
-                    reason = "nothing to save"
-                    after = numel
-            entry = LayerPlan(
-                module=name,
-                tensor=target.tensor,
-                kind=handler.kind,
-                layer_type=type(module).__name__.replace("Parametrized", ""),
-                shape=list(target.shape),
-                groups=target.groups,
-                scheme=scheme.spec,
-                action=CONVERT if reason is None else SKIP,
-                reason=reason,
-                params_before=numel,
-                params_after=after if reason is None else numel,
-            )
-            if reason is None:
-                entry.note = scheme.describe(target.shape, target.groups)
-            if reason is None and with_error:
-                entry.symmetrization_error = symmetrization_error(scheme, weight, target.groups)
-            entries.append(entry)
-            by_param[id(weight)] = entry
-
+        entry = _entry(cand, scheme, scheme_reason(cand, scheme, selection), with_error)
+        entries.append(entry)
+        by_param[id(cand.weight)] = entry
     entries.extend(_unhandled_weights(model, by_param, scheme))
-    warnings = [
-        f"--exclude {p!r} matched no layer" for p in selection.unmatched_excludes(names)
-    ]
+    names = [name for name, module in model.named_modules() if handler_for(module) is not None]
     plan = Plan(
         scheme=scheme.spec,
         selection=selection.to_dict(),
         total_before=count_parameters(model),
         layers=entries,
-        warnings=warnings,
+        warnings=[f"--exclude {p!r} matched no layer" for p in selection.unmatched_excludes(names)],
         target_reduction=target_reduction,
     )
     if target_reduction is not None:
-        _apply_target(plan, target_reduction)
+        apply_target(plan, target_reduction)
     return plan
 
 
@@ -225,10 +265,6 @@ def _unhandled_weights(model: nn.Module, seen: dict[int, LayerPlan],
     """Every other parameter of >= 2 dimensions a module owns directly (embeddings,
     position/class tokens, custom layers): skipped, with the reason, so that nothing a
     scheme could be asked about is silently missing from the plan."""
-    from torch.nn.utils import parametrize
-
-    from symconvert.surgery.parametrization import Symmetric
-
     out: list[LayerPlan] = []
     for name, module in model.named_modules():
         if isinstance(module, (parametrize.ParametrizationList, Symmetric)):
@@ -254,7 +290,7 @@ def _unhandled_weights(model: nn.Module, seen: dict[int, LayerPlan],
     return out
 
 
-def _apply_target(plan: Plan, fraction: float, errors: dict[str, float] | None = None) -> None:
+def apply_target(plan: Plan, fraction: float, errors: dict[str, float] | None = None) -> None:
     """Keep the eligible layers with the lowest symmetrisation error per parameter saved
     until the model has ``fraction`` fewer parameters. ``errors`` (layer name -> error,
     e.g. the calibrated output error) replaces the weight error where given."""
@@ -300,3 +336,8 @@ def require_nonempty(plan: Plan, allow_empty: bool) -> None:
         "Try another scheme (see `symconvert schemes`), widen the selection, or pass "
         "--allow-empty to write the model unchanged."
     )
+
+
+#: the name calibration (``symconvert.surgery.calibrate``) imports until it moves to
+#: ``apply_target``
+_apply_target = apply_target

@@ -57,6 +57,7 @@ class RNNHandler(LayerHandler):
     ``weight_ih`` when square and selected)."""
 
     kind = "rnn"
+    calibration = "recurrent"
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.RNNBase) and module.mode in GATES

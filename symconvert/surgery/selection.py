@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from symconvert.errors import SymconvertError
+from symconvert.surgery.layers import layer_kinds
 
 
 def _compile(pattern: str):
@@ -20,6 +21,29 @@ def _compile(pattern: str):
             raise SymconvertError(f"bad regular expression in {pattern!r}: {exc}") from None
         return lambda name: regex.search(name) is not None
     return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def parse_layer_kinds(layers: str | list[str] | None) -> list[str] | None:
+    """``--layers conv,linear`` (or a list) → the kinds, each a registered handler's."""
+    if not layers:
+        return None
+    kinds = [k.strip() for k in (layers.split(",") if isinstance(layers, str) else layers)]
+    unknown = [k for k in kinds if k not in layer_kinds()]
+    if unknown:
+        raise SymconvertError(f"unknown layer kind(s) {', '.join(unknown)} in --layers; "
+                              f"choose from {', '.join(layer_kinds())}.")
+    return kinds
+
+
+def parse_gates(gates: str | list[str] | None) -> list[str]:
+    """``--gates hh,ih`` (or a list) → the recurrent weights to convert (default ``hh``)."""
+    if not gates:
+        return ["hh"]
+    gate_list = [g.strip() for g in (gates.split(",") if isinstance(gates, str) else gates)]
+    bad = [g for g in gate_list if g not in ("hh", "ih")]
+    if bad:
+        raise SymconvertError(f"unknown gate(s) {', '.join(bad)} in --gates; use hh or hh,ih.")
+    return gate_list
 
 
 @dataclass
@@ -47,35 +71,18 @@ class Selection:
         include_head: bool = False,
         gates: str | list[str] | None = None,
     ) -> Selection:
-        from symconvert.surgery.layers import layer_kinds
-
         def as_list(value):
             if value is None:
                 return []
             return [value] if isinstance(value, str) else list(value)
 
-        kinds = None
-        if layers:
-            kinds = [k.strip() for k in (layers.split(",") if isinstance(layers, str) else layers)]
-            unknown = [k for k in kinds if k not in layer_kinds()]
-            if unknown:
-                raise SymconvertError(
-                    f"unknown layer kind(s) {', '.join(unknown)} in --layers; "
-                    f"choose from {', '.join(layer_kinds())}."
-                )
-        gate_list = ["hh"]
-        if gates:
-            gate_list = [g.strip() for g in (gates.split(",") if isinstance(gates, str) else gates)]
-            bad = [g for g in gate_list if g not in ("hh", "ih")]
-            if bad:
-                raise SymconvertError(f"unknown gate(s) {', '.join(bad)} in --gates; use hh or hh,ih.")
         return cls(
             include=as_list(include),
             exclude=as_list(exclude),
-            layers=kinds,
+            layers=parse_layer_kinds(layers),
             min_channels=int(min_channels or 0),
             include_head=include_head,
-            gates=gate_list,
+            gates=parse_gates(gates),
         )
 
     def to_dict(self) -> dict:

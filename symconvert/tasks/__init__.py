@@ -5,17 +5,21 @@ Registered: ``classification`` (images: cross-entropy, top-1/top-5) and ``langua
 finds it.
 """
 
-from symconvert.tasks import classification as _classification  # noqa: F401  (registers)
-from symconvert.tasks import language_model as _language_model  # noqa: F401  (registers)
+# importing a task module registers the task and its data sources; a new task is one line here
+from symconvert.tasks import classification, images, language_model  # noqa: F401
 from symconvert.tasks.base import (
+    TASK_KEY,
     TASKS,
+    Metric,
     StepOutput,
     Task,
     get_task,
     list_tasks,
     register_task,
     task_for_data,
+    task_for_scores,
+    task_of,
 )
 
-__all__ = ["TASKS", "StepOutput", "Task", "get_task", "list_tasks", "register_task",
-           "task_for_data"]
+__all__ = ["TASK_KEY", "TASKS", "Metric", "StepOutput", "Task", "get_task", "list_tasks", "register_task",
+           "task_for_data", "task_for_scores", "task_of"]

@@ -10,6 +10,12 @@ nothing else looks at the data spec.
     task = task_for_data("text:data/ptb")         # the LanguageModelTask
     task.defaults                                 # {"lr": 20.0, "clip_grad": 0.25, ...}
     scores = task.evaluate(model, loaders, device)  # {"perplexity": ..., "split": "test", ...}
+    task = task_of(model)                         # the task a model (directory) records
+    (x,) = task.example_inputs(model, batch_size=8)  # what FLOPs, latency and export feed it
+    task.metric.format(scores["perplexity"])      # "142.30"; top-1: "93.10 %"
+
+A new task is one module that subclasses ``Task``, decorates it with ``@register_task`` and
+is imported by ``symconvert/tasks/__init__.py`` (one line).
 """
 
 from __future__ import annotations
@@ -23,6 +29,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from symconvert.errors import SymconvertError
+from symconvert.tasks.data import parse_data_spec
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One score a task reports: its key in a scores dict, how it is named and shown, and
+    which way is better."""
+
+    key: str  # "top1", "perplexity"
+    label: str  # "top-1", "perplexity"
+    higher_is_better: bool = True
+    #: a fraction in [0, 1] shown as a percentage (differences in points)
+    percent: bool = False
+
+    def format(self, value: float | None) -> str:
+        if value is None:
+            return "—"
+        return f"{value * 100:.2f} %" if self.percent else f"{value:.2f}"
+
+    def plotted(self, value: float) -> float:
+        """The value on a plot's axis (percent: × 100)."""
+        return value * 100 if self.percent else value
+
+    @property
+    def axis_label(self) -> str:
+        return f"{self.label} (%)" if self.percent else self.label
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
 
 
 @dataclass
@@ -40,13 +75,68 @@ class Task:
     name: ClassVar[str]
     #: FinetuneConfig fields the task sets when the caller leaves them unset (None).
     defaults: ClassVar[dict[str, Any]] = {}
-    #: The unit of ``seen`` in logs: img/s, tok/s.
+    #: The unit of ``seen`` in logs (img/s, tok/s) and its plural in words and JSON keys
+    #: (``images_per_s``).
     unit: ClassVar[str] = "img"
-    #: The metric a single number summarises a model by, and whether higher is better.
-    primary: ClassVar[str] = "top1"
-    higher_is_better: ClassVar[bool] = True
+    items: ClassVar[str] = "images"
+    #: The scores the task reports, the first one summarising a model (``metric``).
+    score_metrics: ClassVar[tuple[Metric, ...]] = ()
+    #: What the report calls the scores ("accuracy", "perplexity").
+    score_title: ClassVar[str] = "accuracy"
+    #: The names of the model's inputs and outputs in an exported graph.
+    input_names: ClassVar[tuple[str, ...]] = ("input",)
+    output_names: ClassVar[tuple[str, ...]] = ("output",)
     #: Whether CPU autocast (bf16) can run the task's models; None when it can, else why not.
     cpu_amp_unsupported: ClassVar[str | None] = None
+
+    @property
+    def metric(self) -> Metric:
+        return self.score_metrics[0]
+
+    @property
+    def primary(self) -> str:
+        """The key of ``metric`` (``top1``, ``perplexity``)."""
+        return self.metric.key
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric.higher_is_better
+
+    @property
+    def rate_key(self) -> str:
+        """The ``metrics.jsonl`` key of the training throughput."""
+        return f"{self.items}_per_s"
+
+    def scores(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The reported scores of an evaluation result (no ``n``, ``split``, ``loss``)."""
+        return {m.key: result[m.key] for m in self.score_metrics if m.key in result}
+
+    def describe_n(self, n: int | None) -> str:
+        """How many items a score was measured on, in words."""
+        return "n = —" if n is None else f"n = {n:,}"
+
+    # -- the model -------------------------------------------------------------------
+    def claims(self, model: nn.Module, meta: dict[str, Any]) -> bool:
+        """Whether ``model`` (with the metadata its directory has or will have) is of this
+        task (``task_of`` asks every task, the registered default last)."""
+        return False
+
+    def same_data(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """``model`` made to read the data as the directory with metadata ``meta`` does (a
+        sibling: the source, the converted parent); returns it."""
+        return model
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 1,
+                       input_size: Any = None) -> tuple[torch.Tensor, ...]:
+        """Zero inputs of the shape the model takes (FLOPs, latency, export tracing);
+        ``input_size`` (``--input-size``) overrides the size where the task has one."""
+        raise NotImplementedError
+
+    def dynamic_axes(self, model: nn.Module, example: tuple[torch.Tensor, ...]
+                     ) -> tuple[list[str], dict[str, dict[int, str]]]:
+        """``(output_names, dynamic_axes)`` of an exported graph (ONNX)."""
+        names = list(self.output_names)
+        return names, {n: {0: "batch"} for n in (*self.input_names, *names)}
 
     # -- training ------------------------------------------------------------------
     def start_epoch(self) -> Any:
@@ -103,17 +193,53 @@ class Task:
         raise NotImplementedError
 
     def describe_scores(self, scores: dict[str, Any]) -> str:
-        """A few words for log lines: ``top-1 93.1%`` or ``perplexity 142.3``."""
+        """A few words for log lines: ``eval top-1 93.10%`` or ``eval perplexity 142.30``."""
         raise NotImplementedError
+
+    def describe_train(self, row: dict[str, Any]) -> str:
+        """Training scores of a ``metrics.jsonl`` row for the epoch's log line ("" if none)."""
+        return ""
+
+    def describe_progress(self, totals: dict[str, Any], rate: float) -> str:
+        """The progress bar's words for the running epoch (``totals``: loss_sum, correct,
+        seen)."""
+        return f"{rate:.0f} {self.unit}/s"
 
 
 TASKS: dict[str, Task] = {}
+#: the task of a model no other task claims
+DEFAULT_TASK = "classification"
+#: the metadata key of a model directory that names its task
+TASK_KEY = "task"
 
 
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: make ``cls.name`` a task data sources can name."""
     TASKS[cls.name] = cls()
     return cls
+
+
+def task_of(model: nn.Module, meta: dict[str, Any] | None = None) -> Task:
+    """The task a model is judged by: the one ``meta`` (default: the model's directory
+    metadata) records under ``task``, else the first registered task that claims it, else
+    ``DEFAULT_TASK``."""
+    if meta is None:
+        meta = getattr(model, "symconvert_metadata", None) or {}
+    if meta.get(TASK_KEY):
+        return get_task(meta[TASK_KEY])
+    for name, task in TASKS.items():
+        if name != DEFAULT_TASK and task.claims(model, meta):
+            return task
+    return get_task(DEFAULT_TASK)
+
+
+
+def task_for_scores(scores: dict[str, Any] | None) -> Task:
+    """The task whose primary metric a scores dict holds (a report built elsewhere)."""
+    for task in TASKS.values():
+        if scores and task.metric.key in scores:
+            return task
+    return get_task(DEFAULT_TASK)
 
 
 def get_task(name: str) -> Task:
@@ -128,8 +254,6 @@ def task_for_data(spec: Any) -> Task:
     task = getattr(spec, "task", None)
     if isinstance(task, str):  # Loaders
         return get_task(task)
-    from symconvert.tasks.data import parse_data_spec
-
     return get_task(parse_data_spec(spec).source.task)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from symconvert.tasks.base import StepOutput, Task, register_task
+from symconvert.tasks.base import Metric, StepOutput, Task, register_task
+from symconvert.tasks.data import check_num_classes, parse_input_size, resolve_image_config
 
 
 @register_task
@@ -17,8 +18,19 @@ class ClassificationTask(Task):
     # lr None: 0.02 sgd / 3e-4 adamw; warmup_epochs None: the trainer's automatic warm-up
     defaults = {"lr": None, "clip_grad": 5.0, "batch_size": 64}
     unit = "img"
-    primary = "top1"
-    higher_is_better = True
+    items = "images"
+    score_metrics = (Metric("top1", "top-1", percent=True), Metric("top5", "top-5", percent=True))
+    score_title = "accuracy"
+
+    def claims(self, model: nn.Module, meta: dict[str, Any]) -> bool:
+        return True  # the default task
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 1,
+                       input_size: Any = None) -> tuple[torch.Tensor, ...]:
+        """A zero image batch as the model's config expects (timm's pretrained config, the
+        channels its first conv really takes), ``input_size`` (H or H,W) applied."""
+        cfg = resolve_image_config(model, parse_input_size(input_size))
+        return (torch.zeros(batch_size, cfg.in_chans, *cfg.size),)
 
     def step(self, model: nn.Module, teacher: nn.Module | None, batch: Any,
              device: torch.device, config: Any, carry: Any) -> tuple[StepOutput, Any]:
@@ -37,8 +49,6 @@ class ClassificationTask(Task):
         return StepOutput(loss=loss, seen=targets.numel(), correct=correct), None
 
     def check_model(self, model: nn.Module, loaders: Any) -> None:
-        from symconvert.tasks.data import check_num_classes
-
         check_num_classes(model, loaders)
 
     @torch.no_grad()
@@ -86,3 +96,9 @@ class ClassificationTask(Task):
 
     def describe_scores(self, scores: dict[str, Any]) -> str:
         return f"eval top-1 {scores.get('top1', 0):.2%}"
+
+    def describe_train(self, row: dict[str, Any]) -> str:
+        return f"train top-1 {row['train_top1']:.2%}  "
+
+    def describe_progress(self, totals: dict[str, Any], rate: float) -> str:
+        return f"acc {totals['correct'] / max(totals['seen'], 1):.2%}  {rate:.0f} img/s"

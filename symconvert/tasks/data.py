@@ -25,9 +25,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from timm.data import resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from symconvert.checks import MAX_INPUT_SIZE, parse_input_size
 from symconvert.errors import DataError
 
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -110,7 +112,7 @@ class Loaders:
         if isinstance(sampler, ShardedSampler):
             sampler.set_epoch(epoch, start=start_batch * (self.train.batch_size or 1))
             if self.train.generator is not None:  # worker seeds: a function of the epoch too
-                self.train.generator.manual_seed(_mix(sampler.seed, epoch, 0x10AD))
+                self.train.generator.manual_seed(mix(sampler.seed, epoch, 0x10AD))
         dataset = self.train.dataset
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
@@ -191,33 +193,6 @@ def create_loaders(spec: str | DataSpec, model: nn.Module | None = None,
     return parsed.source.loaders(parsed, model, opts)
 
 
-def parse_input_size(value: int | str | Sequence[int] | None) -> tuple[int, int] | None:
-    """``224`` / ``"224"`` / ``"160,128"`` / ``(3,160,128)`` → ``(H, W)``."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        parts = [value]
-    elif isinstance(value, str):
-        try:
-            parts = [int(p) for p in value.replace("x", ",").split(",") if p.strip()]
-        except ValueError:
-            parts = []
-    else:
-        parts = [int(p) for p in value]
-        if len(parts) == 3:
-            parts = parts[1:]
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise DataError(f"--input-size {value!r}: expected H or H,W (positive integers), "
-                        "e.g. --input-size 224 or --input-size 160,128")
-    if max(parts) > MAX_INPUT_SIZE:
-        raise DataError(f"--input-size {value!r}: at most {MAX_INPUT_SIZE} pixels a side")
-    return parts[0], parts[1]
-
-
-#: the largest --input-size side accepted (a typo of 100000 would ask for 100s of GB)
-MAX_INPUT_SIZE = 8192
 
 
 # ---------------------------------------------------------------------- model config
@@ -276,8 +251,6 @@ def resolve_image_config(model: nn.Module | None, input_size: tuple[int, int] | 
     """What to feed ``model``: timm's ``resolve_data_config`` when the model carries a
     ``pretrained_cfg`` (timm models, or a dict set on a ``py:`` model); else the data's
     native size with ImageNet statistics. ``input_size`` overrides the size either way."""
-    from timm.data import resolve_data_config
-
     cfg = _pretrained_cfg(model) if model is not None else None
     library = (getattr(model, "symconvert_source", None) or {}).get("library")
     if cfg is not None or library == "torchvision":
@@ -389,7 +362,7 @@ class ShardedSampler(Sampler[int]):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5A3D))
+            gen = torch.Generator().manual_seed(mix(self.seed, self.epoch, 0x5A3D))
             perm = torch.randperm(self.n, generator=gen).tolist()
         else:
             perm = list(range(self.n))
@@ -404,14 +377,14 @@ class ShardedSampler(Sampler[int]):
         return max(0, len(self._indices()) - self.start)
 
 
-def _mix(*values: int) -> int:
+def mix(*values: int) -> int:
     """A stable 63-bit seed from integers (Python's hash() is salted per process)."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @contextmanager
-def _seeded_rng(seed: int) -> Iterator[None]:
+def seeded_rng(seed: int) -> Iterator[None]:
     """Seed torch and Python RNGs for one item, restoring the caller's streams afterwards."""
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
@@ -436,15 +409,9 @@ def describe(loaders: Loaders) -> dict[str, Any]:
 
 
 __all__ = [
-    "DATA_SOURCES", "DataSource", "DataSpec", "ImageConfig", "LoaderOptions",
+    "DATA_SOURCES", "MAX_INPUT_SIZE", "DataSource", "DataSpec", "ImageConfig", "LoaderOptions",
     "Loaders", "ShardedSampler", "Splits", "check_num_classes", "create_loaders", "describe",
-    "list_data_sources", "model_num_outputs", "parse_data_spec", "parse_input_size",
-    "register_data_source", "resolve_image_config", "stratified_subset",
+    "list_data_sources", "mix", "model_num_outputs", "parse_data_spec", "parse_input_size",
+    "register_data_source", "resolve_image_config", "seeded_rng", "stratified_subset",
 ]
 
-# The image sources live in ``symconvert.tasks.images``, imported here (after the registry it
-# fills) so that they register whenever this module is imported. The tasks register their own
-# data sources (``text:`` for language models). This module lives inside the tasks package, so
-# importing it has already imported the tasks: every source is registered wherever data is
-# used.
-from symconvert.tasks import images as _images  # noqa: E402,F401  (registers)

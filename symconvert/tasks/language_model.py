@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from symconvert.errors import DataError
-from symconvert.tasks.base import StepOutput, Task, register_task
+from symconvert.tasks.base import Metric, StepOutput, Task, register_task
 from symconvert.tasks.data import DataSource, DataSpec, LoaderOptions, Loaders, register_data_source
 
 EOS = "<eos>"
@@ -337,8 +337,12 @@ class LanguageModelTask(Task):
     defaults = {"lr": 20.0, "clip_grad": 0.25, "batch_size": 20, "momentum": 0.0,
                 "weight_decay": 0.0, "warmup_epochs": 0.0}
     unit = "tok"
-    primary = "perplexity"
-    higher_is_better = False
+    items = "tokens"
+    score_metrics = (Metric("perplexity", "perplexity", higher_is_better=False),)
+    score_title = "perplexity"
+    output_names = ("output", "hidden")
+    #: the token sequence length of an example input (the BPTT segment)
+    sequence = 35
     cpu_amp_unsupported = ("PyTorch's CPU autocast cannot run nn.LSTM/GRU (oneDNN has no "
                            "primitive for it under bf16 autocast)")
 
@@ -354,6 +358,37 @@ class LanguageModelTask(Task):
         loss = self.mixed_loss(logits, targets, soft, config)
         return StepOutput(loss=loss, seen=targets.numel()), {"student": _to(hidden, device),
                                                              "teacher": _to(t_hidden, device)}
+
+    def claims(self, model: nn.Module, meta: dict[str, Any]) -> bool:
+        return bool(getattr(model, "is_language_model", False) or meta.get("lm"))
+
+    def same_data(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+        """The recorded text files and vocabulary (``lm``), so that word ids and the
+        evaluation text are the same."""
+        own = getattr(model, "symconvert_metadata", None) or {}
+        if meta.get("lm") and not own.get("lm"):
+            model.symconvert_metadata = {**own, "lm": meta["lm"]}
+        return model
+
+    def describe_n(self, n: int | None) -> str:
+        return f"{'—' if n is None else f'{n:,}'} tokens"
+
+    def example_inputs(self, model: nn.Module, batch_size: int = 1,
+                       input_size: Any = None) -> tuple[torch.Tensor, ...]:
+        """Token ids ``[sequence, batch]`` (the model starts from a zero hidden state)."""
+        return (torch.zeros(self.sequence, batch_size, dtype=torch.long),)
+
+    def dynamic_axes(self, model: nn.Module, example: tuple[torch.Tensor, ...]
+                     ) -> tuple[list[str], dict[str, dict[int, str]]]:
+        """``output`` [T, B, V] and the final state: ``hidden`` (and ``cell`` for an LSTM)."""
+        with torch.no_grad():
+            _, hidden = model(*example)
+        names = ["output", "hidden", "cell"] if isinstance(hidden, tuple) else ["output", "hidden"]
+        axes: dict[str, dict[int, str]] = {"input": {0: "time", 1: "batch"},
+                                           "output": {0: "time", 1: "batch"}}
+        for name in names[1:]:
+            axes[name] = {1: "batch"}
+        return names, axes
 
     def check_model(self, model: nn.Module, loaders: Loaders) -> None:
         check_vocab(model, loaders.meta["corpus"], exact=False)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from symconvert.train.evaluate import resolve_device
+from symconvert.checks import resolve_device
 
 
 @dataclass
@@ -58,7 +58,7 @@ def distributed(device: str | torch.device | None = "auto") -> Iterator[tuple[Di
             torch.distributed.destroy_process_group()
 
 
-def _any_rank(dist: Dist, *flags: bool) -> list[bool]:
+def any_rank(dist: Dist, *flags: bool) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
     if not dist.enabled:
         return list(flags)
@@ -69,7 +69,7 @@ def _any_rank(dist: Dist, *flags: bool) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def _sum_over_ranks(dist: Dist, stats: dict[str, Any]) -> dict[str, Any]:
+def sum_over_ranks(dist: Dist, stats: dict[str, Any]) -> dict[str, Any]:
     if not dist.enabled:
         return dict(stats)
     t = torch.tensor([stats["loss_sum"], float(stats["correct"]), float(stats["seen"])],

@@ -13,23 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from symconvert.checks import resolve_device
 from symconvert.errors import SymconvertError
+from symconvert.io.loading import load
+from symconvert.models.sources import create_model
 from symconvert.tasks import get_task
 from symconvert.tasks.data import DataSpec, Loaders, create_loaders
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else as torch spells it."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SymconvertError(f"--device {device!r}: not a device torch knows "
-                              "(use auto, cpu, cuda or cuda:N)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SymconvertError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 def evaluate_loaders(model: nn.Module, loaders: Loaders, device: torch.device | None = None,
@@ -60,11 +49,9 @@ def load_model(spec: str | Path, *, pretrained: bool = True,
                weights: str | Path | None = None) -> nn.Module:
     """A converted/fine-tuned directory (``symconvert.load``) or a MODEL string
     (``symconvert.create_model``)."""
-    import symconvert
-
     path = Path(spec)
     if path.is_dir():
-        return symconvert.load(path)
+        return load(path)
     text = str(spec)
     if not path.exists() and ":" not in text and ("/" in text or text.startswith(".")):
         raise SymconvertError(
@@ -73,7 +60,7 @@ def load_model(spec: str | Path, *, pretrained: bool = True,
     if path.suffix in {".safetensors", ".pt", ".pth", ".bin"} and path.exists():
         raise SymconvertError(f"{spec} is a weights file; pass the MODEL it belongs to with "
                               f"--weights, or the converted directory that holds it")
-    return symconvert.create_model(str(spec), pretrained=pretrained,
+    return create_model(str(spec), pretrained=pretrained,
                                    weights=str(weights) if weights else None)
 
 

@@ -18,39 +18,37 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from symconvert.checks import require_finite
 from symconvert.errors import SymconvertError, TrainingError
 from symconvert.tasks import get_task
 from symconvert.tasks.data import DataSpec, Loaders, create_loaders
-from symconvert.train.config import FinetuneConfig, _plain
-from symconvert.train.distributed import Dist, _any_rank, _sum_over_ranks, distributed
+from symconvert.train.config import FinetuneConfig, plain
+from symconvert.train.distributed import Dist, any_rank, distributed, sum_over_ranks
 from symconvert.train.optim import create_optimizer, create_scheduler
+from symconvert.train.progress import StepLog, err_console, progress_bars, tensorboard
 from symconvert.train.state import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
-    _check_same_run,
-    _write_metrics,
     atomic_torch_save,
+    check_same_run,
     load_checkpoint,
     rng_state,
     seed_everything,
     set_rng_state,
+    write_metrics,
 )
-
-LOG_SECONDS = 30.0  # plain progress lines (no terminal): at most this far apart
-
-err_console = Console(stderr=True)
 
 
 @dataclass
@@ -84,8 +82,6 @@ class _StopSignals:
         self.requested = signal.Signals(signum).name
 
     def __enter__(self) -> _StopSignals:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -112,35 +108,6 @@ def _amp_setup(config: FinetuneConfig, device: torch.device
         scaler = torch.amp.GradScaler("cuda")
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), scaler, True
 
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed: metrics.jsonl is enough
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, unit: str = "img") -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[info]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=False) as progress:
-        yield progress
 
 
 def fit(model: nn.Module, data: str | DataSpec | Loaders, out: str | os.PathLike,
@@ -206,7 +173,7 @@ class _Run:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimiser, schedule, scaler, RNG, carry."""
-        _check_same_run(ckpt, self.config, self.dist, self.ckpt_path)
+        check_same_run(ckpt, self.config, self.dist, self.ckpt_path)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler") is not None:
@@ -222,7 +189,7 @@ class _Run:
         set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng)
         self.carry = carry[self.dist.rank] if isinstance(carry, list) else carry
         if self.dist.main:
-            _write_metrics(self.out, self.metrics)
+            write_metrics(self.out, self.metrics)
             err_console.print(f"resuming {self.out} at epoch {self.start_epoch + 1}, step "
                               f"{self.start_step}", highlight=False)
 
@@ -246,7 +213,7 @@ class _Run:
                 "epoch": epoch, "step": step, "global_step": self.global_step,
                 "epoch_stats": dict(self.stats), "metrics": self.metrics, "rng": rngs,
                 "carry": carries, "task": self.task.name,
-                "config": _plain(asdict(self.config)), "world_size": dist.world_size,
+                "config": plain(self.config), "world_size": dist.world_size,
                 "steps_per_epoch": self.steps_per_epoch,
             }, self.ckpt_path)
         if dist.enabled:
@@ -258,18 +225,16 @@ class _Run:
         self.scheduler.step_update(self.global_step)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        writer = _tensorboard(self.out) if self.dist.main else None
+        writer = tensorboard(self.out) if self.dist.main else None
         result = FitResult(out=self.out, checkpoint=self.ckpt_path,
                            resumed_from=(self.start_epoch, self.start_step) if resume else None)
         show = progress and self.dist.main
         bar_on = show and err_console.is_terminal
         self.log = StepLog(self.config, self.task.unit, self.steps_per_epoch,
                            enabled=show and not bar_on)
-        with _StopSignals() as stop, _progress(bar_on, self.task.unit) as bar:
+        with _StopSignals() as stop, progress_bars(bar_on, self.task.unit) as bar:
             for epoch in range(self.start_epoch, self.config.epochs):
                 self.train_epoch(epoch, stop, bar, on_step)
                 result.eval = self.end_epoch(epoch, writer)
@@ -313,7 +278,7 @@ class _Run:
             rate = self.stats["seen"] * self.dist.world_size / max(elapsed, 1e-9)
             if bar is not None:
                 bar.update(task_id, advance=1, loss=self.stats["loss_sum"] / self.stats["seen"],
-                           info=self._bar_info(rate))
+                           info=self.task.describe_progress(self.stats, rate))
             self.log.step(epoch, step, self.global_step, self.stats["loss_sum"] /
                           self.stats["seen"], rate)
             if on_step is not None:
@@ -325,16 +290,10 @@ class _Run:
                 self.checkpoint(epoch, step, rng_state(), self.carry)
         self.stats["time"] += time.perf_counter() - t_epoch
 
-    def _bar_info(self, rate: float) -> str:
-        if self.task.unit == "img":
-            return (f"acc {self.stats['correct'] / max(self.stats['seen'], 1):.2%}  "
-                    f"{rate:.0f} img/s")
-        return f"{rate:.0f} {self.task.unit}/s"
-
     def check_step(self, loss: torch.Tensor, epoch: int, step: int, stop: _StopSignals,
                    state_before: dict[str, Any], carry_before: Any) -> None:
         """Non-finite loss → error before the update; a signal → checkpoint and stop."""
-        bad, stopping = _any_rank(self.dist, not bool(torch.isfinite(loss.detach())),
+        bad, stopping = any_rank(self.dist, not bool(torch.isfinite(loss.detach())),
                                   stop.requested is not None)
         if bad:
             raise TrainingError(
@@ -368,12 +327,12 @@ class _Run:
     def end_epoch(self, epoch: int, writer: Any) -> dict[str, Any]:
         """Evaluate, append the metrics row (rank 0 writes it), checkpoint the epoch."""
         train_time = self.stats["time"]
-        totals = _sum_over_ranks(self.dist, self.stats)
+        totals = sum_over_ranks(self.dist, self.stats)
         t_eval = time.perf_counter()
         scores = self.task.evaluate(self.model, self.loaders, self.device,
                                     self.autocast() if self.amp_on else None)
         eval_time = time.perf_counter() - t_eval
-        rate_key = "images_per_s" if self.task.unit == "img" else "tokens_per_s"
+        rate_key = self.task.rate_key
         row = {"epoch": epoch + 1, "step": self.global_step,
                **self.task.epoch_row(totals, scores),
                "lr": self.optimizer.param_groups[-1]["lr"],
@@ -381,7 +340,7 @@ class _Run:
                "time": train_time + eval_time, "eval_time": eval_time}
         self.metrics.append(row)
         if self.dist.main:
-            _write_metrics(self.out, self.metrics)
+            write_metrics(self.out, self.metrics)
             if writer is not None:
                 for key, value in row.items():
                     if key.startswith(("train_", "eval_", "lr", rate_key)) and \
@@ -390,7 +349,7 @@ class _Run:
                 writer.flush()
             err_console.print(
                 f"epoch {epoch + 1}/{self.config.epochs}: loss {row['train_loss']:.4f}  "
-                + (f"train top-1 {row['train_top1']:.2%}  " if "train_top1" in row else "")
+                + self.task.describe_train(row)
                 + f"{self.task.describe_scores(scores)}  ({row[rate_key]:.0f} "
                   f"{self.task.unit}/s)", highlight=False)
         self.stats = _fresh_stats()
@@ -411,41 +370,6 @@ def _cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_cpu(v) for v in value)
     return value
-
-
-class StepLog:
-    """Plain progress lines for logs that are not a terminal (nohup, SLURM, CI), as timm's
-    ``log_interval``: one line every ``log_interval`` steps, or every ~30 s when 0."""
-
-    def __init__(self, config: FinetuneConfig, unit: str, steps_per_epoch: int,
-                 enabled: bool) -> None:
-        self.enabled, self.unit = enabled, unit
-        self.every, self.seconds = config.log_interval, LOG_SECONDS
-        self.epochs, self.per_epoch = config.epochs, steps_per_epoch
-        self.t0 = self.last = time.perf_counter()
-        self.first_step: int | None = None
-
-    def step(self, epoch: int, step: int, global_step: int, loss: float, rate: float) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = global_step - 1
-        due = (global_step % self.every == 0) if self.every else (now - self.last >= self.seconds)
-        if not due:
-            return
-        self.last = now
-        done = global_step - self.first_step
-        left = self.epochs * self.per_epoch - global_step
-        eta = (now - self.t0) / max(done, 1) * left
-        err_console.print(
-            f"epoch {epoch + 1}/{self.epochs} step {step}/{self.per_epoch}  loss {loss:.4f}  "
-            f"{rate:.0f} {self.unit}/s  ETA {_clock(eta)}", highlight=False, soft_wrap=True)
-
-
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def build_loaders(data: str | DataSpec, model: nn.Module, config: FinetuneConfig, dist: Dist,

@@ -7,6 +7,8 @@ import math
 from typing import Any
 
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from symconvert.tasks import get_task
@@ -48,8 +50,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def create_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2
-
     kwargs: dict[str, Any] = {}
     if config.opt == "sgd" and not config.momentum:  # plain SGD (the paper's LM); timm's is Nesterov
         return torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr,
@@ -73,8 +73,6 @@ def auto_warmup_epochs(epochs: int, steps_per_epoch: int) -> float:
 def create_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig,
                      steps_per_epoch: int) -> Any:
     """timm scheduler stepped per optimiser update (short runs need intra-epoch decay)."""
-    from timm.scheduler import create_scheduler_v2
-
     sched = {"none": "constant"}.get(config.sched, config.sched)
     warmup = config.warmup_epochs
     if warmup is None:

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from symconvert.checks import check_number_args
 from symconvert.errors import DataError, SymconvertError
-from symconvert.tasks.data import DataSpec
-from symconvert.train.config import FinetuneConfig, _plain, task_config
+from symconvert.io.checkpoint import check_writable, save
+from symconvert.io.files import WEIGHTS_NAME, output_dir
+from symconvert.io.loading import load
+from symconvert.models.sources import create_model, create_model_from_source, reset_head
+from symconvert.surgery.plan import count_parameters
+from symconvert.tasks.data import DataSpec, model_num_outputs
+from symconvert.train.config import FinetuneConfig, finetune_config, plain
 from symconvert.train.distributed import Dist, distributed
 from symconvert.train.loop import build_loaders, err_console, fit
 from symconvert.train.state import CHECKPOINT_NAME
@@ -31,23 +37,26 @@ class FinetuneResult:
     params: int
 
 
-def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.PathLike | None = None,
-             *, teacher: str | nn.Module | None = None, num_classes: int | None = None,
+def finetune(model_dir: str | os.PathLike, data: str | DataSpec,
+             out: str | os.PathLike | None = None, config: FinetuneConfig | None = None, *,
+             teacher: str | nn.Module | None = None, num_classes: int | None = None,
              resume: bool = False, overwrite: bool = False, progress: bool = True,
-             **config: Any) -> FinetuneResult:
+             **settings: Any) -> FinetuneResult:
     """Fine-tune the converted model in ``model_dir`` on ``data``; write ``out``
-    (default ``model_dir/finetuned``) as a model directory plus metrics and checkpoint.
+    (default ``model_dir/finetuned``) as a model directory (stored at ``config.dtype``)
+    plus metrics and checkpoint.
 
-    ``config`` takes the fields of ``FinetuneConfig`` (epochs, lr, batch_size, opt, sched, ...).
+    ``config`` is a ``FinetuneConfig``, taken as it is; without it, ``settings`` (its fields
+    by name: epochs, lr, batch_size, opt, sched, ...) with the data task's defaults for
+    what they leave out (``finetune_config``). With both, ``settings`` override ``config``.
     The teacher is the unconverted source model recorded in ``model_dir`` unless ``teacher``
-    names another MODEL or model directory.
+    names another MODEL or model directory (or is a module).
     """
-
-    from symconvert.checks import check_finetune_args
-    from symconvert.io.files import output_dir
-
-    check_finetune_args(num_classes=num_classes, **config)
-    cfg = FinetuneConfig(**task_config(data, config))
+    check_number_args(num_classes=num_classes)
+    if config is None:
+        cfg = finetune_config(data, **settings)
+    else:
+        cfg = dataclasses.replace(config, **settings) if settings else config
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir / "finetuned"
     _check_output(out, resume, overwrite)
@@ -62,15 +71,10 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec, out: str | os.P
 def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneConfig,
               teacher: str | nn.Module | None, num_classes: int | None, resume: bool,
               progress: bool, dist: Dist, device: torch.device) -> FinetuneResult:
-    import symconvert
-    from symconvert.io.checkpoint import check_writable
-    from symconvert.models.sources import reset_head
-    from symconvert.tasks.data import model_num_outputs
-
     if dist.main:
         check_writable(out, overwrite=True)
         _ensure_writable(out)
-    student = symconvert.load(model_dir)
+    student = load(model_dir)
     source = dict(student.symconvert_source)
     loaders = build_loaders(data, student, cfg, dist, device)
     if num_classes is not None and num_classes != loaders.num_classes:
@@ -106,19 +110,19 @@ def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneCon
     result = fit(student, loaders, out, cfg, teacher=teacher_model, resume=resume,
                  progress=progress)
     if dist.main:
-        args = dict(_plain(asdict(cfg)))
+        args = dict(plain(cfg))
         args.update({"data": str(data), "num_classes": num_classes,
                      "teacher": teacher if isinstance(teacher, str) else
                      ("source" if teacher_model is not None else None)})
         student.to("cpu", memory_format=torch.contiguous_format)
-        symconvert.save(student, out, extra_metadata={
+        save(student, out, extra_metadata={
             "finetune": {"args": args, "eval": result.eval,
                          "epochs_run": len(result.metrics)},
             "parent": str(model_dir.resolve()),
             **loaders.meta.get("record", {}),  # e.g. the vocabulary a language model reads
-        })
+        }, dtype=cfg.dtype)
     return FinetuneResult(out=out, metrics=result.metrics, eval=result.eval,
-                          params=symconvert.count_parameters(student))
+                          params=count_parameters(student))
 
 
 def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
@@ -127,7 +131,7 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise SymconvertError(f"--out {out} exists and is not a directory; choose another --out.")
     if resume or overwrite:
         return
-    for name in (CHECKPOINT_NAME, "model.safetensors"):
+    for name in (CHECKPOINT_NAME, WEIGHTS_NAME):
         if (out / name).exists():
             raise SymconvertError(
                 f"{out} already holds a fine-tuning run ({name}). Pass --resume to continue it, "
@@ -148,9 +152,6 @@ def _ensure_writable(out: Path) -> None:
 
 
 def _build_teacher(teacher: str | nn.Module | None, source: dict[str, Any]) -> nn.Module:
-    import symconvert
-    from symconvert.models.sources import create_model_from_source
-
     if isinstance(teacher, nn.Module):
         return teacher
     if teacher is None:
@@ -162,8 +163,8 @@ def _build_teacher(teacher: str | nn.Module | None, source: dict[str, Any]) -> n
                 "--no-distill.")
         return create_model_from_source(source)
     if Path(teacher).is_dir():
-        return symconvert.load(teacher)
-    return symconvert.create_model(teacher)
+        return load(teacher)
+    return create_model(teacher)
 
 
 __all__ = ["FinetuneResult", "finetune"]

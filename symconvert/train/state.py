@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,8 @@ import numpy as np
 import torch
 
 from symconvert.errors import TrainingError
-from symconvert.train.config import FinetuneConfig, _plain
+from symconvert.io.files import atomic_write, atomic_write_text
+from symconvert.train.config import FinetuneConfig, plain
 from symconvert.train.distributed import Dist
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -65,8 +65,6 @@ def seed_everything(seed: int) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one."""
-    from symconvert.io.files import atomic_write
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -99,20 +97,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 
-def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
+def write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
     """Rewrite metrics.jsonl atomically (a resumed run drops lines past its checkpoint)."""
-    from symconvert.io.files import atomic_write_text
-
     atomic_write_text(out / METRICS_NAME,
                       "".join(json.dumps(row, sort_keys=True) + "\n" for row in metrics))
 
 
-def _check_same_run(ckpt: dict[str, Any], config: FinetuneConfig, dist: Dist,
+def check_same_run(ckpt: dict[str, Any], config: FinetuneConfig, dist: Dist,
                     path: Path) -> None:
     saved = ckpt.get("config") or {}
-    now = _plain(asdict(config))
+    now = plain(config)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} → {now.get(k)!r}"
-               for k in FinetuneConfig.TRAJECTORY if k in saved and saved.get(k) != now.get(k)]
+               for k in FinetuneConfig.trajectory() if k in saved and saved.get(k) != now.get(k)]
     if ckpt.get("world_size", 1) != dist.world_size:
         changed.append(f"processes {ckpt.get('world_size', 1)} → {dist.world_size}")
     if changed:
