@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class SymconvertError(Exception):
     """Bad input: the message says what was wrong and what to do next."""
@@ -37,3 +39,27 @@ class RecipeError(SymconvertError):
 
 class TrainingError(SymconvertError):
     """Fine-tuning that cannot go on (non-finite loss, corrupt checkpoint)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the command stops, cleans up what it was writing, and exits
+    128 + the signal number (130, 143) with a message naming the signal. Like
+    ``KeyboardInterrupt`` it is no ``Exception`` (no ``except Exception`` swallows it), and
+    unlike it, Typer does not turn it into a silent exit 130."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class SymconvertWarning(UserWarning):
+    """Input that works but deserves a word (a tiny data set); the CLI prints it as
+    ``warning: ...``."""

@@ -33,6 +33,7 @@ from symconvert.io.files import (
     WEIGHTS_NAME,
     atomic_write,
     atomic_write_text,
+    check_path_given,
     existing_parent,
     os_error,
     probe_dir,
@@ -120,6 +121,7 @@ def layer_records(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Fail early (before any heavy work) if ``out`` cannot receive a model directory."""
+    check_path_given(out)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SymconvertError(f"--out {out} exists and is not a directory.")

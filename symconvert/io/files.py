@@ -8,8 +8,11 @@
 * ``output_dir(path, ...)``: a context manager for a command's ``--out`` directory. The
   caller validates its inputs first; the directory is created on entry, holds a lock
   file (``.symconvert.lock``, ``flock``) so that a second concurrent writer exits 2, and
-  is removed again when the command fails before it wrote its first file (or, with
-  ``keep_partial=False``, whatever it wrote in a directory it created).
+  is removed again when the command fails before it wrote its first file. ``keep_partial``
+  says whether what a failed run wrote stays: ``False`` (``convert``: all or nothing),
+  ``True``, or a function asked at the failure (``finetune``: only once a checkpoint to
+  resume from exists). Creating and cleaning up hold SIGINT/SIGTERM back
+  (``signals_deferred``), so a signal cannot strand a directory or a lock file.
 * ``check_output_file(path, inputs)``: before any measuring or exporting, that a file can
   be written at ``path`` and that ``path`` is none of the inputs.
 * ``os_error(exc, path)``: an ``OSError`` (ENOSPC, EACCES, EROFS, ...) as a
@@ -29,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from symconvert.errors import SymconvertError
+from symconvert.io.signals import signals_deferred
 
 LOCK_NAME = ".symconvert.lock"
 #: the files of a model directory
@@ -42,6 +46,20 @@ _ACTIVE: list[OutputDir] = []
 
 class OutputError(SymconvertError):
     """An output that cannot be written (full disk, no permission, locked, an input)."""
+
+
+def check_path_given(path: str | os.PathLike, flag: str = "--out") -> None:
+    """An empty path names nothing (``Path("")`` would be the current directory)."""
+    if not os.fspath(path).strip():
+        raise OutputError(f"{flag} '': an empty path names nothing; give a file or directory "
+                          "name.")
+
+
+def wrote(target: str | os.PathLike) -> None:
+    """Tell the open output directories that this run wrote ``target`` (``atomic_write``
+    does it itself; a file appended to in place, like a log, is announced once)."""
+    for active in _ACTIVE:
+        active.wrote(Path(target))
 
 
 def _umask() -> int:
@@ -120,7 +138,9 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
         os.chmod(tmp, file_mode())  # again: a writer may have replaced the file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        with signals_deferred():  # renamed and recorded, or neither
+            os.replace(tmp, target)
+            wrote(target)
     except OSError as exc:
         _unlink(tmp)
         raise os_error(exc, target) from None
@@ -133,8 +153,6 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
             raise os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), target) from None
         raise
     _fsync_dir(target.parent)
-    for active in _ACTIVE:
-        active.wrote(target)
     return target
 
 
@@ -192,6 +210,7 @@ def probe_dir(directory: Path, target: Path) -> None:
 def check_output_file(path: str | os.PathLike, inputs: Iterable = (), *, flag: str = "--out",
                       overwrite: bool = True) -> Path:
     """Fail now (before measuring or exporting) if ``path`` cannot be written as a file."""
+    check_path_given(path, flag)
     path = Path(path)
     refuse_inputs(path, inputs, flag)
     if path.is_dir():
@@ -212,7 +231,7 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), *, flag: s
 class OutputDir:
     """The state of one ``output_dir`` (see the module docstring)."""
 
-    def __init__(self, path: Path, keep_partial: bool) -> None:
+    def __init__(self, path: Path, keep_partial: bool | Callable[[], bool]) -> None:
         self.path = path
         self.keep_partial = keep_partial
         self.created: list[Path] = []  # directories this run made, outermost first
@@ -220,7 +239,8 @@ class OutputDir:
         self._lock_fd: int | None = None
 
     def wrote(self, target: Path) -> None:
-        if target.parent == self.path or self.path in target.parents:
+        if (target.parent == self.path or self.path in target.parents) \
+                and target not in self.written:
             self.written.append(target)
 
     # --------------------------------------------------------------------- lifecycle
@@ -287,27 +307,42 @@ class OutputDir:
         self._unlock()
         if not failed:
             return
-        if self.created and not self.keep_partial:
+        keep = self.keep_partial() if callable(self.keep_partial) else self.keep_partial
+        if self.created and not keep:
             self._remove_created(force=True)
         elif not self.written:
             self._remove_created(force=False)
-        elif not self.keep_partial:
+        elif not keep:
             for path in self.written:
                 with contextlib.suppress(OSError):
                     path.unlink()
+            self._remove_emptied()
+
+    def _remove_emptied(self) -> None:
+        """The sub-directories the removed files leave empty (``converted/`` of a run)."""
+        folders = {p.parent for p in self.written if p.parent != self.path}
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            while folder != self.path and self.path in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                folder = folder.parent
 
 
 @contextlib.contextmanager
-def output_dir(path: str | os.PathLike, *, inputs: Iterable = (), keep_partial: bool = True,
+def output_dir(path: str | os.PathLike, *, inputs: Iterable = (),
+               keep_partial: bool | Callable[[], bool] = True,
                enabled: bool = True) -> Iterator[Path]:
     """Create and lock the output directory ``path`` for the ``with`` block.
 
-    Validate the command's inputs BEFORE entering. On a failure (any exception, Ctrl-C
+    Validate the command's inputs BEFORE entering. On a failure (any exception, a signal
     included) the directory is removed again if this run created it and wrote nothing in
-    it; with ``keep_partial=False`` (``convert``: a model directory is all or nothing) the
-    files this run wrote are removed too. ``enabled=False`` (non-zero torchrun ranks)
-    does nothing.
+    it; with ``keep_partial=False`` (``convert``: a model directory is all or nothing), or a
+    ``keep_partial()`` that answers False then, the files this run wrote (and the directories
+    it created) are removed too. ``enabled=False`` (non-zero torchrun ranks) does nothing.
     """
+    check_path_given(path)
     path = Path(path)
     if not enabled:
         yield path
@@ -316,17 +351,20 @@ def output_dir(path: str | os.PathLike, *, inputs: Iterable = (), keep_partial: 
         raise OutputError(f"--out {path} exists and is not a directory; choose another --out.")
     refuse_inputs(path, inputs)
     state = OutputDir(path, keep_partial)
-    state.open()
-    _ACTIVE.append(state)
+    with signals_deferred():
+        state.open()
+        _ACTIVE.append(state)
     failed = True
     try:
         yield path
         failed = False
     finally:
-        _ACTIVE.remove(state)
-        state.close(failed)
+        with signals_deferred():
+            _ACTIVE.remove(state)
+            state.close(failed)
 
 
 __all__ = ["LOCK_NAME", "META_NAME", "PLAN_NAME", "WEIGHTS_NAME", "OutputError", "atomic_write",
-           "atomic_write_text", "check_output_file", "describe_os_error", "existing_parent",
-           "file_mode", "os_error", "output_dir", "probe_dir", "refuse_inputs"]
+           "atomic_write_text", "check_output_file", "check_path_given", "describe_os_error",
+           "existing_parent", "file_mode", "os_error", "output_dir", "probe_dir",
+           "refuse_inputs", "wrote"]
