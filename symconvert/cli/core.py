@@ -33,6 +33,7 @@ from symconvert.report.tables import plan_table, schemes_table, totals_line
 from symconvert.schemes import list_schemes
 from symconvert.surgery.config import ConvertConfig
 from symconvert.surgery.plan import Plan
+from symconvert.tasks import check_data
 
 MODEL_HELP = (
     "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, py:package.module:function, or a bare "
@@ -145,6 +146,7 @@ def inspect_command(
     flags = ModelFlags(**source)
     check_format(fmt, ("table", "json"))
     m = flags.load(model)
+    _check_calibration_data(m, cfg)
     if scheme is None:
         _inspect_every_scheme(model, m, cfg, fmt)
         return
@@ -209,7 +211,9 @@ def convert_command(
     out = out or _default_out(model, scheme)
     refuse_inputs(out, [flags.weights])
     check_writable(out, overwrite=overwrite)
-    m, plan = symconvert.convert(flags.load(model), cfg)
+    source_model = flags.load(model)
+    _check_calibration_data(source_model, cfg)
+    m, plan = symconvert.convert(source_model, cfg)
     # a model directory is all or nothing: a failure (Ctrl-C included) removes what this
     # run wrote; the lock makes a concurrent convert into the same --out exit 2
     with output_dir(out, inputs=[flags.weights], keep_partial=False):
@@ -221,6 +225,12 @@ def convert_command(
     _print_plan(plan, f"{model} — {plan.scheme}", show_skipped=False)
     size = (out / "model.safetensors").stat().st_size
     console.print(f"wrote [bold]{out}[/] (model.safetensors: {size:,} bytes)")
+
+
+def _check_calibration_data(model: Any, config: ConvertConfig) -> None:
+    """``--calibrate DATA`` of the model's own task, before any work."""
+    if isinstance(config.calibrate, str):
+        check_data(model, config.calibrate, flag="--calibrate")
 
 
 def _print_plan(plan: Plan, title: str, show_skipped: bool, max_rows: int | None = None) -> None:

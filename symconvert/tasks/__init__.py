@@ -13,6 +13,7 @@ from symconvert.tasks.base import (
     Metric,
     StepOutput,
     Task,
+    check_data,
     get_task,
     list_tasks,
     register_task,
@@ -21,5 +22,5 @@ from symconvert.tasks.base import (
     task_of,
 )
 
-__all__ = ["TASK_KEY", "TASKS", "Metric", "StepOutput", "Task", "get_task", "list_tasks", "register_task",
-           "task_for_data", "task_for_scores", "task_of"]
+__all__ = ["TASK_KEY", "TASKS", "Metric", "StepOutput", "Task", "check_data", "get_task",
+           "list_tasks", "register_task", "task_for_data", "task_for_scores", "task_of"]

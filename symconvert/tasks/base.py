@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from symconvert.errors import SymconvertError
-from symconvert.tasks.data import parse_data_spec
+from symconvert.errors import DataError, SymconvertError
+from symconvert.models.sources import model_string
+from symconvert.tasks.data import TASKS, DataSpec, parse_data_spec, source_forms
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class Task:
     output_names: ClassVar[tuple[str, ...]] = ("output",)
     #: Whether CPU autocast (bf16) can run the task's models; None when it can, else why not.
     cpu_amp_unsupported: ClassVar[str | None] = None
+    #: What a model of the task is, in words ("an image classifier").
+    model_kind: ClassVar[str] = "a model"
 
     @property
     def metric(self) -> Metric:
@@ -120,6 +123,28 @@ class Task:
         """Whether ``model`` (with the metadata its directory has or will have) is of this
         task (``task_of`` asks every task, the registered default last)."""
         return False
+
+    def refuses(self, model: nn.Module, meta: dict[str, Any] | None = None) -> Task | None:
+        """The task ``model`` is of when it cannot take this task's data (None: it can):
+        asked before any data is read. By default a model takes the data of its own task
+        (``task_of``)."""
+        own = task_of(model, meta)
+        return None if own is self else own
+
+    def check_data(self, model: nn.Module, data: str | DataSpec, flag: str = "--data",
+                   meta: dict[str, Any] | None = None) -> None:
+        """Raise a ``DataError`` naming both sides and the way out when ``model`` cannot
+        take ``data`` (a spec of one of this task's sources); reads no data. ``flag`` is
+        how the user gave the data (``--data``, ``--calibrate``, a recipe key)."""
+        own = self.refuses(model, meta)
+        if own is None:
+            return
+        source = getattr(model, "symconvert_source", None)
+        name = model_string(source) if source else type(model).__name__
+        raise DataError(
+            f"{flag} {parse_data_spec(data).text} is {self.name} data ({self.items}), but the "
+            f"model {name} is {own.model_kind}: it cannot read them. Give it {own.name} data "
+            f"({source_forms(own.name)}), or use {self.model_kind} for this data.")
 
     def same_data(self, model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         """``model`` made to read the data as the directory with metadata ``meta`` does (a
@@ -206,7 +231,6 @@ class Task:
         return f"{rate:.0f} {self.unit}/s"
 
 
-TASKS: dict[str, Task] = {}
 #: the task of a model no other task claims
 DEFAULT_TASK = "classification"
 #: the metadata key of a model directory that names its task
@@ -255,6 +279,15 @@ def task_for_data(spec: Any) -> Task:
     if isinstance(task, str):  # Loaders
         return get_task(task)
     return get_task(parse_data_spec(spec).source.task)
+
+
+def check_data(model: nn.Module, data: str | DataSpec, *, flag: str = "--data") -> Task:
+    """The task of ``data`` (a ``--data`` spec), after it checked that ``model`` can take
+    that data (``Task.check_data``: a ``DataError`` otherwise). Reads no data: every
+    command (and ``run``, before it creates anything) asks this first."""
+    task = task_for_data(data)
+    task.check_data(model, data, flag)
+    return task
 
 
 def list_tasks() -> list[Task]:

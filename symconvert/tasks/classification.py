@@ -21,6 +21,7 @@ class ClassificationTask(Task):
     items = "images"
     score_metrics = (Metric("top1", "top-1", percent=True), Metric("top5", "top-5", percent=True))
     score_title = "accuracy"
+    model_kind = "an image classifier"
 
     def claims(self, model: nn.Module, meta: dict[str, Any]) -> bool:
         return True  # the default task

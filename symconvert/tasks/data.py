@@ -141,6 +141,9 @@ class DataSource:
 
 
 DATA_SOURCES: dict[str, DataSource] = {}
+#: the registered tasks by name (``symconvert.tasks.base.register_task`` fills it); held here
+#: so that ``create_loaders`` has the data's task check the model before reading anything
+TASKS: dict[str, Any] = {}
 
 
 def register_data_source(cls: type[DataSource]) -> type[DataSource]:
@@ -153,6 +156,14 @@ def list_data_sources() -> list[DataSource]:
     return [DATA_SOURCES[k] for k in sorted(DATA_SOURCES)]
 
 
+def source_forms(task: str | None = None) -> str:
+    """How the sources (of ``task``) are written: ``digits, fashion-mnist[:ROOT], mnist:ROOT``."""
+    return ", ".join(
+        s.name + (":ROOT" if s.needs_root and s.default_root is None else
+                  "[:ROOT]" if s.default_root is not None else "")
+        for s in list_data_sources() if task is None or s.task == task)
+
+
 def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     """``"fashion-mnist:/data/fm"`` → ``DataSpec("fashion-mnist", Path("/data/fm"), ...)``."""
     if isinstance(spec, DataSpec):
@@ -161,10 +172,7 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     name, sep, root = text.partition(":")
     name = name.strip().lower()
     if name not in DATA_SOURCES:
-        known = ", ".join(
-            f"{s.name}:ROOT" if s.needs_root else s.name for s in list_data_sources()
-        )
-        raise DataError(f"unknown --data source {name!r} in {text!r}. Known: {known}.")
+        raise DataError(f"unknown --data source {name!r} in {text!r}. Known: {source_forms()}.")
     source = DATA_SOURCES[name]
     root_text = root.strip() if sep else ""
     if not root_text:
@@ -184,9 +192,12 @@ def create_loaders(spec: str | DataSpec, model: nn.Module | None = None,
     """Train/eval loaders for ``spec`` with the transforms ``model`` expects.
 
     ``options`` are the fields of ``LoaderOptions`` (batch_size, workers, input_size, subsample,
-    seed, augment, download, rank, world_size, train, ...).
+    seed, augment, download, rank, world_size, train, ...). The data's task first checks that
+    ``model`` can take this data (``Task.check_data``), before anything is read.
     """
     parsed = parse_data_spec(spec)
+    if model is not None and parsed.source.task in TASKS:
+        TASKS[parsed.source.task].check_data(model, parsed)
     opts = LoaderOptions(**options)
     if opts.input_size is not None:
         opts.input_size = parse_input_size(opts.input_size)
@@ -409,9 +420,10 @@ def describe(loaders: Loaders) -> dict[str, Any]:
 
 
 __all__ = [
-    "DATA_SOURCES", "MAX_INPUT_SIZE", "DataSource", "DataSpec", "ImageConfig", "LoaderOptions",
+    "DATA_SOURCES", "MAX_INPUT_SIZE", "TASKS", "DataSource", "DataSpec", "ImageConfig", "LoaderOptions",
     "Loaders", "ShardedSampler", "Splits", "check_num_classes", "create_loaders", "describe",
     "list_data_sources", "mix", "model_num_outputs", "parse_data_spec", "parse_input_size",
-    "register_data_source", "resolve_image_config", "seeded_rng", "stratified_subset",
+    "register_data_source", "resolve_image_config", "seeded_rng", "source_forms",
+    "stratified_subset",
 ]
 

@@ -151,6 +151,10 @@ class TransformedFolder(Dataset):
             with open(path, "rb") as fh:
                 image = Image.open(fh)
                 image = image.convert("L" if self.in_chans == 1 else "RGB")
+        except Image.DecompressionBombError as exc:  # a header claiming ~10⁹ pixels
+            raise DataError(f"imagefolder: image {path} is too large to decode ({exc}); it is "
+                            "damaged or hostile. Remove it from the folder, or shrink it "
+                            "if it is a real image.") from None
         except OSError as exc:
             raise DataError(f"imagefolder: cannot read image {path}: {exc}") from exc
         if self.random:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from symconvert.errors import DataError
+from symconvert.errors import DataError, SymconvertWarning
 from symconvert.models.sources import looks_offline
 from symconvert.tasks.data import (
     FASHION_MNIST_CLASSES,
@@ -74,14 +75,9 @@ class ImageSource(DataSource):
         )
         train_loader = None
         if options.train:
-            if len(train_ds) < options.batch_size * options.world_size:
-                raise DataError(
-                    f"--data {spec.text}: the train split has {len(train_ds)} items, fewer than "
-                    f"one batch ({options.batch_size} × {options.world_size} processes); "
-                    "lower --batch-size or raise --subsample."
-                )
             train_loader = DataLoader(
-                train_ds, batch_size=options.batch_size, num_workers=options.workers,
+                train_ds, batch_size=_train_batch(spec, len(train_ds), options),
+                num_workers=options.workers,
                 sampler=ShardedSampler(len(train_ds), shuffle=True, seed=options.seed,
                                        rank=options.rank, world_size=options.world_size),
                 drop_last=True, pin_memory=options.pin_memory,
@@ -106,6 +102,26 @@ class ImageSource(DataSource):
         train_tf = TensorTransform(config, augment=augment, flip=augment and self.flip_ok, pad=pad)
         return (TransformedTensors(train, train_tf, options.seed),
                 TransformedTensors(test, TensorTransform(config)))
+
+
+def _train_batch(spec: DataSpec, n: int, options: LoaderOptions) -> int:
+    """The train batch: ``options.batch_size``; a train split smaller than one batch (on
+    every process) is used whole, as one smaller batch, with a warning (calibration on 3 or
+    12 images is asked for; a model fitted to so few over-fits them)."""
+    world = options.world_size
+    if n >= options.batch_size * world:
+        return options.batch_size
+    if n < world:
+        raise DataError(f"{spec.text}: the train split has {n} items, fewer than the {world} "
+                        "processes that would share it; add data or run fewer processes.")
+    batch = n // world
+    per = f" per process ({world} processes)" if world > 1 else ""
+    warnings.warn(
+        f"{spec.text}: the train split has only {n} items, fewer than one batch of "
+        f"{options.batch_size}{per}; they are used as one batch of {batch}. A model "
+        "calibrated or fine-tuned on so few examples over-fits them: use more data where you "
+        "can.", SymconvertWarning, stacklevel=3)
+    return batch
 
 
 @register_data_source

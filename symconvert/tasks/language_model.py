@@ -345,6 +345,12 @@ class LanguageModelTask(Task):
     sequence = 35
     cpu_amp_unsupported = ("PyTorch's CPU autocast cannot run nn.LSTM/GRU (oneDNN has no "
                            "primitive for it under bf16 autocast)")
+    model_kind = "a language model"
+
+    def refuses(self, model: nn.Module, meta: dict[str, Any] | None = None) -> Task | None:
+        """A model with a token embedding reads token ids (a ``py:`` language model need
+        not say it is one); any other takes text only if it claims this task."""
+        return None if vocab_size_of(model) is not None else super().refuses(model, meta)
 
     def step(self, model: nn.Module, teacher: nn.Module | None, batch: Any,
              device: torch.device, config: Any, carry: Any) -> tuple[StepOutput, Any]:
@@ -411,7 +417,8 @@ class LanguageModelTask(Task):
             ).double()
             count += targets.numel()
         loss = float(total) / max(count, 1)
-        return {"perplexity": math.exp(loss), "loss": loss, "tokens": count, "n": count,
+        perplexity = math.inf if loss > 709.0 else math.exp(loss)  # diverged: inf, not OverflowError
+        return {"perplexity": perplexity, "loss": loss, "tokens": count, "n": count,
                 "split": loaders.eval_split}
 
     def epoch_row(self, totals: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
