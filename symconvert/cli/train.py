@@ -12,13 +12,12 @@ import typer
 from rich.table import Table
 
 from symconvert.checks import check_format, check_number_args
-from symconvert.cli.app import app, console, err_console
+from symconvert.cli.app import app, console
 from symconvert.cli.options import with_options
 from symconvert.io.metadata import TRUST_CODE_HELP, trusting_code
 from symconvert.tasks import task_for_scores
 from symconvert.train.config import FinetuneConfig, finetune_config
 from symconvert.train.evaluate import evaluate, load_model
-from symconvert.train.loop import TrainingInterrupted
 from symconvert.train.run import FinetuneResult, finetune
 
 DATA_HELP = (
@@ -74,14 +73,11 @@ def finetune_command(
     cfg = finetune_config(data, **config)
     check_number_args(num_classes=num_classes)
     check_format(fmt, ("table", "json"))
-    try:
-        with trusting_code(trust_code):
-            result = finetune(model_dir, data, out, cfg, teacher=teacher,
-                              num_classes=num_classes, resume=resume, overwrite=overwrite)
-    except TrainingInterrupted as exc:
-        err_console.print(f"[yellow]interrupted:[/] {exc}", highlight=False)
-        # SystemExit, not typer.Exit: cli.main returns SystemExit codes as the exit status.
-        raise SystemExit(130) from None
+    # a signal stops at a step boundary with a checkpoint (TrainingInterrupted: cli.app
+    # prints where it is and exits 130/143)
+    with trusting_code(trust_code):
+        result = finetune(model_dir, data, out, cfg, teacher=teacher,
+                          num_classes=num_classes, resume=resume, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":
         _print_finetuned(result, fmt)
 

@@ -16,6 +16,7 @@ state is checkpointed at step boundaries.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -29,8 +30,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from symconvert.checks import require_finite
-from symconvert.errors import SymconvertError, TrainingError
+from symconvert.checks import non_finite
+from symconvert.errors import Interrupted, SymconvertError, TrainingError
+from symconvert.io.signals import interrupt
 from symconvert.tasks import get_task
 from symconvert.tasks.data import DataSpec, Loaders, create_loaders
 from symconvert.train.config import FinetuneConfig, plain
@@ -62,7 +64,7 @@ class FitResult:
     resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint used
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(Interrupted):
     """SIGINT/SIGTERM: the run stopped at a step boundary after writing its checkpoint."""
 
 
@@ -74,12 +76,14 @@ class _StopSignals:
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.signum = 0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+            interrupt(signum)
+        self.signum = self.signum or signum
+        self.requested = signal.Signals(self.signum).name
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -156,6 +160,8 @@ class _Run:
         self.start_epoch = self.start_step = self.global_step = 0
         self.stats = _fresh_stats()
         self.carry: Any = None
+        self.stopping = False  # a signal was seen: stop at the next step boundary
+        self.wrote_checkpoint = False  # this run has a good checkpoint on disk
 
     def _place(self, model: nn.Module, teacher: nn.Module | None) -> nn.Module | None:
         channels_last = self.device.type == "cuda"
@@ -203,8 +209,11 @@ class _Run:
             carries: Any = [g[1] for g in gathered]
         else:
             rngs, carries = rng, _cpu(carry)
+        name = non_finite(self.model)
+        if name is not None:  # diverged: the last good checkpoint stays as it is
+            raise TrainingError(self.diverged(f"{name} holds non-finite values (NaN/inf) at "
+                                              f"epoch {epoch + 1}, step {step}"))
         if dist.main:
-            require_finite(self.model, f"checkpoint {self.ckpt_path}")
             atomic_torch_save({
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -216,12 +225,14 @@ class _Run:
                 "config": plain(self.config), "world_size": dist.world_size,
                 "steps_per_epoch": self.steps_per_epoch,
             }, self.ckpt_path)
+        self.wrote_checkpoint = True
         if dist.enabled:
             torch.distributed.barrier()
 
     def fit(self, resume: bool, progress: bool, on_step: Callable | None) -> FitResult:
         if resume:
             self.restore(load_checkpoint(self.ckpt_path))
+            self.wrote_checkpoint = True
         self.scheduler.step_update(self.global_step)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -238,6 +249,8 @@ class _Run:
             for epoch in range(self.start_epoch, self.config.epochs):
                 self.train_epoch(epoch, stop, bar, on_step)
                 result.eval = self.end_epoch(epoch, writer)
+            if any_rank(self.dist, stop.requested is not None)[0]:  # during the last epoch's end
+                self.stop(self.config.epochs, 0, stop)
         if writer is not None:
             writer.close()
         result.metrics = self.metrics
@@ -260,11 +273,13 @@ class _Run:
         t_epoch = time.perf_counter()
         step = first
         for batch in self.loaders.train:
-            state_before, carry_before = rng_state(), self.carry  # a stop replays this step
+            if self.stop_now(stop):  # at a step boundary: nothing of this step has run
+                self.stats["time"] += time.perf_counter() - t_epoch
+                self.stop(epoch, step, stop)
             with self.autocast():
                 output, carry = self.task.step(self.train_model, self.teacher, batch,
                                                self.device, self.config, self.carry)
-            self.check_step(output.loss, epoch, step, stop, state_before, carry_before)
+            self.check_step(output.loss, epoch, step, stop)
             self.optimizer_step(output.loss)
             self.carry = carry
             self.global_step += 1
@@ -289,24 +304,48 @@ class _Run:
                 t_epoch = time.perf_counter()
                 self.checkpoint(epoch, step, rng_state(), self.carry)
         self.stats["time"] += time.perf_counter() - t_epoch
+        if self.stop_now(stop):  # the epoch's steps are done; its evaluation runs on resume
+            self.stop(epoch, step, stop)
 
-    def check_step(self, loss: torch.Tensor, epoch: int, step: int, stop: _StopSignals,
-                   state_before: dict[str, Any], carry_before: Any) -> None:
-        """Non-finite loss → error before the update; a signal → checkpoint and stop."""
+    def check_step(self, loss: torch.Tensor, epoch: int, step: int, stop: _StopSignals) -> None:
+        """Non-finite loss → error before the update. A signal (on any rank) → stop at the
+        next step boundary (``self.stopping``, agreed by every rank in the same reduction):
+        this step's forward already changed BatchNorm statistics, so stopping before its
+        update would checkpoint a state no uninterrupted run passes through."""
         bad, stopping = any_rank(self.dist, not bool(torch.isfinite(loss.detach())),
                                   stop.requested is not None)
+        self.stopping = self.stopping or stopping
         if bad:
-            raise TrainingError(
-                f"the loss became non-finite ({loss.item()}) at epoch {epoch + 1}, step "
-                f"{step + 1}; training stopped before the update. The last good checkpoint "
-                f"({self.ckpt_path}) is kept. Lower --lr, keep gradient clipping on, or try "
-                "--no-amp, then resume with --resume or start over.")
-        if stopping:
-            self.checkpoint(epoch, step, state_before, carry_before)
-            raise TrainingInterrupted(
-                f"stopped by {stop.requested or 'a signal'} at epoch {epoch + 1}, step {step}; "
-                f"checkpoint {self.ckpt_path} written. Continue with the same command plus "
-                "--resume.")
+            raise TrainingError(self.diverged(f"the loss became non-finite ({loss.item()}) at "
+                                              f"epoch {epoch + 1}, step {step + 1}; training "
+                                              "stopped before the update"))
+
+    def diverged(self, what: str) -> str:
+        """The non-finite stop's message: what happened, what is kept, the way out."""
+        if self.wrote_checkpoint:
+            kept = (f"The last checkpoint with finite weights ({self.ckpt_path}) is kept; "
+                    "--resume continues from it with the same flags.")
+            again = "start over with --overwrite"
+        else:
+            kept, again = "No checkpoint had been written yet, so nothing is kept.", "run again"
+        return (f"{what}. {kept} Lower --lr and {again}, keep gradient clipping on "
+                "(--clip-grad), or try --no-amp.")
+
+    def stop_now(self, stop: _StopSignals) -> bool:
+        """Whether to stop at this step boundary: a signal seen by every rank's last
+        reduction, or (one process) any signal so far."""
+        return self.stopping or (not self.dist.enabled and stop.requested is not None)
+
+    def stop(self, epoch: int, step: int, stop: _StopSignals) -> None:
+        """Checkpoint at this step boundary and raise ``TrainingInterrupted``."""
+        self.checkpoint(epoch, step, rng_state(), self.carry)
+        name = stop.requested or "a signal on another process"
+        where = "after the last epoch" if epoch >= self.config.epochs else \
+            f"at epoch {epoch + 1}, step {step}"
+        raise TrainingInterrupted(
+            stop.signum or signal.SIGTERM,
+            f"stopped by {name} {where}; checkpoint {self.ckpt_path} written. Continue with "
+            "the same command plus --resume.")
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         clip, params = self.config.clip_grad, self.model.parameters()
@@ -331,6 +370,11 @@ class _Run:
         t_eval = time.perf_counter()
         scores = self.task.evaluate(self.model, self.loaders, self.device,
                                     self.autocast() if self.amp_on else None)
+        bad = [m.label for m in self.task.score_metrics
+               if not math.isfinite(scores.get(m.key, 0.0))]
+        if bad:
+            raise TrainingError(self.diverged(f"the evaluation after epoch {epoch + 1} gave a "
+                                              f"non-finite {bad[0]}: the model diverged"))
         eval_time = time.perf_counter() - t_eval
         rate_key = self.task.rate_key
         row = {"epoch": epoch + 1, "step": self.global_step,

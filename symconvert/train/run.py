@@ -16,10 +16,11 @@ from torch import nn
 from symconvert.checks import check_number_args
 from symconvert.errors import DataError, SymconvertError
 from symconvert.io.checkpoint import check_writable, save
-from symconvert.io.files import WEIGHTS_NAME, output_dir
+from symconvert.io.files import WEIGHTS_NAME, check_path_given, output_dir
 from symconvert.io.loading import load
 from symconvert.models.sources import create_model, create_model_from_source, reset_head
 from symconvert.surgery.plan import count_parameters
+from symconvert.tasks import check_data
 from symconvert.tasks.data import DataSpec, model_num_outputs
 from symconvert.train.config import FinetuneConfig, finetune_config, plain
 from symconvert.train.distributed import Dist, distributed
@@ -58,23 +59,28 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec,
     else:
         cfg = dataclasses.replace(config, **settings) if settings else config
     model_dir = Path(model_dir)
+    if out is not None:
+        check_path_given(out)
     out = Path(out) if out is not None else model_dir / "finetuned"
     _check_output(out, resume, overwrite)
+    student = load(model_dir)
+    check_data(student, data)  # the data's task takes this model: before anything is created
     with distributed(cfg.device) as (dist, device):
-        # created (and locked) only now; removed again if the run fails before writing
-        with output_dir(out, inputs=[model_dir], enabled=dist.main):
-            return _finetune(model_dir, data, out, cfg, teacher, num_classes, resume,
-                             progress, dist, device)
+        # created (and locked) only now; removed again if the run fails before it has a
+        # checkpoint to resume from (a full disk, a signal, bad data)
+        with output_dir(out, inputs=[model_dir], enabled=dist.main,
+                        keep_partial=lambda: (out / CHECKPOINT_NAME).exists()):
+            return _finetune(student, model_dir, data, out, cfg, teacher, num_classes,
+                             resume, progress, dist, device)
 
 
 
-def _finetune(model_dir: Path, data: str | DataSpec, out: Path, cfg: FinetuneConfig,
-              teacher: str | nn.Module | None, num_classes: int | None, resume: bool,
-              progress: bool, dist: Dist, device: torch.device) -> FinetuneResult:
+def _finetune(student: nn.Module, model_dir: Path, data: str | DataSpec, out: Path,
+              cfg: FinetuneConfig, teacher: str | nn.Module | None, num_classes: int | None,
+              resume: bool, progress: bool, dist: Dist, device: torch.device) -> FinetuneResult:
     if dist.main:
         check_writable(out, overwrite=True)
         _ensure_writable(out)
-    student = load(model_dir)
     source = dict(student.symconvert_source)
     loaders = build_loaders(data, student, cfg, dist, device)
     if num_classes is not None and num_classes != loaders.num_classes:
