@@ -87,17 +87,38 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def require_finite(model: Any, what: str) -> None:
-    """Refuse to write weights with NaN/inf in them (a diverged run)."""
-    # parameters only: a persistent buffer may hold -inf on purpose (attention masks)
-    for name, tensor in model.named_parameters():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() \
-                and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
-            raise TrainingError(
-                f"{name} holds non-finite values (NaN/inf), so {what} is not written (a "
-                "training run diverged: its last good checkpoint is kept; lower --lr, keep "
-                "gradient clipping on, or try --no-amp).")
+#: what ``require_finite`` suggests when it refuses
+DIVERGED_HINT = ("The weights are damaged, or the run that produced them diverged: lower "
+                 "--lr, keep gradient clipping on, or try --no-amp.")
 
 
-__all__ = ["MAX_CLASSES", "MAX_INPUT_SIZE", "check_format", "check_number_args",
-           "parse_input_size", "require_finite", "resolve_device"]
+def non_finite(model: Any) -> str | None:
+    """The first tensor of ``model`` a file must not hold: a parameter or a normalisation
+    statistic with NaN/inf, or any other floating buffer with NaN (a buffer may hold -inf
+    or inf on purpose: attention masks)."""
+    for prefix, module in model.named_modules():
+        strict_buffers = isinstance(module, torch.nn.modules.batchnorm._NormBase)
+        tensors = [(n, t, True) for n, t in module.named_parameters(recurse=False)]
+        tensors += [(n, t, strict_buffers) for n, t in module.named_buffers(recurse=False)]
+        for name, tensor, strict in tensors:
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() \
+                    or tensor.is_meta:
+                continue
+            bad = ~torch.isfinite(tensor) if strict else torch.isnan(tensor)
+            if bool(bad.any()):
+                return f"{prefix}.{name}" if prefix else name
+    return None
+
+
+def require_finite(model: Any, what: str, hint: str = DIVERGED_HINT) -> None:
+    """Refuse to write weights with NaN/inf in them (``non_finite``): every writer (model
+    directory, export, training checkpoint) asks this before it writes."""
+    name = non_finite(model)
+    if name is not None:
+        raise TrainingError(f"{name} holds non-finite values (NaN/inf), so {what} is not "
+                            f"written. {hint}")
+
+
+__all__ = ["DIVERGED_HINT", "MAX_CLASSES", "MAX_INPUT_SIZE", "check_format",
+           "check_number_args", "non_finite", "parse_input_size", "require_finite",
+           "resolve_device"]

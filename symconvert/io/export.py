@@ -20,9 +20,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from symconvert.checks import require_finite
 from symconvert.errors import SymconvertError
 from symconvert.io.dtypes import DTYPE_NAMES, dtype_name, parse_dtype
-from symconvert.io.files import atomic_write, check_output_file, os_error
+from symconvert.io.files import atomic_write, check_output_file, check_path_given, os_error
 from symconvert.options import Options, option
 
 
@@ -108,6 +109,10 @@ def export_with_info(model: nn.Module, fmt: str, out: str | os.PathLike, *,
     """``export``, returning ``{"path", "bytes", "index_bytes", "tables", "layers"}``."""
     options = ExportOptions(format=fmt, packed=packed,
                             dtype=dtype_name(parse_dtype(dtype)))
+    check_path_given(out)
+    require_finite(model, f"the export {out}", "The model holds damaged weights (or the run "
+                   "that trained it diverged); export a model directory whose weights are "
+                   "finite.")
     out = Path(out)
     if out.exists() and not overwrite:
         raise SymconvertError(f"{out} exists; pass --overwrite or choose another --out.")

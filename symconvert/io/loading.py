@@ -21,7 +21,7 @@ from symconvert.io.files import META_NAME, WEIGHTS_NAME
 from symconvert.io.metadata import check_trusted, validate
 from symconvert.models.sources import create_model_from_source, with_module_versions
 from symconvert.schemes import get_scheme
-from symconvert.surgery.convert import attach
+from symconvert.surgery.convert import attach, split_alias
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -170,19 +170,44 @@ def _build_bounded(directory: Path, meta: dict[str, Any], state: dict) -> nn.Mod
                               f"({type(exc).__name__}: {exc}).") from None
 
 
-def _attach_layers(directory: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+def _tensor_at(model: nn.Module, module_name: str, tensor: str, alias: str | None = None) -> Any:
+    """The tensor a recorded layer (or its tied ``alias``) names, None when there is none."""
+    try:
+        if alias is not None:
+            return getattr(*split_alias(model, alias, tensor))
+        return getattr(model.get_submodule(module_name), tensor)
+    except AttributeError:
+        return None
+
+
+def _check_layers(directory: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Every recorded layer and tied alias names a tensor of its recorded shape in the
+    rebuilt architecture, and no tensor is recorded twice; checked before anything is
+    attached."""
+    seen: set[str] = set()
+    arch = meta["source"].get("name")
     for key, record in meta.get("layers", {}).items():
         module_name, _, tensor = key.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-            current = getattr(module, tensor)
-        except AttributeError:
-            raise CheckpointError(f"{directory}: layer {key!r} does not exist in the recorded "
-                                  f"architecture {meta['source']['name']}.") from None
-        if not isinstance(current, torch.Tensor) or tuple(current.shape) != tuple(record["shape"]):
-            got = list(current.shape) if isinstance(current, torch.Tensor) else type(current).__name__
-            raise CheckpointError(f"{directory}: layer {key!r} records shape {record['shape']} but "
-                                  f"the architecture has {got}.")
+        names = [key, *record.get("aliases", [])]
+        for name in names:
+            found = _tensor_at(model, module_name, tensor, None if name == key else name)
+            if not isinstance(found, torch.Tensor) or list(found.shape) != record["shape"]:
+                got = list(found.shape) if isinstance(found, torch.Tensor) else "no such tensor"
+                what = "" if name == key else f" and the tied alias {name!r}"
+                raise CheckpointError(
+                    f"{directory}: layer {key!r} records shape {record['shape']}{what}, but "
+                    f"the recorded architecture {arch} has {got} at {name!r}. The metadata "
+                    "was edited, or belongs to another model.")
+            if name in seen:
+                raise CheckpointError(f"{directory}: {name!r} is recorded twice (as a layer or "
+                                      "a tied alias). The metadata was edited.")
+            seen.add(name)
+
+
+def _attach_layers(directory: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    _check_layers(directory, model, meta)
+    for key, record in meta.get("layers", {}).items():
+        module_name, _, tensor = key.rpartition(".")
         try:
             attach(model, module_name, tensor, record["scheme"], tuple(record["shape"]),
                    record.get("groups", 1), aliases=record.get("aliases", []), pack=False)

@@ -110,6 +110,13 @@ class SourceRecord(BaseModel):
         return self
 
 
+def tensor_name(name: str) -> str:
+    """A recorded tensor name must be a dotted module path (``layer1.0.conv1.weight``)."""
+    if len(name) > 500 or not re.fullmatch(r"[\w\-]+(\.[\w\-]+)*", name):
+        raise ValueError(f"tensor name {name!r} is not a dotted module path")
+    return name
+
+
 class LayerRecord(BaseModel):
     """One converted tensor. Extra keys (``output_error``, calibration figures) are kept."""
 
@@ -120,6 +127,11 @@ class LayerRecord(BaseModel):
     groups: StrictInt = Field(default=1, ge=1)
     aliases: list[StrictStr] = Field(default_factory=list)
     tensor: StrictStr | None = None
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, aliases: list[str]) -> list[str]:
+        return [tensor_name(a) for a in aliases]
 
     @field_validator("shape")
     @classmethod
@@ -169,9 +181,10 @@ class Metadata(BaseModel):
     @field_validator("layers", "aliases")
     @classmethod
     def _names(cls, value: dict) -> dict:
-        for key in value:
-            if not re.fullmatch(r"[\w.\-]{1,500}", key):
-                raise ValueError(f"tensor name {key!r} is not a dotted module path")
+        for key, item in value.items():
+            tensor_name(key)
+            if isinstance(item, str):  # an alias's kept tensor
+                tensor_name(item)
         return value
 
 
@@ -261,5 +274,5 @@ def check_trusted(meta: dict[str, Any], trust_code: bool | None = None,
 
 
 __all__ = ["DTYPES", "FILE_KWARGS", "MAX_ELEMENTS", "Metadata", "LayerRecord", "STAGE_MODELS",
-           "SourceRecord", "builtin_py", "check_trusted", "trust_code_default", "trusting_code",
-           "validate"]
+           "SourceRecord", "builtin_py", "check_trusted", "tensor_name", "trust_code_default",
+           "trusting_code", "validate"]

@@ -169,6 +169,9 @@ def _build_timm(name, pretrained, num_classes, weights, kwargs) -> nn.Module:
     except Exception as exc:
         if pretrained and looks_offline(exc):
             raise _offline_error(f"timm:{name}", exc) from None
+        if pretrained and "No pretrained weights" in str(exc):
+            raise WeightsError(f"timm:{name} has no pretrained weights: pass --no-pretrained "
+                               "(random init) or --weights FILE.") from None
         if name.startswith("hf-hub:") and looks_offline(exc):
             raise _hub_config_offline(name, exc) from None
         if isinstance(exc, (TypeError, ValueError)) or (kwargs and _kwarg_failure(exc)):
@@ -306,12 +309,33 @@ def reset_head(model: nn.Module, num_classes: int) -> None:
 # --- weights files --------------------------------------------------------------------
 
 
+def _weights_format(path: Path) -> str:
+    """``"torch"`` (a zip or pickle, as ``torch.save`` writes) or ``"safetensors"`` (an
+    8-byte header length, then JSON), from the first bytes: the suffix may lie."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise WeightsError(f"cannot read weights file {path}: {exc.strerror}.") from None
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return "torch"
+    if head[8:9] == b"{":
+        return "safetensors"
+    what = "it is empty" if not head else f"it starts with {head!r}"
+    raise WeightsError(f"{path} is not a weights file ({what}; neither safetensors nor a "
+                       "PyTorch checkpoint). Pass a .safetensors or .pth/.pt state_dict.")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` or ``.pth/.pt`` file, never unpickling objects."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise WeightsError(f"weights file {path} does not exist.")
-    if path.suffix == ".safetensors":
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "a device, pipe or socket"
+        raise WeightsError(f"weights file {path} is not a regular file ({kind}); pass a "
+                           ".safetensors or .pth/.pt file.")
+    if _weights_format(path) == "safetensors":
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -322,15 +346,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as exc:
             # torch's first line advises weights_only=False (running the pickle); the
             # useful part is the line naming the refused global
-            detail = next((ln.strip() for ln in str(exc).splitlines()
-                           if "GLOBAL" in ln or "Unsupported" in ln), "")
+            detail = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln
+                           or "global" in ln.lower()), "")
+            if not detail:  # not a refused object: a damaged pickle
+                raise WeightsError(f"{path} is not a readable PyTorch weights file (a damaged "
+                                   "pickle). Re-save it, or pass a .safetensors file.") from None
             raise WeightsError(
                 f"{path} holds Python objects beyond tensors, which symconvert refuses to "
-                f"unpickle (weights_only=True){': ' + detail if detail else ''} Re-save it "
-                "as a plain state_dict or as .safetensors."
+                f"unpickle (weights_only=True): {detail} Re-save it as a plain state_dict or "
+                "as .safetensors."
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise WeightsError(f"{path} is not a readable PyTorch weights file: {exc}") from None
+        except Exception as exc:  # truncated zip, damaged pickle: all unusable
+            raise WeightsError(f"{path} is not a readable PyTorch weights file: "
+                               f"{type(exc).__name__}: {exc}") from None
         for key in ("state_dict", "model", "model_state_dict", "module"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

@@ -83,7 +83,7 @@ def attach(
     if handler is not None:
         handler.after_convert(module)
     for alias in aliases:
-        alias_module, alias_tensor = _split_alias(model, alias, tensor)
+        alias_module, alias_tensor = split_alias(model, alias, tensor)
         with torch.no_grad():
             # The first registration turned the shared Parameter into the packed tensor
             # in place (parametrize's `set_`), so the alias now holds the packed shape:
@@ -102,7 +102,9 @@ def attach(
             alias_handler.after_convert(alias_module)
 
 
-def _split_alias(model: nn.Module, alias: str, default_tensor: str) -> tuple[nn.Module, str]:
+def split_alias(model: nn.Module, alias: str, default_tensor: str) -> tuple[nn.Module, str]:
+    """The module and tensor name a tied alias names: a module (its ``default_tensor``) or
+    ``module.tensor``; ``AttributeError`` when the model has neither."""
     try:
         return model.get_submodule(alias), default_tensor
     except AttributeError:
