@@ -35,7 +35,7 @@ import yaml
 from symconvert.checks import resolve_device
 from symconvert.errors import RecipeError, SymconvertError
 from symconvert.io.checkpoint import check_writable
-from symconvert.io.files import WEIGHTS_NAME, output_dir
+from symconvert.io.files import WEIGHTS_NAME, atomic_write_text, output_dir, wrote
 from symconvert.io.metadata import trust_code_default, trusting_code
 from symconvert.pipeline.load import (
     check_data,
@@ -47,12 +47,11 @@ from symconvert.pipeline.load import (
 from symconvert.pipeline.schema import Recipe
 from symconvert.pipeline.stages import (
     REPORT_STEM,
-    build_source,
+    check_model,
     convert_stage,
     finetune_stage,
     report_stage,
 )
-from symconvert.surgery.api import inspect
 from symconvert.tasks import task_for_data
 from symconvert.train.distributed import setup_distributed
 
@@ -121,19 +120,14 @@ def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         check_data(recipe)
     except RecipeError as exc:
         problems.append(str(exc))
-    out = recipe.run_dir
-    present = [name for name in RUN_ARTIFACTS if (out / name).exists()]
-    if present and not (overwrite or resume):
-        problems.append(f"out: {out} already holds a run ({', '.join(present)}); the real run "
-                        "needs --overwrite, --resume or another --set out=...")
+    try:
+        _check_out(recipe, overwrite, resume)
+    except SymconvertError as exc:
+        problems.append(str(exc))
     plan = None
     if build_model:
         try:
-            model = build_source(recipe)
-            kwargs = recipe.convert_kwargs()
-            for key in ("calibrate", "calibration_samples", "calibration_damp"):  # convert-only
-                kwargs.pop(key, None)  # (a dry run measures nothing)
-            plan = inspect(model, recipe.scheme, **kwargs)
+            plan = check_model(recipe)[1]
         except RecipeError as exc:
             problems.append(str(exc))
         except SymconvertError as exc:
@@ -163,11 +157,16 @@ class _Log:
         if self.path is None:
             return
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        new = not self.path.exists()
         with self.path.open("a") as fh:
             fh.write(f"{stamp} {message}\n")
+        if new:  # this run's file: removed with the rest if the run fails before converting
+            wrote(self.path)
 
 
-def _prepare_out(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
+def _check_out(recipe: Recipe, overwrite: bool, resume: bool) -> list[str]:
+    """Refuse a run directory that is a file, holds another run (without --overwrite or
+    --resume) or, resuming, a run of another recipe; returns the run artifacts present."""
     out = recipe.run_dir
     if out.exists() and not out.is_dir():
         raise RecipeError(f"out: {out} exists and is not a directory")
@@ -176,13 +175,6 @@ def _prepare_out(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
         raise RecipeError(
             f"out: {out} already holds a run ({', '.join(present)}); pass --overwrite to "
             f"replace it, --resume to continue it, or --set out=another/dir.")
-    if overwrite and not resume:
-        for name in present:  # only what a run writes: never the user's other files
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
     if resume and (out / RECIPE_NAME).exists():
         previous = yaml.safe_load((out / RECIPE_NAME).read_text())
         now = resolve(recipe)
@@ -193,6 +185,21 @@ def _prepare_out(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
                 f"--resume: the recipe differs from the one in {out / RECIPE_NAME} in "
                 f"{', '.join(changed)}; resume with the same recipe, or --overwrite to restart.")
     check_writable(out, overwrite=True)
+    return present
+
+
+def _prepare_out(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
+    """``_check_out`` again (under the lock), then, with --overwrite, remove the previous
+    run's artifacts (only those: never the user's other files)."""
+    out = recipe.run_dir
+    present = _check_out(recipe, overwrite, resume)
+    if overwrite and not resume:
+        for name in present:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -223,8 +230,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
         progress: bool = True, echo: Callable[[str], None] | None = None) -> RunResult:
     """convert → finetune → report into ``recipe.run_dir``; returns the report and paths.
 
-    Under ``torchrun`` every rank calls this: rank 0 converts and reports, all ranks
-    fine-tune. ``resume`` continues an interrupted run in the same directory (same recipe).
+    Everything ``dry_run`` checks is checked before the run directory is created (the
+    data root, the data's task against the model, the selection); a run that fails before
+    its converted model is written removes what it wrote. Under ``torchrun`` every rank
+    calls this: rank 0 converts and reports, all ranks fine-tune. ``resume`` continues an
+    interrupted run in the same directory (same recipe).
     """
     echo = echo or (lambda text: print(text, file=sys.stderr))
     rank, world = _distributed()
@@ -246,39 +256,60 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False,
     # the recipe's own py: model was named by the user, so its directories may rebuild it;
     # the run directory is locked against a second concurrent run
     trusted = trust_code_default() or str(recipe.model.name).startswith("py:")
+    converted = recipe.run_dir / CONVERTED_DIR / WEIGHTS_NAME
     try:
-        with trusting_code(trusted), output_dir(recipe.run_dir, enabled=main):
-            return _run(recipe, resolved, overwrite, resume, progress, echo, main, leave_group)
+        with trusting_code(trusted):
+            model = _on_rank0(main, lambda: _validate(recipe, overwrite, resume))
+            with output_dir(recipe.run_dir, enabled=main, keep_partial=converted.exists):
+                return _run(recipe, resolved, overwrite, resume, progress, echo, main,
+                            leave_group, model)
     finally:
         leave_group()
 
 
-def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool,
-         progress: bool, echo: Callable[[str], None], main: bool,
-         leave_group: Callable[[], None]) -> RunResult:
-    out = recipe.run_dir
-    seconds: dict[str, float] = {}
+def _validate(recipe: Recipe, overwrite: bool, resume: bool) -> Any:
+    """What ``dry_run`` checks, before the run directory is created: the directory, then
+    the model against the data and the selection. Returns the source model."""
+    _check_out(recipe, overwrite, resume)
+    return check_model(recipe)[0]
+
+
+def _on_rank0(main: bool, work: Callable[[], Any], log: Callable[[str], None] | None = None
+              ) -> Any:
+    """``work()`` on rank 0 (its error logged); every rank learns whether it failed, so
+    that none waits at a barrier for ever."""
     failed: BaseException | None = None
+    result = None
     if main:
         try:
-            out = _prepare_out(recipe, overwrite, resume)
+            result = work()
         except BaseException as exc:  # noqa: BLE001  (told to the other ranks, then raised)
             failed = exc
+            if log is not None:
+                log(f"failed: {type(exc).__name__}: {exc}")
     if _broadcast_error(failed is not None):
         if failed is not None:
             raise failed
-        raise RecipeError("another rank could not prepare the run directory")
+        raise RecipeError("rank 0 stopped the run; see its error")
+    return result
+
+
+def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool,
+         progress: bool, echo: Callable[[str], None], main: bool,
+         leave_group: Callable[[], None], model: Any) -> RunResult:
+    seconds: dict[str, float] = {}
+    out = _on_rank0(main, lambda: _prepare_out(recipe, overwrite, resume)) or recipe.run_dir
     log = _Log(out / LOG_NAME if main else None)
     converted = out / CONVERTED_DIR
     finetuned = out / FINETUNED_DIR
     if main:
-        (out / RECIPE_NAME).write_text(
-            f"# resolved by symconvert run from {recipe_origin(recipe)}\n" + dump_yaml(resolved))
+        atomic_write_text(out / RECIPE_NAME, f"# resolved by symconvert run from "
+                          f"{recipe_origin(recipe)}\n" + dump_yaml(resolved))
         log(f"run {recipe_origin(recipe)} → {out}" + (" (resume)" if resume else ""))
 
     # 1. convert (rank 0; the others wait in _broadcast_error)
     t0 = time.perf_counter()
-    _convert_step(recipe, converted, resume, echo, log, main)
+    _on_rank0(main, lambda: _convert_step(recipe, converted, resume, echo, log, model), log)
     seconds["convert"] = time.perf_counter() - t0
 
     # 2. finetune (every rank)
@@ -306,27 +337,16 @@ def _run(recipe: Recipe, resolved: dict[str, Any], overwrite: bool, resume: bool
 
 
 def _convert_step(recipe: Recipe, converted: Path, resume: bool, echo: Callable[[str], None],
-                  log: _Log, main: bool) -> None:
-    """Rank 0 converts (or, resuming, reuses the converted directory); every rank learns
-    whether it failed."""
-    failed: BaseException | None = None
-    if main:
-        try:
-            if resume and (converted / WEIGHTS_NAME).exists():
-                echo(f"convert: reusing {converted}")
-                log("convert: reused")
-            else:
-                echo(f"convert: {recipe.model.name} with {recipe.scheme} → {converted}")
-                plan = convert_stage(recipe, converted)
-                log(f"convert: {plan['converted']} layers converted, parameters "
-                    f"{plan['params']['before']:,} → {plan['params']['after']:,}")
-        except BaseException as exc:  # noqa: BLE001
-            failed = exc
-            log(f"convert failed: {type(exc).__name__}: {exc}")
-    if _broadcast_error(failed is not None):
-        if failed is not None:
-            raise failed
-        raise RecipeError("rank 0 could not convert the model; see its error")
+                  log: _Log, model: Any) -> None:
+    """Rank 0 converts ``model`` (or, resuming, reuses the converted directory)."""
+    if resume and (converted / WEIGHTS_NAME).exists():
+        echo(f"convert: reusing {converted}")
+        log("convert: reused")
+        return
+    echo(f"convert: {recipe.model.name} with {recipe.scheme} → {converted}")
+    plan = convert_stage(recipe, converted, model)
+    log(f"convert: {plan['converted']} layers converted, parameters "
+        f"{plan['params']['before']:,} → {plan['params']['after']:,}")
 
 
 __all__ = ["DryRun", "RunResult", "StagePlan", "dry_run", "run", "stages"]

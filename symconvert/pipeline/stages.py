@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from symconvert.errors import RecipeError, SymconvertError, WeightsError
+from symconvert.errors import Interrupted, RecipeError, SymconvertError, WeightsError
 from symconvert.io.checkpoint import save
 from symconvert.io.files import atomic_write_text
 from symconvert.models.sources import create_model
@@ -21,8 +21,10 @@ from symconvert.report.build import build_report
 from symconvert.report.options import ReportOptions
 from symconvert.report.plot import plot_report
 from symconvert.report.render import render
-from symconvert.surgery.api import convert
+from symconvert.surgery.api import convert, inspect
 from symconvert.surgery.config import ConvertConfig
+from symconvert.surgery.plan import Plan
+from symconvert.tasks import check_data
 from symconvert.train.run import finetune
 from symconvert.train.state import CHECKPOINT_NAME
 
@@ -41,11 +43,30 @@ def build_source(recipe: Recipe) -> nn.Module:
                           "--set model.pretrained=false.") from None
 
 
-def convert_stage(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """Build the source model, convert it and write ``out`` (model, metadata, plan.json)
-    as ``symconvert convert`` does."""
+def check_model(recipe: Recipe) -> tuple[nn.Module, Plan]:
+    """Build the recipe's source model and find, before anything is written, what would stop
+    the run later: data (and calibration data) of another task than the model's, a
+    selection that converts nothing or a target reduction out of reach. Returns the model
+    and its plan (without calibration: nothing is measured)."""
+    model = build_source(recipe)
+    calibrate = recipe.selection.calibrate
+    try:
+        check_data(model, recipe.data.spec, flag="data:")
+        if isinstance(calibrate, str):
+            check_data(model, calibrate, flag="selection.calibrate:")
+    except SymconvertError as exc:
+        raise RecipeError(f"recipe {recipe_origin(recipe)}: {exc}") from None
+    kwargs = recipe.convert_kwargs()
+    for key in ("calibrate", "calibration_samples", "calibration_damp"):  # convert-only
+        kwargs.pop(key, None)
+    return model, inspect(model, recipe.scheme, **kwargs)
+
+
+def convert_stage(recipe: Recipe, out: Path, model: nn.Module | None = None) -> dict[str, Any]:
+    """Convert the source model (``model``, or built now) and write ``out`` (model,
+    metadata, plan.json) as ``symconvert convert`` does."""
     config = ConvertConfig.of(recipe.scheme, **recipe.convert_kwargs())
-    model, plan = convert(build_source(recipe), config)
+    model, plan = convert(model if model is not None else build_source(recipe), config)
     save(model, out, overwrite=True, plan=plan, config=config)
     return plan.to_dict()
 
@@ -67,7 +88,7 @@ def finetune_stage(recipe: Recipe, converted: Path, finetuned: Path, resume: boo
     except BaseException as exc:
         if main:
             log(f"finetune stopped: {type(exc).__name__}: {exc}")
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, (KeyboardInterrupt, Interrupted)):
                 echo("the last checkpoint is kept: rerun the same command with --resume "
                      "to continue")
         raise
@@ -108,5 +129,5 @@ def report_stage(recipe: Recipe, model_dir: Path, out: Path, log: Echo | None = 
     return report, files
 
 
-__all__ = ["REPORT_STEM", "build_source", "convert_stage", "finetune_stage", "report_options",
+__all__ = ["REPORT_STEM", "build_source", "check_model", "convert_stage", "finetune_stage", "report_options",
            "report_stage"]
