@@ -12,7 +12,7 @@ import torch
 from _helpers_train import FASHION_MNIST, one_thread
 from torch import nn
 
-from symconvert.errors import DataError
+from symconvert.errors import DataError, SymconvertWarning
 from symconvert.tasks.data import (
     DATA_SOURCES,
     DataSource,
@@ -366,9 +366,19 @@ def test_imagefolder_wrong_layout(tmp_path, broken, needle):
     assert str(tmp_path) in message
 
 
-def test_batch_larger_than_the_train_split_is_a_clear_error():
-    with pytest.raises(DataError, match="lower --batch-size"):
-        create_loaders("digits", None, batch_size=64, subsample=50)
+def test_a_train_split_smaller_than_one_batch_is_one_batch_with_a_warning():
+    """3 or 12 calibration images (issue 22): used whole, as one smaller batch, with a word
+    about over-fitting; only fewer items than processes is an error."""
+    with pytest.warns(SymconvertWarning, match="over-fits"):
+        loaders = create_loaders("digits", None, batch_size=64, subsample=12)
+    batches = list(loaders.train)
+    assert [len(y) for _, y in batches] == [12]
+    with pytest.warns(SymconvertWarning, match="per process"):
+        loaders = create_loaders("digits", None, batch_size=64, subsample=3, world_size=2,
+                                 rank=1)
+    assert [len(y) for _, y in loaders.train] == [1]
+    with pytest.raises(DataError, match="fewer than the 4 processes"):
+        create_loaders("digits", None, batch_size=64, subsample=3, world_size=4)
 
 
 def test_worker_processes_give_the_same_batches():
