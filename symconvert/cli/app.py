@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             if debug:
                 traceback.print_exc()
             _say("[bold red]error:[/]", _message(exc))
+            # the frames hold what the command built (models, DataLoader workers): let
+            # them go now, not at some later garbage collection
+            traceback.clear_frames(exc.__traceback__)
             return 2
         except (KeyboardInterrupt, Interrupted) as exc:
             return _interrupted(exc)

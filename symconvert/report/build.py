@@ -41,7 +41,7 @@ from symconvert.report.options import ReportOptions
 from symconvert.report.render import Report
 from symconvert.report.sources import SourceCache
 from symconvert.surgery.plan import count_parameters
-from symconvert.tasks import task_of
+from symconvert.tasks import check_data, task_of
 from symconvert.tasks.data import parse_data_spec
 from symconvert.train.state import METRICS_NAME
 
@@ -71,6 +71,8 @@ def build_report(directory: str | os.PathLike, data: str | None = None, *,
         parse_data_spec(options.data)  # a bad spec fails now, before any measuring
     say(f"loading {directory}")
     model = load(directory).eval()
+    if options.data:
+        check_data(model, options.data)  # of the model's task: before any measuring
     task = task_of(model)
     parent = _parent(directory, meta)
     kind = "finetuned" if parent is not None or meta.get("finetune") else "converted"
