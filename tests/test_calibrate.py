@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import symconvert
-from symconvert.surgery.calibrate import calibrated_costs, reestimate_batchnorm
+from symconvert.surgery.calib_costs import calibrated_costs
+from symconvert.surgery.calibrate import reestimate_batchnorm
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
