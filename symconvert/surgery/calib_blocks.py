@@ -61,10 +61,11 @@ class Block:
 
 
 def find_blocks(model: nn.Module, units: Sequence[Unit]) -> list[Block]:
-    """The blocks of ``model`` that hold converted tensors: the outermost composite children
-    of an ``nn.Sequential``/``nn.ModuleList`` (not containers themselves) whose converted
-    tensors are used only inside the block (a tensor tied across blocks keeps the blocks
-    layer-wise). ``calibrate`` then keeps those called once per forward."""
+    """The blocks of ``model`` that hold converted tensors: the innermost composite children
+    of an ``nn.Sequential``/``nn.ModuleList`` (not containers themselves: a residual block, a
+    transformer layer) whose converted tensors are used only inside the block (a tensor tied
+    across blocks keeps the blocks layer-wise). ``calibrate`` then keeps those called once
+    per forward."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Sequential, nn.ModuleList)):
@@ -72,15 +73,26 @@ def find_blocks(model: nn.Module, units: Sequence[Unit]) -> list[Block]:
         for child_name, child in module.named_children():
             if isinstance(child, (nn.Sequential, nn.ModuleList)) or next(child.children(), None) is None:
                 continue
-            full = f"{name}.{child_name}" if name else child_name
-            if not any(full.startswith(f"{outer}.") for outer, _ in found):
-                found.append((full, child))
+            found.append((f"{name}.{child_name}" if name else child_name, child))
+    holding = [(n, m) for n, m in found
+               if any(s.startswith(f"{n}.") for u in units for s in u.sites)]
+    names = [n for n, _ in holding]
     blocks = []
-    for name, module in found:
+    for name, module in holding:
+        if any(o.startswith(f"{name}.") for o in names):
+            continue  # not the innermost
         inside = [u for u in units if any(s.startswith(f"{name}.") for s in u.sites)]
-        if inside and all(s.startswith(f"{name}.") for u in inside for s in u.sites):
+        if all(s.startswith(f"{name}.") for u in inside for s in u.sites):
             blocks.append(Block(name, module, inside))
     return blocks
+
+
+def called_once(blocks: list[Block], calls: dict[str, int]) -> list[Block]:
+    """The blocks called once per forward whose converted layers are called once too (a
+    layer module shared by two blocks is called twice: refining it in one block would
+    change the other)."""
+    return [b for b in blocks if calls.get(b.name) == 1
+            and all(calls.get(s) == 1 for u in b.units for s in u.sites)]
 
 
 def first_tensor(out: Any) -> torch.Tensor:

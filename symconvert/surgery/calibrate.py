@@ -53,6 +53,7 @@ from symconvert.surgery.calib_blocks import (
     DEFAULT_STEPS,
     Block,
     RefineOptions,
+    called_once,
     capture,
     find_blocks,
     refine_block,
@@ -272,7 +273,7 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
     if units:
         units, calls = forward_order(model, units, batches[0], device,
                                      also=tuple(b.name for b in found))
-    found = [b for b in found if calls.get(b.name) == 1]
+    found = called_once(found, calls)
     last = {id(max(b.units, key=units.index)): b for b in found}
     bar = _Progress(len(units), progress, "calibrate")
     try:
