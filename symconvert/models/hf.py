@@ -55,6 +55,7 @@ class HFModel(nn.Module):
                 "encoder": "model.pooler.dense"}[kind]
         # selection.head_names reads the classifier's name here (as for timm models)
         self.pretrained_cfg = {"classifier": head}
+        self.train(model.training)  # built in eval mode, as from_pretrained returns it
 
     @property
     def config(self) -> Any:
