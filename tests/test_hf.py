@@ -173,3 +173,18 @@ def test_pickle_weights_and_unknown_architectures_are_refused(hf_dirs, tmp_path)
         symconvert.create_model(f"hf:{d}")
     result = run_cli("inspect", "hf:nobody-xyz/absent-model", "--scheme", "block")
     assert result.code == 2 and "local Hugging Face cache" in result.stderr, result
+
+
+def test_hub_name_is_read_from_the_local_cache(hf_dirs, tmp_path, monkeypatch):
+    """hf:ORG/NAME: the snapshot in the Hugging Face cache, offline."""
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-bert" / "snapshots" / ("a" * 40)
+    shutil.copytree(hf_dirs["bert"], snapshot)
+    refs = tmp_path / "hub" / "models--someorg--tiny-bert" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = symconvert.create_model("hf:someorg/tiny-bert")
+    assert model.symconvert_source["name"] == "someorg/tiny-bert"
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(x), _reference(hf_dirs["bert"], "bert", x), atol=1e-5)

@@ -150,10 +150,11 @@ def resolve_dir(name: str) -> Path:
         raise UnknownModelError(f"hf:{name}: no such directory, and not an ORG/NAME hub id.")
     from huggingface_hub import constants, try_to_load_from_cache
 
-    found = try_to_load_from_cache(name, CONFIG_NAME)
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE  # as set now
+    found = try_to_load_from_cache(name, CONFIG_NAME, cache_dir=cache)
     if not isinstance(found, str):
         raise WeightsError(
-            f"hf:{name} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            f"hf:{name} is not in the local Hugging Face cache ({cache}) and "
             "symconvert does not download. Download it once (huggingface-cli download "
             f"{name}) or pass a local directory: hf:DIR with config.json and model.safetensors.")
     return Path(found).parent
