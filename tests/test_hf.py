@@ -188,3 +188,46 @@ def test_hub_name_is_read_from_the_local_cache(hf_dirs, tmp_path, monkeypatch):
     x = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert torch.allclose(model(x), _reference(hf_dirs["bert"], "bert", x), atol=1e-5)
+
+
+def _wordpiece(text: list[str], path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tok.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=VOCAB,
+                                                            special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(path))
+
+
+def test_sequence_classifier_on_tsv(tmp_path):
+    """A BertForSequenceClassification head: tsv:ROOT with its tokenizer, top-1 over every
+    test line; image data and text: refuse it by name."""
+    pytest.importorskip("tokenizers")
+    from symconvert.train.evaluate import evaluate
+
+    config = _configs()["bert"]
+    config.num_labels = 3
+    d = tmp_path / "cls"
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(d)
+    lines = [f"the {w} cat sat on a mat number {i}" for i, w in
+             enumerate(["red", "big", "old", "small"] * 6)]
+    _wordpiece(lines, d / "tokenizer.json")
+    data = tmp_path / "tsv"
+    data.mkdir()
+    rows = [f"{t}\t{i % 3}" for i, t in enumerate(lines)]
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:16]) + "\n")
+    (data / "test.tsv").write_text("\n".join(rows[16:]) + "\n")
+    model = symconvert.create_model(f"hf:{d}")
+    result = evaluate(model, f"tsv:{data}", device="cpu")
+    assert result["n"] == 8 and 0.0 <= result["top1"] <= 1.0
+    assert "model.classifier" not in [e.module for e in symconvert.inspect(model, "block").converted]
+    result = run_cli("evaluate", f"hf:{d}", "--data", "digits")
+    assert result.code == 2 and "sequence classifier" in result.stderr, result
+    (data / "test.tsv").write_text("b\t1\na\tnot-a-label\n")
+    with pytest.raises(SymconvertError, match="not an integer"):
+        evaluate(model, f"tsv:{data}", device="cpu")

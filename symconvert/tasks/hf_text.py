@@ -134,12 +134,18 @@ def _files(root: Path) -> dict[str, Path]:
     return {"train": train, "eval": evaluation}
 
 
+def sequence_length(model: nn.Module) -> int:
+    """``SEQUENCE``, or the model's positions when it has fewer."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(SEQUENCE, int(positions or SEQUENCE))
+
+
 def hf_text_loaders(spec: DataSpec, model: nn.Module, options: LoaderOptions) -> Loaders:
     """``text:ROOT`` loaders for an ``hf:`` model (see the module docstring)."""
     files = _files(Path(spec.root))
     tokenizer = read_tokenizer(model)
-    length = min(SEQUENCE, int(getattr(model.config, "max_position_embeddings", None)
-                               or getattr(model.config, "n_positions", SEQUENCE)))
+    length = sequence_length(model)
     wrap = None
     if model.hf_kind == "encoder":
         cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
@@ -184,8 +190,8 @@ class HFTextTask(Task):
 
     def example_inputs(self, model: nn.Module, batch_size: int = 1,
                        input_size: Any = None) -> tuple[torch.Tensor, ...]:
-        return (torch.zeros(batch_size, SEQUENCE if input_size is None else int(input_size),
-                            dtype=torch.long),)
+        length = sequence_length(model) if input_size is None else int(input_size)
+        return (torch.zeros(batch_size, length, dtype=torch.long),)
 
     def describe_scores(self, scores: dict[str, Any]) -> str:
         return f"eval {self.metric.label} {self.metric.format(scores.get(self.metric.key))}"
@@ -301,4 +307,4 @@ class HFEmbeddingTask(HFTextTask):
 
 __all__ = ["HFCausalLMTask", "HFEmbeddingTask", "SequenceLoader", "encode_file",
            "hf_text_loaders", "mean_pooled", "read_tokenizer", "reference_embeddings",
-           "sequences"]
+           "sequence_length", "sequences"]
