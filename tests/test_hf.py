@@ -228,6 +228,8 @@ def test_sequence_classifier_on_tsv(tmp_path):
     assert "model.classifier" not in [e.module for e in symconvert.inspect(model, "block").converted]
     result = run_cli("evaluate", f"hf:{d}", "--data", "digits")
     assert result.code == 2 and "sequence classifier" in result.stderr, result
+    result = run_cli("evaluate", f"hf:{d}", "--data", f"text:{data}")
+    assert result.code == 2 and "tsv:ROOT" in result.stderr, result
     (data / "test.tsv").write_text("b\t1\na\tnot-a-label\n")
     with pytest.raises(SymconvertError, match="not an integer"):
         evaluate(model, f"tsv:{data}", device="cpu")

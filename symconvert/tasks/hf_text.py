@@ -143,6 +143,9 @@ def sequence_length(model: nn.Module) -> int:
 
 def hf_text_loaders(spec: DataSpec, model: nn.Module, options: LoaderOptions) -> Loaders:
     """``text:ROOT`` loaders for an ``hf:`` model (see the module docstring)."""
+    if model.hf_kind not in ("causal-lm", "encoder"):
+        raise DataError(f"--data {spec.text}: {type(model.model).__name__} is a sequence "
+                        "classifier; give it labelled text: tsv:ROOT (TEXT<TAB>LABEL lines).")
     files = _files(Path(spec.root))
     tokenizer = read_tokenizer(model)
     length = sequence_length(model)
