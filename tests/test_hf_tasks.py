@@ -89,3 +89,18 @@ def test_report_shows_perplexity_of_source_and_converted(corpus_root, tmp_path):
     assert report["task"] == "hf-causal-lm"
     assert acc["source"]["perplexity"] < acc["converted"]["perplexity"]
     assert report["params"]["after"] < report["params"]["before"]
+
+
+@pytest.mark.slow
+def test_finetune_recovers_a_naive_conversion(corpus_root, tmp_path):
+    """finetune on text: trains an hf: causal LM with the shared loop (AdamW, distilled
+    from the source): the naive block conversion's test perplexity goes down."""
+    data = f"text:{corpus_root}"
+    assert run_cli("convert", f"hf:{GPT2}", "--scheme", "block", "--out", tmp_path / "c").code == 0
+    before = evaluate(symconvert.load(tmp_path / "c"), data, device="cpu")["perplexity"]
+    result = run_cli("finetune", tmp_path / "c", "--data", data, "--epochs", "1", "--opt", "adamw",
+                     "--lr", "5e-4", "--clip-grad", "1", "--batch-size", "8", "--momentum", "0.9",
+                     "--subsample", "6000", "--out", tmp_path / "ft")
+    assert result.code == 0, result
+    after = evaluate(symconvert.load(tmp_path / "ft"), data, device="cpu")["perplexity"]
+    assert after < before, (before, after)
