@@ -233,3 +233,14 @@ def test_sequence_classifier_on_tsv(tmp_path):
     (data / "test.tsv").write_text("b\t1\na\tnot-a-label\n")
     with pytest.raises(SymconvertError, match="not an integer"):
         evaluate(model, f"tsv:{data}", device="cpu")
+
+
+def test_sharded_safetensors_are_read(hf_dirs, tmp_path):
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dirs["llama"])
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        ours = symconvert.create_model(f"hf:{tmp_path / 'sharded'}")(x)
+    assert torch.allclose(ours, _reference(hf_dirs["llama"], "llama", x), atol=1e-5)

@@ -202,18 +202,7 @@ def linearize(model: nn.Module) -> int:
 def load_pretrained(model: HFModel, directory: Path) -> None:
     """Read ``directory/model.safetensors`` into ``model`` (key prefixes of a base model
     saved alone, or of a task model, are matched; tied weights re-tied)."""
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        other = [p.name for p in directory.glob("*.bin")] + \
-            [p.name for p in directory.glob("*.safetensors.index.json")]
-        hint = (f" It holds {', '.join(other)}: symconvert reads only a single model.safetensors"
-                " (a pickle is never loaded); convert it with transformers' save_pretrained("
-                "safe_serialization=True).") if other else ""
-        raise WeightsError(f"{directory} has no {WEIGHTS_FILE}.{hint}")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from None
+    state, path = read_safetensors(directory)
     inner = model.model
     state = _match_prefix(inner, state)
     own = inner.state_dict()
@@ -229,6 +218,36 @@ def load_pretrained(model: HFModel, directory: Path) -> None:
         raise WeightsError(f"{path} does not fit {type(inner).__name__}: {len(missing)} missing "
                            f"({', '.join(missing[:3])}), {len(unexpected)} unexpected "
                            f"({', '.join(unexpected[:3])}).")
+
+
+def read_safetensors(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of ``model.safetensors``, or of the shards its ``.index.json`` names
+    (plain file names inside ``directory``); a pickle (``*.bin``) is never read."""
+    path = directory / WEIGHTS_FILE
+    index = directory / (WEIGHTS_FILE + ".index.json")
+    if path.is_file():
+        files = [path]
+    elif index.is_file():
+        try:
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise WeightsError(f"{index} is not a readable shard index: {exc}") from None
+        if not all(isinstance(n, str) and re.fullmatch(r"[\w.\-]+\.safetensors", n) for n in names):
+            raise WeightsError(f"{index} names shards that are not .safetensors files beside it.")
+        files, path = [directory / n for n in sorted(names)], index
+    else:
+        other = [p.name for p in directory.glob("*.bin")]
+        hint = (f" It holds {', '.join(other)}: symconvert reads safetensors only (a pickle is "
+                "never loaded); convert it with transformers' save_pretrained("
+                "safe_serialization=True).") if other else ""
+        raise WeightsError(f"{directory} has no {WEIGHTS_FILE}.{hint}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightsError(f"{file} is not a readable safetensors file: {exc}") from None
+    return state, path
 
 
 def _is_conv1d_weight(model: nn.Module, key: str) -> bool:
@@ -306,5 +325,5 @@ def tokenizer_dir(model: nn.Module) -> Path | None:
 
 
 __all__ = ["HFModel", "KINDS", "PREFIX", "TOKENIZER_FILES", "build", "build_source",
-           "check_config", "is_hf", "linearize", "load_pretrained", "read_config",
+           "check_config", "is_hf", "linearize", "load_pretrained", "read_config", "read_safetensors",
            "resolve_dir", "source_record", "tokenizer_dir", "transformers_state"]
