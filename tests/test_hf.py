@@ -171,6 +171,9 @@ def test_pickle_weights_and_unknown_architectures_are_refused(hf_dirs, tmp_path)
     d = _copy(hf_dirs["bert"], tmp_path / "type", model_type="evil")
     with pytest.raises(SymconvertError, match="not a transformers architecture"):
         symconvert.create_model(f"hf:{d}")
+    d = _copy(hf_dirs["bert"], tmp_path / "kernel", attn_implementation="kernels-community/x")
+    with pytest.raises(SymconvertError, match="fetched from the Hub"):
+        symconvert.create_model(f"hf:{d}")
     result = run_cli("inspect", "hf:nobody-xyz/absent-model", "--scheme", "block")
     assert result.code == 2 and "local Hugging Face cache" in result.stderr, result
 

@@ -38,7 +38,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.txt", "vocab.json", "merges.txt", "generation_config.json")
 #: config keys refused: code to import (auto_map), libraries to load (quantization)
 REFUSED_KEYS = {"auto_map": "names Python code to import (trust_remote_code)",
+                "trust_remote_code": "asks to run the directory's code",
+                "custom_pipelines": "names Python code to import",
                 "quantization_config": "asks for a quantization backend"}
+#: the kernels a config may choose (others may be fetched from the Hub and run)
+KERNELS = (None, "eager", "sdpa")
 MAX_CONFIG_BYTES = 1_000_000
 KINDS = ("causal-lm", "sequence-classification", "encoder")
 _REPO = re.compile(r"^[A-Za-z0-9_.\-]{1,96}/[A-Za-z0-9_.\-]{1,96}$")
@@ -108,6 +112,7 @@ def check_config(config: Any, where: str) -> tuple[str, str]:
                 f"{where}: the config has {key!r}, which {why}; symconvert never runs code "
                 "a model directory names (no trust_remote_code). Use a model whose "
                 "architecture ships with transformers.")
+    _check_kernels(config, where)
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise UnknownModelError(f"{where}: model_type {model_type!r} is not a transformers "
@@ -125,6 +130,21 @@ def check_config(config: Any, where: str) -> tuple[str, str]:
     raise UnknownModelError(
         f"{where}: architecture {arch!r} ({model_type}) is not supported: symconvert builds "
         "transformers' base models, *ForCausalLM/*LMHeadModel and *ForSequenceClassification.")
+
+
+def _check_kernels(config: dict[str, Any], where: str, depth: int = 0) -> None:
+    """``attn_implementation`` (and the like, in sub-configs too) only names a kernel
+    transformers ships: a Hub kernel repository would be downloaded and run."""
+    for key, value in config.items():
+        chosen = list(value.values()) if isinstance(value, dict) else [value]
+        if "implementation" in key and any(isinstance(v, str) and v not in KERNELS or
+                                           isinstance(v, (dict, list)) for v in chosen):
+            raise SymconvertError(
+                f"{where}: {key} = {value!r}; symconvert builds with transformers' own "
+                f"kernels only ({', '.join(k for k in KERNELS if k)}): another name may be code "
+                "fetched from the Hub and run.")
+        if isinstance(value, dict) and depth < 4:
+            _check_kernels(value, where, depth + 1)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
