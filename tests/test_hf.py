@@ -247,3 +247,14 @@ def test_sharded_safetensors_are_read(hf_dirs, tmp_path):
     with torch.no_grad():
         ours = symconvert.create_model(f"hf:{tmp_path / 'sharded'}")(x)
     assert torch.allclose(ours, _reference(hf_dirs["llama"], "llama", x), atol=1e-5)
+
+
+def test_load_needs_no_source_directory(hf_dirs, tmp_path):
+    """The directory records the config: load rebuilds with the source directory gone."""
+    src = shutil.copytree(hf_dirs["gpt2"], tmp_path / "src")
+    model, _ = symconvert.convert(symconvert.create_model(f"hf:{src}"), "channel")
+    symconvert.save(model, tmp_path / "conv")
+    shutil.rmtree(src)
+    x = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(symconvert.load(tmp_path / "conv")(x), model.eval()(x))
