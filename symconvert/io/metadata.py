@@ -12,7 +12,10 @@ symmetric (``layers``). Before anything is built from it:
 * ``check_trusted(meta, trust_code)`` refuses a recorded ``py:`` source (it would import
   and call code named by the file) unless the user opted in (``--trust-code`` /
   ``trust_code=True``). Factories shipped in ``symconvert.models`` are symconvert's own
-  code and always allowed. ``timm``/``torchvision`` names must be registered models.
+  code and always allowed. ``timm``/``torchvision`` names must be registered models. An
+  ``hf`` source records its transformers config: it must name a transformers architecture
+  and no code (``auto_map``, Hub kernels) — refused even with ``--trust-code``
+  (``symconvert.models.hf.check_config``).
 
 Extension points for later stages: every top-level key other than the model-shaping
 ones is kept as is (``convert``, ``finetune``, ``parent``, ``calibration``, ``lm``,
