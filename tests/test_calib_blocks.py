@@ -19,6 +19,7 @@ from symconvert.surgery.calib_blocks import (
     called_once,
     capture,
     find_blocks,
+    probe_chains,
     refine_block,
 )
 from symconvert.surgery.calib_moments import calibration_mode, find_units, forward_order
@@ -112,7 +113,8 @@ def test_refinement_takes_keyword_inputs_and_never_ends_worse_on_held_back_data(
     batches = list(x.split(32))
     with calibration_mode(model, source):
         forward_order(model, units, x, torch.device("cpu"))
-        calls, targets = capture(model, source, blocks[0], batches, torch.device("cpu"))
+        data = capture(model, source, blocks[0], batches, torch.device("cpu"))
+        calls, targets = data.calls, data.targets()
         assert len(calls) == 3 and "mask" in calls[0][1] and calls[0][1]["mask"].shape == (32, 5)
         rec = refine_block(blocks[0], calls, targets, RefineOptions(steps=60, batch=16))
     assert rec["steps"] == 60 and rec["held_back"] == 32
@@ -154,3 +156,29 @@ def test_block_wise_recovers_more_of_a_real_cifar_resnet_than_layer_wise():
     assert len(blocks) == 15
     assert all(b["output_error"] < b["output_error_layerwise"] for b in blocks.values())
     assert scores[100] > scores[0] + 0.06, scores
+
+
+def test_chained_blocks_take_the_previous_blocks_output_and_give_the_same_fit():
+    """Blocks that take the previous block's output (and its keyword arguments) are fed its
+    cached output instead of a forward of the models up to them: the fits are the same as
+    with every block's inputs captured from the models."""
+    torch.manual_seed(1)
+    source = _Masked().eval()
+    x = torch.randn(64, 5, 12)
+    model, _ = symconvert.convert(copy.deepcopy(source), "channel", include_head=True)
+    blocks = find_blocks(model, find_units(model))
+    with calibration_mode(model, source):
+        chains = probe_chains(model, blocks, x[:2], torch.device("cpu"))
+        assert chains == {"layers.1": "layers.0"}
+        first = capture(model, source, blocks[0], [x], torch.device("cpu"))
+        chained = first.chained(blocks[1], source.layers[1], first.targets())
+        direct = capture(model, source, blocks[1], [x], torch.device("cpu"))
+    for a, b in ((chained.calls, direct.calls), (chained.source_calls, direct.source_calls)):
+        torch.testing.assert_close(a[0][0][0], b[0][0][0])
+        assert a[0][1]["mask"] is b[0][1]["mask"] or torch.equal(a[0][1]["mask"], b[0][1]["mask"])
+    resnet, _ = symconvert.convert(timm.create_model("cifar_resnet20"), "channel")
+    with calibration_mode(resnet):
+        units = find_units(resnet)
+        chains = probe_chains(resnet, find_blocks(resnet, units), torch.randn(2, 3, 32, 32), "cpu")
+    # every block but the first takes the one before it (across stages too)
+    assert len(chains) == 8 and chains["layer2.0"] == "layer1.2"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from symconvert.surgery.calib_moments import Stop, Unit, run_model
+from symconvert.surgery.calib_moments import BlockFeed, Stop, Unit, call_module, run_model
 from symconvert.surgery.parametrization import symmetric_of
 
 #: Adam steps per block by default (``--calibration-steps``; 0: layer-wise fits only)
@@ -118,33 +118,98 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def capture(model: nn.Module, source_model: nn.Module, block: Block, batches, device
-            ) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor]]:
-    """Per calibration batch: the converted block's call (args, kwargs), as the converted
-    model (earlier blocks fitted) makes it, and the source block's output on the source's
-    own input. Each forward stops at the block."""
-    conv_block = block.module
-    src_block = dict(source_model.named_modules())[block.name]
-    calls: list[tuple[tuple, dict]] = []
-    targets: list[torch.Tensor] = []
+@dataclass
+class BlockData:
+    """A block's cached inputs on every calibration batch: the converted block's calls, as
+    the converted model (earlier layers fitted) makes them, and the source block's calls, as
+    the source model makes them (``(args, kwargs)`` each)."""
 
-    def pre(mod, args, kwargs):
-        calls.append((_detach(args), _detach(kwargs)))
-        raise Stop
+    block: Block
+    source_block: nn.Module
+    calls: list[tuple[tuple, dict]]
+    source_calls: list[tuple[tuple, dict]]
 
-    def post(mod, args, out):
-        targets.append(first_tensor(out).detach())
-        raise Stop
+    def feeds(self) -> list[BlockFeed]:
+        return [BlockFeed(self.block.module, self.source_block, c, s)
+                for c, s in zip(self.calls, self.source_calls, strict=True)]
 
+    def targets(self) -> list[torch.Tensor]:
+        """The source block's outputs."""
+        return [first_tensor(call_module(self.source_block, s)).detach() for s in self.source_calls]
+
+    def chained(self, block: Block, source_block: nn.Module, targets: list[torch.Tensor]) -> BlockData:
+        """The next block's inputs when it takes this block's output (and the same keyword
+        arguments): no forward of the models from their input."""
+        outs = [first_tensor(call_module(self.block.module, c)).detach() for c in self.calls]
+        return BlockData(block, source_block, [((o,), c[1]) for o, c in zip(outs, self.calls, strict=True)],
+                         [((t,), s[1]) for t, s in zip(targets, self.source_calls, strict=True)])
+
+
+def capture(model: nn.Module, source_model: nn.Module, block: Block, batches, device) -> BlockData:
+    """Per calibration batch the calls of the converted and the source block, each model
+    run from its input up to the block (and stopped there)."""
+    source_block = dict(source_model.named_modules())[block.name]
+    got: tuple[list, list] = ([], [])
     for x in batches:
-        for module, hook, net in ((conv_block, pre, model), (src_block, post, source_model)):
-            handle = (module.register_forward_pre_hook(hook, with_kwargs=True) if hook is pre
-                      else module.register_forward_hook(hook))
+        for net, module, out in ((model, block.module, got[0]), (source_model, source_block, got[1])):
+            def pre(mod, args, kwargs, _out=out):
+                _out.append((_detach(args), _detach(kwargs)))
+                raise Stop
+            handle = module.register_forward_pre_hook(pre, with_kwargs=True)
             try:
                 run_model(net, x, device)
             finally:
                 handle.remove()
-    return calls, targets
+    return BlockData(block, source_block, got[0], got[1])
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (an object without a plain equality)
+        return False
+
+
+def probe_chains(model: nn.Module, blocks: list[Block], x: torch.Tensor, device) -> dict[str, str]:
+    """``{block: previous block}`` for the blocks whose only positional input is the previous
+    block's output and whose keyword arguments are the previous block's (the same objects),
+    seen in one forward of ``model`` on ``x``: calibration then feeds them the previous
+    block's cached outputs (linear in depth) instead of running the model up to them."""
+    seen: dict[str, list] = {}
+    handles = []
+    for block in blocks:
+        def pre(mod, args, kwargs, _name=block.name):
+            seen[_name] = [args, kwargs, None]
+
+        def post(mod, args, out, _name=block.name):
+            seen[_name][2] = out
+        handles += [block.module.register_forward_pre_hook(pre, with_kwargs=True),
+                    block.module.register_forward_hook(post)]
+    try:
+        run_model(model, x, device)
+    finally:
+        for h in handles:
+            h.remove()
+    order = [n for n in seen if seen[n][2] is not None]
+    chains = {}
+    for prev, cur in zip(order, order[1:], strict=False):
+        args, kwargs, _ = seen[cur]
+        _, prev_kwargs, prev_out = seen[prev]
+        try:
+            out = first_tensor(prev_out)
+        except TypeError:
+            continue
+        if len(args) == 1 and args[0] is out and _same(kwargs, prev_kwargs):
+            chains[cur] = prev
+    return chains
 
 
 def refinable(block: Block) -> list[torch.Tensor]:

@@ -89,6 +89,52 @@ def run_model(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
         pass
 
 
+class Feed:
+    """One calibration batch through the converted then the source model (the hooks
+    ``handles`` removed after): what a fit runs to see its layer's inputs and targets."""
+
+    def __init__(self, model: nn.Module, source_model: nn.Module, x: torch.Tensor,
+                 device: torch.device) -> None:
+        self.model, self.source_model, self.x, self.device = model, source_model, x, device
+
+    def __call__(self, handles: list) -> None:
+        try:
+            run_model(self.model, self.x, self.device)
+            run_model(self.source_model, self.x, self.device)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class BlockFeed(Feed):
+    """One calibration batch through a converted block and its source block, on their cached
+    inputs (``(args, kwargs)`` each): a layer inside a block is fitted without running the
+    models from their input up to it."""
+
+    def __init__(self, block: nn.Module, source_block: nn.Module, call: tuple[tuple, dict],
+                 source_call: tuple[tuple, dict]) -> None:
+        self.block, self.source_block, self.call, self.source_call = (block, source_block, call,
+                                                                      source_call)
+
+    def __call__(self, handles: list) -> None:
+        try:
+            call_module(self.block, self.call)
+            call_module(self.source_block, self.source_call)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def call_module(module: nn.Module, call: tuple[tuple, dict]) -> Any:
+    """``module(*args, **kwargs)`` without gradients; None when a hook stopped it."""
+    args, kwargs = call
+    try:
+        with torch.no_grad():
+            return module(*args, **kwargs)
+    except Stop:
+        return None
+
+
 # ----------------------------------------------------------------------------- units
 
 

@@ -17,13 +17,13 @@ from symconvert.schemes import Scheme
 from symconvert.surgery.calib_moments import (
     MHA_INPUTS,
     CalibrationError,
+    Feed,
     Moments,
     Stop,
     Unit,
     is_conv,
     layer_io,
     packed_of,
-    run_model,
 )
 from symconvert.surgery.rnn import refresh_flat_weights
 
@@ -186,8 +186,11 @@ class Fitter:
         return p.detach(), (None if b is None else b.detach())
 
 
-def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], batches, device,
-              opts: SolveOptions) -> dict[str, float]:
+def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], feeds: list[Feed],
+             opts: SolveOptions) -> dict[str, float]:
+    """Fit a conv/linear weight: its input as the converted model feeds it, its target the
+    source layer's output, over ``feeds`` (each runs both models, or both blocks, on one
+    calibration batch)."""
     module = unit.module
     if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or unit.tensor != "weight":
         raise CalibrationError(f"{unit.name}: calibration supports conv, linear and LSTM/GRU layers, "
@@ -200,7 +203,7 @@ def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], batches, de
     once = len(sites) == 1 and calls.get(sites[0], 0) == 1
     conv_mods = dict(model.named_modules())
     src_mods = dict(source_model.named_modules())
-    for x in batches:
+    for feed in feeds:
         got_x: list[tuple[str, torch.Tensor]] = []
         got_y: list[tuple[str, torch.Tensor]] = []
         handles = []
@@ -216,7 +219,7 @@ def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], batches, de
                     raise Stop
             handles.append(conv_mods[s].register_forward_pre_hook(pre))
             handles.append(src_mods[s].register_forward_hook(post))
-        _run_both(model, source_model, x, device, handles)
+        feed(handles)
         if len(got_x) != len(got_y):
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
                                    "a different number of times.")
@@ -255,8 +258,8 @@ def _solve_and_write(unit: Unit, mom: Moments, conv_groups: int, src_w: torch.Te
 # ----------------------------------------------------------------------------- attention
 
 
-def _call_inputs(model, source_model, module, src_module, x, device, read, stop: bool):
-    """Run both models on ``x`` and return what ``read(module, args, kwargs)`` takes from every call
+def _call_inputs(module, src_module, feed: Feed, read, stop: bool):
+    """Run ``feed`` (both models on one batch) and return what ``read(module, args, kwargs)`` takes from every call
     of ``module`` (converted) and ``src_module`` (source); ``stop``: only the first call,
     the rest of each forward skipped."""
     got: tuple[list, list] = ([], [])
@@ -267,18 +270,8 @@ def _call_inputs(model, source_model, module, src_module, x, device, read, stop:
             if stop:
                 raise Stop
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    _run_both(model, source_model, x, device, handles)
+    feed(handles)
     return got
-
-
-def _run_both(model, source_model, x, device, handles) -> None:
-    """The converted then the source model on ``x``; the hooks ``handles`` removed after."""
-    try:
-        run_model(model, x, device)
-        run_model(source_model, x, device)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,8 +281,8 @@ def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, to
     return got[0], got[1], got[2]
 
 
-def fit_mha(model, source_model, unit: Unit, calls: dict[str, int], batches, device,
-             opts: SolveOptions) -> dict[str, Any]:
+def fit_mha(model, source_model, unit: Unit, calls: dict[str, int], feeds: list[Feed],
+            opts: SolveOptions) -> dict[str, Any]:
     """Fit an input projection of nn.MultiheadAttention (``in_proj_weight``, or one of
     ``q/k/v_proj_weight``): a linear layer whose input is the attention's query (key,
     value) and whose target is the source's projection of its own input, bias included."""
@@ -306,8 +299,8 @@ def fit_mha(model, source_model, unit: Unit, calls: dict[str, int], batches, dev
     src_w = getattr(src, unit.tensor).detach()
     once = calls.get(unit.module_name, 0) == 1
     mom = Moments(bias is not None)
-    for x in batches:
-        conv_calls, src_calls = _call_inputs(model, source_model, mha, src, x, device,
+    for feed in feeds:
+        conv_calls, src_calls = _call_inputs(mha, src, feed,
                                              lambda m, args, kwargs: _mha_call(args, kwargs), once)
         if len(conv_calls) != len(src_calls):
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
@@ -383,8 +376,8 @@ def _rnn_inputs(rnn: nn.RNNBase, args, kwargs) -> tuple[torch.Tensor, Any]:
     return x, hx
 
 
-def fit_rnn(model, source_model, unit: Unit, batches, device,
-             opts: SolveOptions) -> dict[str, float]:
+def fit_rnn(model, source_model, unit: Unit, feeds: list[Feed],
+            opts: SolveOptions) -> dict[str, float]:
     """Fit one gate-weight tensor of an LSTM/GRU/RNN: ``weight_ih_l{k}`` on the layer's
     input sequence, ``weight_hh_l{k}`` on the previous hidden states, the target being the
     source's gate pre-activations (W x + b) on the source's own sequences."""
@@ -400,9 +393,8 @@ def fit_rnn(model, source_model, unit: Unit, batches, device,
     bias_name = ("bias_ih" if kind == "weight_ih" else "bias_hh") + f"_l{layer}{suffix}"
     has_bias = rnn.bias
     mom = Moments(has_bias)
-    for x in batches:
-        conv_calls, src_calls = _call_inputs(model, source_model, rnn, src_rnn, x, device,
-                                             _rnn_inputs, True)
+    for feed in feeds:
+        conv_calls, src_calls = _call_inputs(rnn, src_rnn, feed, _rnn_inputs, True)
         xc, hc = conv_calls[0]
         xs, hs = src_calls[0]
         for k in range(layer + 1):

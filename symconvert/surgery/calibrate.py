@@ -52,14 +52,17 @@ from symconvert.surgery.calib_blocks import (
     DEFAULT_LR,
     DEFAULT_STEPS,
     Block,
+    BlockData,
     RefineOptions,
     called_once,
     capture,
     find_blocks,
+    probe_chains,
     refine_block,
 )
 from symconvert.surgery.calib_moments import (
     CalibrationError,
+    Feed,
     Unit,
     calibration_mode,
     find_units,
@@ -267,34 +270,61 @@ def _require_source_layers(units: list[Unit], source_model: nn.Module) -> None:
 def _fit_all(model, source_model, units, batches, device, opts, refine, progress, layers,
              blocks) -> list[Block]:
     """Every unit's fit in forward order; after a block's last unit, the block's refinement.
-    Fills ``layers`` and ``blocks``; returns the blocks refined."""
-    found = find_blocks(model, units) if refine.steps > 0 and units else []
+    A layer inside a block is fitted on the block's cached inputs, and a block that takes the
+    previous block's output gets that block's cached output: the models are run from their
+    input once per chain of blocks, not once per layer. Fills ``layers`` and ``blocks``;
+    returns the blocks refined."""
+    found = find_blocks(model, units) if units else []
     calls: dict[str, int] = {}
     if units:
         units, calls = forward_order(model, units, batches[0], device,
                                      also=tuple(b.name for b in found))
     found = called_once(found, calls)
+    chains = probe_chains(model, found, batches[0][:2], device) if found else {}
+    block_of = {id(u): b for b in found for u in b.units}
     last = {id(max(b.units, key=units.index)): b for b in found}
+    model_feeds = [Feed(model, source_model, x, device) for x in batches]
+    data: BlockData | None = None
+    done: tuple[BlockData, list] | None = None  # the last block refined, and its targets
     bar = _Progress(len(units), progress, "calibrate")
     try:
         for unit in units:
-            if isinstance(unit.module, nn.MultiheadAttention):
-                record = fit_mha(model, source_model, unit, calls, batches, device, opts)
-            elif isinstance(unit.module, nn.RNNBase):
-                record = fit_rnn(model, source_model, unit, batches, device, opts)
-            else:
-                record = fit_unit(model, source_model, unit, calls, batches, device, opts)
+            block = block_of.get(id(unit))
+            if block is not None and (data is None or data.block is not block):
+                data = _block_inputs(model, source_model, block, batches, device, chains, done)
+            record = _fit_one(model, source_model, unit, calls,
+                              data.feeds() if block is not None else model_feeds, opts)
             layers[unit.name] = record
             bar.step(unit.name, record.get("output_error_naive"), record.get("output_error"))
-            block = last.get(id(unit))
-            if block is not None:
-                got, targets = capture(model, source_model, block, batches, device)
-                blocks[block.name] = rec = refine_block(block, got, targets, refine)
+            if last.get(id(unit)) is not None and refine.steps > 0:
+                targets = data.targets()
+                blocks[block.name] = rec = refine_block(block, data.calls, targets, refine)
                 bar.note(f"calibrate block {block.name}: output error "
                          f"{rec['output_error_layerwise']:.3f} -> {rec['output_error']:.3f}")
+                done = (data, targets)
+            elif last.get(id(unit)) is not None:
+                done = (data, data.targets())
     finally:
         bar.close()
-    return found
+    return found if refine.steps > 0 else []
+
+
+def _block_inputs(model, source_model, block: Block, batches, device, chains: dict[str, str],
+                  done: tuple[BlockData, list] | None) -> BlockData:
+    """The block's cached inputs: the previous block's outputs when it chains from it, else
+    both models run up to it."""
+    if done is not None and chains.get(block.name) == done[0].block.name:
+        source_block = dict(source_model.named_modules())[block.name]
+        return done[0].chained(block, source_block, done[1])
+    return capture(model, source_model, block, batches, device)
+
+
+def _fit_one(model, source_model, unit: Unit, calls, feeds, opts) -> dict[str, Any]:
+    if isinstance(unit.module, nn.MultiheadAttention):
+        return fit_mha(model, source_model, unit, calls, feeds, opts)
+    if isinstance(unit.module, nn.RNNBase):
+        return fit_rnn(model, source_model, unit, feeds, opts)
+    return fit_unit(model, source_model, unit, calls, feeds, opts)
 
 
 def annotate_plan(plan: Any, result: CalibrationResult) -> None:
