@@ -65,14 +65,16 @@ class _Layer:
     name: str
     module: nn.Module
     matrix: torch.Tensor  # (out, in·k·k), whitened when calibrated
-    whiten: torch.Tensor | None  # L⁻¹, or None
+    chol: torch.Tensor | None  # L, the Cholesky factor of X·Xᵀ (None: unwhitened)
     sigma2: torch.Tensor = dataclasses.field(init=False)
     u: torch.Tensor = dataclasses.field(init=False)
     s: torch.Tensor = dataclasses.field(init=False)
     vt: torch.Tensor = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.u, self.s, self.vt = torch.linalg.svd(self.matrix, full_matrices=False)
+        # float32 is accurate enough to choose and keep the leading directions, and fast
+        u, s, vt = torch.linalg.svd(self.matrix.float(), full_matrices=False)
+        self.u, self.s, self.vt = u.double(), s.double(), vt.double()
         self.sigma2 = self.s.double() ** 2
 
     @property
@@ -147,7 +149,7 @@ def _layer(name: str, module: nn.Module, cov: torch.Tensor | None) -> _Layer:
         return _Layer(name, module, w, None)
     damp = _DAMP * cov.diagonal().mean().clamp_min(1e-12)
     chol = torch.linalg.cholesky(cov + damp * torch.eye(len(cov), dtype=cov.dtype))
-    return _Layer(name, module, w @ chol, torch.linalg.inv(chol))
+    return _Layer(name, module, w @ chol, chol)
 
 
 def _ranks(layers: list[_Layer], energy: float) -> dict[str, int]:
@@ -194,8 +196,8 @@ def _factor(layer: _Layer, rank: int) -> Factored:
     """The two layers of ``layer`` at ``rank``, singular values split evenly."""
     root = layer.s[:rank].sqrt()
     a = root[:, None] * layer.vt[:rank]  # (r, in·k·k)
-    if layer.whiten is not None:
-        a = a @ layer.whiten
+    if layer.chol is not None:  # A·L⁻¹, without forming the inverse
+        a = torch.linalg.solve_triangular(layer.chol, a, upper=False, left=False)
     b = layer.u[:, :rank] * root[None, :]  # (out, r)
     m = layer.module
     dtype = m.weight.dtype
@@ -236,7 +238,7 @@ def factorize(model: nn.Module, budget: int,
             setattr(modules[parent] if parent else model, child,
                     _factor(layer, ranks[layer.name]))
     return LowRank(model, _removed(layers, ranks), ranks, energy,
-                   sum(layer.whiten is not None for layer in layers if layer.name in ranks),
+                   sum(layer.chol is not None for layer in layers if layer.name in ranks),
                    step)
 
 

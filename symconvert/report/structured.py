@@ -162,27 +162,40 @@ def _search(search: _Search, budget: int) -> tuple[tuple[nn.Module, int], float,
             hi = mid
         if best[1] == budget:
             break
-    step, changed = 0, True
+    cost: dict[str, int] = {}  # what one more channel of each group removed when last tried
+    changed = True
     while changed and best[1] < budget:  # top up, group by group, as many channels as fit
-        changed, step = False, 0
+        changed = False
         for name, channels in search.roots:
-            room = channels - 1 - counts.get(name, 0)
-            fit, over = 0, room + 1  # extra channels known to fit / known not to
-            extra = 1
-            while fit + 1 < over:  # gallop, then bisect, on the extra channel count
-                more = {**counts, name: counts[name] + extra} if name in counts else \
-                    {**counts, name: extra}
-                trial = search.prune(more)
-                if trial[1] <= budget:
-                    fit, found = extra, (trial, more)
-                else:
-                    over = extra
-                    if not fit and trial[1] > best[1]:
-                        step = min(step or trial[1] - best[1], trial[1] - best[1])
-                extra = min(extra * 2, over - 1) if extra == fit else (fit + over) // 2
-            if fit and found[0][1] > best[1]:
+            if cost.get(name, 0) > budget - best[1]:
+                continue  # one more channel of this group did not fit, and still does not
+            found = _gallop(search, budget, best, counts, name, channels, cost)
+            if found is not None:
                 (best, counts), changed = found, True
+    step = min((c for c in cost.values() if c > budget - best[1]), default=0)
     return best, lo, step
+
+
+def _gallop(search: _Search, budget: int, best: tuple[nn.Module, int], counts: dict[str, int],
+            name: str, channels: int, cost: dict[str, int]) -> Any:
+    """The most extra channels of group ``name`` that still fit (doubling, then bisecting),
+    as ``((model, removed), counts)``, or None; records one channel's cost in ``cost``."""
+    base = counts.get(name, 0)
+    fit, over, extra, found = 0, channels - base, 1, None  # over: known not to fit
+    while fit + 1 < over:
+        more = {**counts, name: base + extra}
+        trial = search.prune(more)
+        if extra == 1:
+            cost[name] = trial[1] - best[1]
+        if trial[1] <= budget:
+            fit, found = extra, (trial, more)
+        else:
+            over = extra
+        extra = min(extra * 2, over - 1) if extra == fit else (fit + over) // 2
+    if found is not None and found[0][1] > best[1]:
+        cost[name] = 0  # it moved: its next channel's cost is unknown again
+        return found
+    return None
 
 
 def prune_structured(model: nn.Module, budget: int, example: torch.Tensor) -> Pruned:
