@@ -218,14 +218,20 @@ def prune_structured(model: nn.Module, budget: int, example: torch.Tensor) -> Pr
                 "trace: only each block's inner channels are pruned; the channels the "
                 "shortcuts carry stay")
         ignored = _inner_ignored(model, example, head)
-    search = _Search(model, example, {names[id(m)] for m in ignored})
-    most = search.prune(search.uniform(1.0))[1] if search.roots else 0
-    if most < budget:
-        raise StructuredError(
-            f"pruning every channel group Torch-Pruning may prune ({scope}, "
-            f"{len(search.roots)} groups, the head kept) down to one channel removes "
-            f"{most:,} parameters, short of the {budget:,} the symmetric model removes")
-    (pruned, removed), ratio, step = _search(search, budget)
+    try:
+        search = _Search(model, example, {names[id(m)] for m in ignored})
+        most = search.prune(search.uniform(1.0))[1] if search.roots else 0
+        if most < budget:
+            raise StructuredError(
+                f"pruning every channel group Torch-Pruning may prune ({scope}, "
+                f"{len(search.roots)} groups, the head kept) down to one channel removes "
+                f"{most:,} parameters, short of the {budget:,} the symmetric model removes")
+        (pruned, removed), ratio, step = _search(search, budget)
+    except SymconvertError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a layer DepGraph cannot prune raises anything
+        raise StructuredError(f"Torch-Pruning cannot prune the model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from None
     _check_runs(pruned, example)
     return Pruned(pruned, removed, scope, ratio, len(search.roots), note, step)
 
