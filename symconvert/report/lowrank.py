@@ -13,7 +13,7 @@ least until the budget is met to within one rank of one layer.
 With calibration inputs (the ones ``convert --calibrate`` used) the SVD is whitened by
 each layer's input statistics (SVD-LLM, Wang et al. 2024): ``W·L = U S Vᵀ`` with ``L`` the
 Cholesky factor of ``X Xᵀ``, ``W ≈ U_r S_r V_rᵀ L⁻¹``, so the ranks kept are the ones that
-matter on real inputs. Layers that are called functionally (attention's ``out_proj``)
+matter on real inputs; that product is then split into factors of one scale (its own SVD). Layers that are called functionally (attention's ``out_proj``)
 see no input in a forward hook and are factorised unwhitened.
 """
 
@@ -61,7 +61,9 @@ class Factored(nn.Module):
 
 
 @dataclasses.dataclass
-class _Layer:
+class SvdLayer:
+    """One layer's weight as a matrix and its SVD (of ``W·L`` when whitened)."""
+
     name: str
     module: nn.Module
     matrix: torch.Tensor  # (out, in·k·k), whitened when calibrated
@@ -143,16 +145,16 @@ def input_covariances(model: nn.Module, layers: list[tuple[str, nn.Module]],
     return cov
 
 
-def _layer(name: str, module: nn.Module, cov: torch.Tensor | None) -> _Layer:
+def svd_layer(name: str, module: nn.Module, cov: torch.Tensor | None) -> SvdLayer:
     w = module.weight.detach().double().flatten(1)
     if cov is None:
-        return _Layer(name, module, w, None)
+        return SvdLayer(name, module, w, None)
     damp = _DAMP * cov.diagonal().mean().clamp_min(1e-12)
     chol = torch.linalg.cholesky(cov + damp * torch.eye(len(cov), dtype=cov.dtype))
-    return _Layer(name, module, w @ chol, chol)
+    return SvdLayer(name, module, w @ chol, chol)
 
 
-def _ranks(layers: list[_Layer], energy: float) -> dict[str, int]:
+def _ranks(layers: list[SvdLayer], energy: float) -> dict[str, int]:
     """Each layer's rank at ``energy``, for the layers whose factors are smaller."""
     out = {}
     for layer in layers:
@@ -162,11 +164,11 @@ def _ranks(layers: list[_Layer], energy: float) -> dict[str, int]:
     return out
 
 
-def _removed(layers: list[_Layer], ranks: dict[str, int]) -> int:
+def _removed(layers: list[SvdLayer], ranks: dict[str, int]) -> int:
     return sum(layer.saved(ranks.get(layer.name)) for layer in layers)
 
 
-def choose_ranks(layers: list[_Layer], budget: int) -> tuple[dict[str, int], float, int]:
+def choose_ranks(layers: list[SvdLayer], budget: int) -> tuple[dict[str, int], float, int]:
     """Ranks removing ``budget`` parameters to within one rank of one layer: the highest
     global energy within the budget (bisection), then the cheapest single ranks."""
     lo, hi = 0.0, 1.0  # energy hi removes <= budget, lo removes more
@@ -192,13 +194,20 @@ def choose_ranks(layers: list[_Layer], budget: int) -> tuple[dict[str, int], flo
     return ranks, hi, step
 
 
-def _factor(layer: _Layer, rank: int) -> Factored:
+def factor_layer(layer: SvdLayer, rank: int) -> Factored:
     """The two layers of ``layer`` at ``rank``, singular values split evenly."""
-    root = layer.s[:rank].sqrt()
-    a = root[:, None] * layer.vt[:rank]  # (r, in·k·k)
-    if layer.chol is not None:  # A·L⁻¹, without forming the inverse
-        a = torch.linalg.solve_triangular(layer.chol, a, upper=False, left=False)
-    b = layer.u[:, :rank] * root[None, :]  # (out, r)
+    u, s, vt = layer.u[:, :rank], layer.s[:rank], layer.vt[:rank]
+    if layer.chol is not None:
+        # W ≈ U S (Vᵀ L⁻¹): the right factor is not orthonormal (L⁻¹ can be large where an
+        # input direction is rare), so the rank-r product is balanced again by its own SVD
+        # (exact at rank r): factors of one scale train well under the same fine-tuning
+        right = torch.linalg.solve_triangular(layer.chol, vt, upper=False, left=False)
+        q, r_ = torch.linalg.qr(right.T)  # right = r_ᵀ qᵀ
+        u2, s, vt2 = torch.linalg.svd((u * s) @ r_.T, full_matrices=False)
+        u, vt = u2, vt2 @ q.T
+    root = s.sqrt()
+    a = root[:, None] * vt  # (r, in·k·k)
+    b = u * root[None, :]  # (out, r)
     m = layer.module
     dtype = m.weight.dtype
     if isinstance(m, nn.Conv2d):
@@ -223,7 +232,7 @@ def factorize(model: nn.Module, budget: int,
     when even rank 1 everywhere cannot remove the budget."""
     targets = eligible(model)
     cov = input_covariances(model.eval(), targets, batches) if batches is not None else {}
-    layers = [_layer(n, m, cov.get(n)) for n, m in targets]
+    layers = [svd_layer(n, m, cov.get(n)) for n, m in targets]
     most = sum(max(layer.saved(1), 0) for layer in layers)
     if most < budget:
         raise LowRankError(
@@ -236,11 +245,11 @@ def factorize(model: nn.Module, budget: int,
         if layer.name in ranks:
             parent, _, child = layer.name.rpartition(".")
             setattr(modules[parent] if parent else model, child,
-                    _factor(layer, ranks[layer.name]))
+                    factor_layer(layer, ranks[layer.name]))
     return LowRank(model, _removed(layers, ranks), ranks, energy,
                    sum(layer.chol is not None for layer in layers if layer.name in ranks),
                    step)
 
 
-__all__ = ["Factored", "LowRank", "LowRankError", "eligible", "factorize",
-           "input_covariances"]
+__all__ = ["Factored", "LowRank", "LowRankError", "SvdLayer", "choose_ranks", "eligible",
+           "factor_layer", "factorize", "input_covariances", "svd_layer"]
