@@ -95,12 +95,15 @@ def test_lowrank_whitened_by_real_inputs_beats_plain_svd_layer_by_layer(resnet32
     for name, module in layers[1:]:  # the stem's 27 inputs are few: every rank fits
         w = module.weight.detach().double().flatten(1)
         rank = min(w.shape) // 3
+        second, mean = seen[name].second / seen[name].n, seen[name].mean
         errors = []
         for layer in (svd_layer(name, module, None), svd_layer(name, module, cov[name])):
-            approx = factor_layer(layer, rank).weight.detach().double().flatten(1)
-            diff = w - approx  # output error on inputs it never saw: tr(D S Dᵀ)/tr(W S Wᵀ)
-            errors.append(float(torch.trace(diff @ seen[name] @ diff.T)
-                                / torch.trace(w @ seen[name] @ w.T)))
+            factors = factor_layer(layer, rank)
+            diff = w - factors.weight.detach().double().flatten(1)
+            c = factors.bias.detach().double() if factors.bias is not None else 0 * w[:, 0]
+            # E‖(W − W_r) x − c‖² over inputs it never saw, relative to E‖W x‖²
+            err = (torch.trace(diff @ second @ diff.T) - 2 * c @ diff @ mean + c @ c)
+            errors.append(float(err / torch.trace(w @ second @ w.T)))
         if errors[1] >= errors[0]:
             worse.append((name, errors))
     # whitening minimises the error on the calibration inputs; on other real inputs of the

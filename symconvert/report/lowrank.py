@@ -12,8 +12,10 @@ least until the budget is met to within one rank of one layer.
 
 With calibration inputs (the ones ``convert --calibrate`` used) the SVD is whitened by
 each layer's input statistics (SVD-LLM, Wang et al. 2024): ``W·L = U S Vᵀ`` with ``L`` the
-Cholesky factor of ``X Xᵀ``, ``W ≈ U_r S_r V_rᵀ L⁻¹``, so the ranks kept are the ones that
-matter on real inputs; that product is then split into factors of one scale (its own SVD). Layers that are called functionally (attention's ``out_proj``)
+Cholesky factor of the inputs' centred covariance, ``W ≈ U_r S_r V_rᵀ L⁻¹``, so the ranks
+kept are the ones that matter on real inputs; the mean of the error (``(W − W_r)·μ``) goes
+into the bias (a BatchNorm after the layer would otherwise shift by it), and the product is
+split into factors of one scale (its own SVD). Layers that are called functionally (attention's ``out_proj``)
 see no input in a forward hook and are factorised unwhitened.
 """
 
@@ -68,6 +70,7 @@ class SvdLayer:
     module: nn.Module
     matrix: torch.Tensor  # (out, in·k·k), whitened when calibrated
     chol: torch.Tensor | None  # L, the Cholesky factor of X·Xᵀ (None: unwhitened)
+    mean: torch.Tensor | None = None  # the inputs' mean (the bias takes the error's mean)
     sigma2: torch.Tensor = dataclasses.field(init=False)
     u: torch.Tensor = dataclasses.field(init=False)
     s: torch.Tensor = dataclasses.field(init=False)
@@ -93,7 +96,11 @@ class SvdLayer:
         return min(int((cum < energy - 1e-12).sum()) + 1, len(self.s))
 
     def saved(self, rank: int | None) -> int:
-        return 0 if rank is None else self.dense - rank * self.per_rank
+        """Parameters removed at ``rank`` (a bias the mean correction adds counts)."""
+        if rank is None:
+            return 0
+        added = self.matrix.shape[0] if self.mean is not None and self.module.bias is None else 0
+        return self.dense - rank * self.per_rank - added
 
 
 @dataclasses.dataclass
@@ -113,10 +120,32 @@ def eligible(model: nn.Module) -> list[tuple[str, nn.Module]]:
         type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1))]
 
 
+@dataclasses.dataclass
+class InputStats:
+    """Sums over a layer's inputs (a conv's unfolded patches): ``Σ x xᵀ``, ``Σ x``, count."""
+
+    second: torch.Tensor
+    first: torch.Tensor
+    n: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.first / self.n
+
+    @property
+    def centered(self) -> torch.Tensor:
+        """``Σ (x − μ)(x − μ)ᵀ``: the output error left once the bias absorbs its mean."""
+        return self.second - self.n * torch.outer(self.mean, self.mean)
+
+    def add(self, x: torch.Tensor) -> InputStats:
+        return InputStats(self.second + (x.T @ x).double(), self.first + x.double().sum(0),
+                          self.n + len(x))
+
+
 def input_covariances(model: nn.Module, layers: list[tuple[str, nn.Module]],
-                      batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``X Xᵀ`` of each layer's inputs (a conv's unfolded patches) over ``batches``."""
-    cov: dict[str, torch.Tensor] = {}
+                      batches: Iterable[torch.Tensor]) -> dict[str, InputStats]:
+    """The ``InputStats`` of each layer's inputs over ``batches``."""
+    cov: dict[str, InputStats] = {}
     rows = torch.Generator().manual_seed(0)
 
     def hook(name: str, module: nn.Module) -> Any:
@@ -128,7 +157,10 @@ def input_covariances(model: nn.Module, layers: list[tuple[str, nn.Module]],
             x = x.reshape(-1, x.shape[-1])
             if len(x) > _MAX_ROWS:  # a conv's patches: a seeded sample of the positions
                 x = x[torch.randperm(len(x), generator=rows)[:_MAX_ROWS]]
-            cov[name] = cov.get(name, 0) + (x.T @ x).double()  # summed over batches in double
+            d = x.shape[1]
+            empty = InputStats(torch.zeros(d, d, dtype=torch.float64),
+                               torch.zeros(d, dtype=torch.float64), 0)
+            cov[name] = cov.get(name, empty).add(x)  # summed over batches in double
         return record
 
     handles = [m.register_forward_pre_hook(hook(n, m)) for n, m in layers]
@@ -145,13 +177,16 @@ def input_covariances(model: nn.Module, layers: list[tuple[str, nn.Module]],
     return cov
 
 
-def svd_layer(name: str, module: nn.Module, cov: torch.Tensor | None) -> SvdLayer:
+def svd_layer(name: str, module: nn.Module, stats: InputStats | None) -> SvdLayer:
+    """``module``'s SVD; with ``stats``, of ``W·L``, ``L`` the Cholesky factor of the inputs'
+    centred covariance (the mean of the error goes to the bias, see ``factor_layer``)."""
     w = module.weight.detach().double().flatten(1)
-    if cov is None:
+    if stats is None:
         return SvdLayer(name, module, w, None)
+    cov = stats.centered
     damp = _DAMP * cov.diagonal().mean().clamp_min(1e-12)
     chol = torch.linalg.cholesky(cov + damp * torch.eye(len(cov), dtype=cov.dtype))
-    return SvdLayer(name, module, w @ chol, chol)
+    return SvdLayer(name, module, w @ chol, chol, stats.mean)
 
 
 def _ranks(layers: list[SvdLayer], energy: float) -> dict[str, int]:
@@ -210,18 +245,22 @@ def factor_layer(layer: SvdLayer, rank: int) -> Factored:
     b = u * root[None, :]  # (out, r)
     m = layer.module
     dtype = m.weight.dtype
+    bias = m.bias.detach().double() if m.bias is not None else None
+    if layer.mean is not None:  # the error's mean on the calibration inputs, into the bias
+        shift = (m.weight.detach().double().flatten(1) - (u * s) @ vt) @ layer.mean
+        bias = shift if bias is None else bias + shift
     if isinstance(m, nn.Conv2d):
         first = nn.Conv2d(m.in_channels, rank, m.kernel_size, m.stride, m.padding, m.dilation,
                           bias=False, padding_mode=m.padding_mode)
-        second = nn.Conv2d(rank, m.out_channels, 1, bias=m.bias is not None)
+        second = nn.Conv2d(rank, m.out_channels, 1, bias=bias is not None)
     else:
         first = nn.Linear(m.in_features, rank, bias=False)
-        second = nn.Linear(rank, m.out_features, bias=m.bias is not None)
+        second = nn.Linear(rank, m.out_features, bias=bias is not None)
     with torch.no_grad():
         first.weight.copy_(a.reshape(first.weight.shape).to(dtype))
         second.weight.copy_(b.reshape(second.weight.shape).to(dtype))
-        if m.bias is not None:
-            second.bias.copy_(m.bias)
+        if bias is not None:
+            second.bias.copy_(bias.to(dtype))
     return Factored(first, second).to(m.weight.device)
 
 
