@@ -9,7 +9,7 @@ from torch import nn
 
 from symconvert.schemes import Scheme
 from symconvert.surgery.auto import require_reachable
-from symconvert.surgery.calibrate import convert_calibrated
+from symconvert.surgery.calib_costs import convert_calibrated
 from symconvert.surgery.config import ConvertConfig
 from symconvert.surgery.convert import apply_plan, inspect
 from symconvert.surgery.plan import Plan
@@ -22,7 +22,7 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     Takes a ``ConvertConfig`` or its fields as keywords: the selection (``include``,
     ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
     ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
-    ``calibrate``/``calibration_samples``/``calibration_damp``.
+    ``calibrate``/``calibration_samples``/``calibration_damp``/``calibration_steps``.
 
     Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
     original is dropped: the module keeps only the packed free parameters
@@ -39,6 +39,7 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     if config.calibrate is not None:
         return convert_calibrated(model, config.scheme, config.calibrate,
                                   config.calibration_samples, damp=config.calibration_damp,
+                                  steps=config.calibration_steps,
                                   allow_empty=config.allow_empty,
                                   target_reduction=config.target_reduction,
                                   schemes=config.schemes, costs=config.costs,
