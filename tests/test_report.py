@@ -2,7 +2,8 @@
 
 The real-data cases use the packaged ``timm:quickstart_digits`` (trained on scikit-learn's
 digits), converted with ``channel`` and fine-tuned for one epoch; one ``report`` run with
-``--compare prune,dense --plot`` is shared by the tests that only read its outputs.
+``--compare structured,lowrank,prune,dense --plot`` is shared by the tests that only read
+its outputs.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _check_keys(obj: dict, spec: dict, where: str = "") -> None:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, one_thread):
     """convert timm:quickstart_digits (channel) → finetune 1 epoch on digits → report
-    --format json --plot --compare prune,dense; every step through the CLI."""
+    --format json --plot --compare structured,lowrank,prune,dense; every step through the
+    CLI."""
     from symconvert.models.cifar_resnet import QUICKSTART_WEIGHTS
 
     assert QUICKSTART_WEIGHTS.is_file(), (
@@ -87,7 +89,7 @@ def pipeline(tmp_path_factory, one_thread):
     assert result.code == 0, result
     out_json, png = root / "report.json", root / "report.png"
     result = run_cli("report", ft, "--data", "digits", "--format", "json", "--out", out_json,
-                     "--plot", png, "--compare", "prune,dense", "--device", "cpu",
+                     "--plot", png, "--compare", "structured,lowrank,prune,dense", "--device", "cpu",
                      "--latency-runs", "3")
     assert result.code == 0, result
     return {"conv": conv, "ft": ft, "json": out_json, "png": png,
@@ -215,6 +217,35 @@ def test_compare_prune_and_dense_side_by_side(pipeline):
     assert winner in cmp_["summary"]
     if diff:
         assert f"by {abs(diff):.2f} pt" in cmp_["summary"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("report")
+def test_compare_structured_and_lowrank_at_the_same_budget(pipeline):
+    """Issue 21: the peers users pick instead, at the symmetric model's removed-parameter
+    count (to within one channel / one rank), fine-tuned alike, with bytes, FLOPs, latency."""
+    report = pipeline["report"]
+    cmp_ = report["compare"]
+    before, removed = report["params"]["before"], cmp_["removed"]
+    for kind in ("structured", "lowrank"):
+        e = cmp_[kind]
+        assert "reason" not in e, e
+        assert 0 <= e["difference"] == removed - e["removed"] < e["step"]
+        assert e["params_stored"] == e["params_nonzero"] == before - e["removed"]
+        # really smaller: the file shrinks with the parameters, the FLOPs with the layers
+        assert e["bytes"] < report["bytes"]["dense"]
+        assert e["flops"] < report["flops"]["source"]
+        assert e["latency_ms"] > 0 and e["latency_vs_source"] > 0
+        assert len(e["curve"]) == int(FT_EPOCHS)  # the same fine-tuning budget
+        assert 0.1 < e["top1"] <= 1.0 and 0.0 <= e["before_finetune"]["top1"] <= 1.0
+    assert cmp_["structured"]["scope"] == "all channels"  # 1x1 projection shortcuts
+    assert cmp_["lowrank"]["whitened"] == 0  # the directory was not calibrated
+    assert cmp_["symmetric"]["flops"] == report["flops"]["folded"]
+    assert "structured pruning reaches" in cmp_["summary"]
+    side = _md_sections(render_markdown(report))
+    rows = {row[0]: row for row in side[next(t for t in side if t.startswith("side by side"))]}
+    for kind in ("structured", "lowrank"):
+        assert _int(rows[cmp_[kind]["label"]][-2]) == cmp_[kind]["flops"]
 
 
 @pytest.mark.slow

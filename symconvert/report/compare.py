@@ -1,11 +1,14 @@
 """``--compare``: baselines at the same parameter budget, fine-tuned with the recorded
 fine-tuning configuration through ``symconvert.train.loop.fit`` (the loop ``finetune`` runs)
-and evaluated on the same split. ``prune`` prunes the source (global L1, the same number of
-removed parameters); ``dense`` keeps it dense (the control).
+and evaluated on the same split, with bytes, FLOPs and latency. ``structured`` (Torch-Pruning)
+and ``lowrank`` (truncated SVD) are in ``symconvert.report.peers``; ``prune`` prunes the
+source (global L1, the same number of removed parameters); ``dense`` keeps it dense (the
+control).
 
 A baseline is one function in ``BASELINES`` (its name also in
-``symconvert.report.options.COMPARE_KINDS``): it gets the fresh source model and returns it
-compressed, with the entry's label, note and score before fine-tuning.
+``symconvert.report.options.COMPARE_KINDS``): it gets the fresh source model and a ``Job``
+and returns it compressed, with the entry's label, note and score before fine-tuning (or no
+model and an entry with the ``reason`` it cannot reach the budget).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from symconvert.io.loading import load
 from symconvert.report.accuracy import Log, evaluate_on
 from symconvert.report.measure import dense_bytes
 from symconvert.report.options import ReportOptions
+from symconvert.report.peers import PEERS, Baseline, Job, speed
 from symconvert.report.prune import count_nonzero, make_permanent, prune_global_l1
 from symconvert.report.render import Report, compare_sentence
 from symconvert.report.sources import SourceCache
@@ -32,33 +36,24 @@ from symconvert.train.config import FinetuneConfig
 from symconvert.train.loop import fit
 
 
-@dataclasses.dataclass
-class Baseline:
-    """What a baseline function hands back: the compressed model and its entry so far."""
-
-    model: nn.Module
-    entry: dict[str, Any]
-
-
-def _prune(model: nn.Module, removed: int, task: Task, acc: dict[str, Any],
-           options: ReportOptions, device: torch.device, say: Log) -> Baseline:
-    pool = prune_global_l1(model, removed)
+def _prune(model: nn.Module, job: Job) -> Baseline:
+    pool = prune_global_l1(model, job.removed)
     entry = {"label": "global L1 magnitude pruning", "pool": pool,
              "note": "unstructured zeros do not shrink a dense file: the pruned model is "
                      "stored with its zeros, as large as the source"}
-    say("baseline prune: evaluating before fine-tuning")
-    entry["before_finetune"] = task.scores(evaluate_on(model, options, device))
+    job.say("baseline prune: evaluating before fine-tuning")
+    entry["before_finetune"] = job.task.scores(evaluate_on(model, job.options, job.device))
     return Baseline(model, entry)
 
 
-def _dense(model: nn.Module, removed: int, task: Task, acc: dict[str, Any],
-           options: ReportOptions, device: torch.device, say: Log) -> Baseline:
+def _dense(model: nn.Module, job: Job) -> Baseline:
     return Baseline(model, {"label": "dense (source, fine-tuned)",
                             "note": "the control: same fine-tuning, no compression",
-                            "before_finetune": task.scores(acc.get("source") or {})})
+                            "before_finetune": job.task.scores(job.acc.get("source") or {})})
 
 
-BASELINES: dict[str, Callable[..., Baseline]] = {"prune": _prune, "dense": _dense}
+BASELINES: dict[str, Callable[[nn.Module, Job], Baseline]] = {
+    **PEERS, "prune": _prune, "dense": _dense}
 
 
 def recorded_config(meta: dict[str, Any], options: ReportOptions, device: torch.device
@@ -92,10 +87,14 @@ def _symmetric(report: Report, task: Task) -> dict[str, Any]:
     before = acc.get("converted") if finetuned else None
     if before is not None and task.metric.key in (acc.get("calibrated") or {}):
         before = acc["calibrated"]  # the fine-tune started from the calibrated model
+    flops, lat = report.get("flops") or {}, report.get("latency") or {}
     return {"label": f"symmetric ({report['scheme']})",
             "params_stored": report["params"]["after"],
             "params_nonzero": count_nonzero(load(report["directory"])),
             "bytes": report["bytes"]["symconvert"],
+            "flops": flops.get("folded"), "latency_ms": lat.get("folded_ms"),
+            "latency_source_ms": lat.get("source_ms"),
+            "latency_vs_source": lat.get("folded_vs_source"),
             **task.scores(scores or {}), "before_finetune": task.scores(before or {})}
 
 
@@ -111,26 +110,35 @@ def compare(report: Report, task: Task, meta: dict[str, Any], sources: SourceCac
     out: dict[str, Any] = {"budget": _budget(config, train_data),
                            "removed": report["params"]["saved"], "n": acc.get("n"),
                            "task": task.name, "symmetric": _symmetric(report, task)}
+    job = Job(out["removed"], task, acc, options, device, say, meta)
     for kind in options.compare:
         say(f"baseline {kind}: building the source")
-        model = task.same_data(sources.fresh(), meta)
-        base = BASELINES[kind](model, out["removed"], task, acc, options, device, say)
-        model, entry = base.model, base.entry
-        if config is not None:
-            say(f"baseline {kind}: fine-tuning {config.epochs} epoch(s) on {train_data}")
-            teacher = sources.fresh() if config.distill else None
-            with tempfile.TemporaryDirectory(prefix=f"symconvert-{kind}-") as tmp:
-                result = fit(model, train_data, tmp, config, teacher=teacher,
-                             progress=options.progress)
-            entry["curve"] = result.metrics
-        model = make_permanent(model).cpu().eval()
-        say(f"baseline {kind}: evaluating")
-        entry.update(task.scores(evaluate_on(model, options, device)))
-        entry.update(params_stored=count_parameters(model), params_nonzero=count_nonzero(model),
-                     bytes=dense_bytes(model))
-        out[kind] = entry
+        base = BASELINES[kind](task.same_data(sources.fresh(), meta), job)
+        if base.model is not None:
+            _finish(kind, base, config, train_data, sources, job)
+        out[kind] = base.entry
     out["summary"] = compare_sentence(out, task)
     return out
+
+
+def _finish(kind: str, base: Baseline, config: FinetuneConfig | None, train_data: str | None,
+            sources: SourceCache, job: Job) -> None:
+    """Fine-tune the baseline with the recorded budget, then score and measure it."""
+    model, entry = base.model, base.entry
+    if config is not None:
+        job.say(f"baseline {kind}: fine-tuning {config.epochs} epoch(s) on {train_data}")
+        teacher = sources.fresh() if config.distill else None
+        with tempfile.TemporaryDirectory(prefix=f"symconvert-{kind}-") as tmp:
+            result = fit(model, train_data, tmp, config, teacher=teacher,
+                         progress=job.options.progress)
+        entry["curve"] = result.metrics
+    model = make_permanent(model).cpu().eval()
+    job.say(f"baseline {kind}: evaluating")
+    entry.update(job.task.scores(evaluate_on(model, job.options, job.device)))
+    entry.update(params_stored=count_parameters(model), params_nonzero=count_nonzero(model),
+                 bytes=dense_bytes(model))
+    job.say(f"baseline {kind}: counting FLOPs and timing it against the source")
+    entry.update(speed(model, job.task.same_data(sources.weighted(), job.meta), job))
 
 
 __all__ = ["BASELINES", "Baseline", "compare", "recorded_config"]

@@ -10,7 +10,7 @@ from symconvert.checks import parse_input_size
 from symconvert.errors import SymconvertError
 from symconvert.options import Options, option
 
-COMPARE_KINDS = ("prune", "dense")
+COMPARE_KINDS = ("structured", "lowrank", "prune", "dense")
 
 
 @dataclass
@@ -35,9 +35,11 @@ class ReportOptions(Options):
                                ge=1)
     latency_batch: int = option(8, "Batch size of the latency runs.", ge=1)
     compare: tuple[str, ...] = option(
-        (), "Baselines at the same budget, comma-separated: prune (global L1 magnitude pruning "
-        "of the source to the same parameter count, fine-tuned alike), dense (the source "
-        "fine-tuned alike). Needs --data.", many="comma", text_type=str, choices=COMPARE_KINDS)
+        (), "Baselines at the same budget, comma-separated: structured (Torch-Pruning channel "
+        "pruning of the source to the same number of removed parameters), lowrank (truncated "
+        "SVD of every conv/linear, whitened by the calibration data when converted with "
+        "--calibrate), prune (global L1 magnitude pruning), dense (the source). Each is "
+        "fine-tuned alike. Needs --data.", many="comma", text_type=str, choices=COMPARE_KINDS)
     #: rich progress bars while fine-tuning baselines
     progress: bool = option(False, "Progress bars while fine-tuning baselines.", cli=False,
                             recipe=False)

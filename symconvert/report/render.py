@@ -61,6 +61,18 @@ def _points_sentence(compare: dict[str, Any], task: Task) -> list[str]:
             f"{fmt(sym[key])} {label} and magnitude pruning {fmt(compare['prune'][key])}"
             f" ({verdict}{margin}), but only the symmetric file is smaller "
             f"({sym['bytes']:,} vs {compare['prune']['bytes']:,} bytes)")
+    peers = [k for k in ("structured", "lowrank") if key in (compare.get(k) or {})]
+    if peers and not parts:
+        parts.append(f"with {compare['removed']:,} parameters removed from each, {sym['label']} "
+                     f"reaches {fmt(sym[key])} {label} in {sym['bytes']:,} bytes")
+    for kind, what in (("structured", "structured pruning"), ("lowrank", "low-rank SVD")):
+        other = compare.get(kind) or {}
+        if key in other:
+            diff = (sym[key] - other[key]) * 100
+            verdict = ("symmetry wins" if diff > 0 else f"{what} wins" if diff < 0 else "a tie")
+            margin = f" by {abs(diff):.2f} pt{items(diff)}" if diff else ""
+            parts.append(f"{what} reaches {fmt(other[key])} ({verdict}{margin}) in "
+                         f"{other['bytes']:,} bytes")
     if key in (compare.get("dense") or {}):
         diff = (compare["dense"][key] - sym[key]) * 100
         cost = (f"symmetry costs {diff:.2f} pt{items(diff)}" if diff > 0 else
@@ -74,7 +86,9 @@ def _points_sentence(compare: dict[str, Any], task: Task) -> list[str]:
 def _ratio_sentence(compare: dict[str, Any], task: Task) -> list[str]:
     metric, sym = task.metric, compare["symmetric"]
     parts = []
-    for kind, what in (("prune", "magnitude pruning at the same parameter count"),
+    for kind, what in (("structured", "structured pruning at the same parameter count"),
+                       ("lowrank", "low-rank SVD at the same parameter count"),
+                       ("prune", "magnitude pruning at the same parameter count"),
                        ("dense", "the dense control fine-tuned with the same budget")):
         other = (compare.get(kind) or {}).get(metric.key)
         if other is None:
@@ -201,27 +215,42 @@ def _accuracy_section(acc: dict[str, Any], task: Task) -> Section:
         rows=[[label, *_score_cells(acc.get(key), task)] for key, label in _MODELS])
 
 
+def _compare_row(e: dict[str, Any], task: Task, shown: list[Any]) -> list[str]:
+    if "reason" in e:  # the method cannot reach the budget on this model
+        return [e["label"], *(["—"] * (6 + len(shown)))]
+    before = e.get("before_finetune") or {}
+    return [e["label"], fmt_int(e.get("params_stored")), fmt_int(e.get("params_nonzero")),
+            fmt_int(e.get("bytes")), task.metric.format(before.get(task.metric.key)),
+            *(m.format(e.get(m.key)) for m in shown), fmt_int(e.get("flops")),
+            fmt_ratio(e.get("latency_vs_source"))]
+
+
+def _compare_note(label: str, e: dict[str, Any]) -> str:
+    text = f"{label[0].upper()}{label[1:]}: "
+    if "reason" in e:
+        return text + f"cannot reach the budget: {e['reason']}."
+    if "difference" in e:
+        text += (f"removes {fmt_int(e['removed'])} parameters ({fmt_int(e['difference'])} "
+                 f"short of the budget, one more step would remove {fmt_int(e['step'])}); ")
+    return text + f"{e['note']}."
+
+
 def _compare_section(cmp_: dict[str, Any], task: Task) -> Section:
     """``--compare``: the symmetric model and the baselines side by side."""
     shown = task.score_metrics if task.metric.percent else task.score_metrics[:1]
-    rows = []
-    for key in ("symmetric", *COMPARE_KINDS):
-        e = cmp_.get(key)
-        if not e:
-            continue
-        before = e.get("before_finetune") or {}
-        rows.append([e["label"], fmt_int(e["params_stored"]), fmt_int(e["params_nonzero"]),
-                     fmt_int(e["bytes"]), task.metric.format(before.get(task.metric.key)),
-                     *(m.format(e.get(m.key)) for m in shown)])
+    rows = [_compare_row(cmp_[key], task, shown) for key in ("symmetric", *COMPARE_KINDS)
+            if cmp_.get(key)]
     budget = cmp_["budget"]
     budget_text = (f"Budget: {budget['epochs']} epoch(s) on {budget['data']}, distillation "
                    f"{'on' if budget['distill'] else 'off'}, seed {budget['seed']}"
                    if budget.get("fine_tuned") else f"Budget: {budget['note']}")
-    notes = [cmp_["summary"], budget_text + "."] + [
-        f"{cmp_[k]['label'][0].upper()}{cmp_[k]['label'][1:]}: {cmp_[k]['note']}."
-        for k in COMPARE_KINDS if k in cmp_]
+    notes = [cmp_["summary"], budget_text + ".",
+             "Latency: median forward time over the source's, each timed interleaved with "
+             "the source."] + [_compare_note(cmp_[k]["label"], cmp_[k])
+                               for k in COMPARE_KINDS if k in cmp_]
     columns = ["model", "params stored", "params non-zero", "file bytes",
-               f"{task.metric.label} before FT", *(m.label for m in shown)]
+               f"{task.metric.label} before FT", *(m.label for m in shown), "FLOPs",
+               "latency vs source"]
     return Section(
         title=f"side by side, {fmt_int(cmp_['removed'])} parameters removed",
         columns=columns, right=[False] + [True] * (len(columns) - 1), rows=rows,
