@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from symconvert.schemes.fast import ChannelMaps, TapFactors
+
 Shape = tuple[int, ...]
 
 
@@ -73,6 +75,21 @@ class Scheme:
     def project(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """unpack(pack(W)): the nearest admissible weight."""
         return self.unpack(self.pack(weight, groups), tuple(weight.shape), groups)
+
+    def fast_reason(self, shape: Shape, groups: int = 1) -> str | None:
+        """Why a weight of this (eligible) shape has no fast form; None when it has one."""
+        return f"`{self.name}` saves no multiply-adds (its symmetric blocks run dense)"
+
+    def fast_ratio(self, shape: Shape, groups: int = 1) -> float:
+        """Multiply-adds of the fast form over the dense layer's, per output position
+        (stride 1); 1.0 without a fast form."""
+        return 1.0
+
+    def fast(self, packed: torch.Tensor, shape: Shape, groups: int = 1
+             ) -> ChannelMaps | TapFactors:
+        """The fast form (``symconvert.schemes.fast``) of the weight ``unpack(packed)``:
+        differentiable in ``packed``, so exact in training too."""
+        raise NotImplementedError(self.fast_reason(shape, groups))
 
     def describe(self, shape: Shape, groups: int = 1) -> str | None:
         """A short note on how the scheme splits this weight (shown in the plan)."""

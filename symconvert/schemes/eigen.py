@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from symconvert.schemes.base import Scheme, Shape, check_square_blocks, matrix_blocks, prod
+from symconvert.schemes.fast import TapFactors
 from symconvert.schemes.registry import register_scheme
 
 
@@ -30,6 +31,10 @@ class Eigen(Scheme):
     V is not unique (signs, rotations inside repeated eigenvalues, and any V that training
     made non-orthogonal), so ``pack(unpack(P)) == P`` does not hold; what holds is
     ``unpack(pack(unpack(P))) == unpack(P)``: the weight is a fixed point.
+
+    Fast form: y[o] = sum_t sum_k (V e)[t,o,k] sum_i V[t,i,k] shift_t(x)[i], two thin
+    products per tap (a 1x1 conv to T*K channels, then back): n / 2K x fewer
+    multiply-adds at stride 1, worth it when 2K < n.
     """
 
     name = "eigen"
@@ -89,3 +94,18 @@ class Eigen(Scheme):
         # it exactly symmetric (IEEE addition commutes), as every other scheme's weight is.
         a = (a + a.transpose(-1, -2)) / 2
         return a.permute(0, 2, 3, 1).reshape(shape)
+
+    def fast_reason(self, shape: Shape, groups: int = 1) -> str | None:
+        n = shape[0] // groups
+        if 2 * self.k >= n:
+            return f"eigen:{self.k}: two products of rank {self.k} cost no less than n={n}"
+        return None
+
+    def fast_ratio(self, shape: Shape, groups: int = 1) -> float:
+        n = shape[0] // groups
+        return 2 * self.k / n if 2 * self.k < n else 1.0
+
+    def fast(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> TapFactors:
+        n = shape[0] // groups
+        v, e = packed[..., :n, :], packed[..., n, :]  # (g, T, n, K), (g, T, K)
+        return TapFactors(down=v.transpose(-1, -2), up=v * e.unsqueeze(-2))
