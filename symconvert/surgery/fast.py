@@ -122,9 +122,7 @@ def fast_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # noqa:
         return _base(self).forward(self, input)
     form = _form(self, input)
     if isinstance(self, nn.Linear):
-        lead = input.shape[:-1]
-        y = _linear(input.reshape(-1, input.shape[-1]), form)
-        y = y.reshape(*lead, y.shape[-1])
+        y = _linear(input, form)
         return y if self.bias is None else y + self.bias
     dims = len(self.kernel_size)
     unbatched = input.dim() == dims + 1
@@ -140,9 +138,16 @@ def fast_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # noqa:
 
 
 def _linear(x: torch.Tensor, form: ChannelMaps | TapFactors) -> torch.Tensor:
-    if isinstance(form, ChannelMaps):
-        return form.post([F.linear(xj, w) for xj, w in zip(form.pre(x), form.weights, strict=True)])
-    return F.linear(F.linear(x, form.down[0, 0]), form.up[0, 0])
+    """Any leading dims, without a reshape (whose sizes a trace would fix): the channel
+    maps see features on dim 1 through ``movedim`` views."""
+    if isinstance(form, TapFactors):
+        return F.linear(F.linear(x, form.down[0, 0]), form.up[0, 0])
+    if x.dim() == 1:
+        return _linear(x.unsqueeze(0), form).squeeze(0)
+    last = x.dim() - 1  # a positive index: the ONNX exporter mistranslates movedim(-1)
+    parts = [xj.movedim(1, last) for xj in form.pre(x.movedim(last, 1))]
+    ys = [F.linear(xj, w).movedim(last, 1) for xj, w in zip(parts, form.weights, strict=True)]
+    return form.post(ys).movedim(1, last)
 
 
 def _pad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +200,8 @@ def _conv_taps(module: nn.Module, x: torch.Tensor, f: TapFactors) -> torch.Tenso
         xp = _pad(module, x).unflatten(1, (g, n))
         xs = [xp[i] for i in _taps(module, tuple(xp.shape[3:]))]  # each (B, g, n, *out)
         cols = conv(torch.stack(xs, 2).flatten(1, 3), down, groups=g * taps)
-    cols = cols.reshape(x.shape[0], g * taps * k, *cols.shape[-len(ones):])
+    if cols.dim() > x.dim():  # (B, g, T, K, *out)
+        cols = cols.flatten(1, 3)
     up = f.up.permute(0, 2, 1, 3).reshape(g * n, taps * k, *ones)
     return conv(cols, up, groups=g)
 
