@@ -280,6 +280,7 @@ def _auto_entry(key: tuple, opts: list[Option], ents: list[LayerPlan], j: int | 
         entry = copy.deepcopy(by_scheme[0][key])
         entry.scheme, entry.action = AUTO, SKIP
         entry.params_after, entry.symmetrization_error, entry.note = entry.params_before, None, None
+        entry.flops_ratio, entry.dense_reason = 1.0, None
         if opts:
             cheapest = min(range(len(opts)), key=lambda k: (opts[k].cost / opts[k].gain, k))
             entry.reason = (f"not needed for --target-reduction (cheapest: "

@@ -55,11 +55,17 @@ def fast_reason(module: nn.Module) -> str | None:
     sym, _ = _entry(module)
     if sym is None:
         return "weight not converted (or more than one parametrization on it)"
+    return layer_fast_reason(module, sym.scheme, sym.shape, sym.groups)
+
+
+def layer_fast_reason(module: nn.Module, scheme, shape: tuple[int, ...], groups: int
+                      ) -> str | None:
+    """Why ``module``'s weight converted by ``scheme`` would run dense (None: fast)."""
     if _base(module).forward not in _PLAIN:
         return f"{_base(module).__name__} has its own forward"
     if getattr(module, "transposed", False):
         return "transposed convolution"
-    return sym.scheme.fast_reason(sym.shape, sym.groups)
+    return scheme.fast_reason(shape, groups)
 
 
 def install(module: nn.Module) -> None:
@@ -207,4 +213,4 @@ def _conv_taps(module: nn.Module, x: torch.Tensor, f: TapFactors) -> torch.Tenso
 
 
 __all__ = ["dense_forward", "fast_forward", "fast_modules", "fast_reason", "install",
-           "is_fast", "set_fast"]
+           "is_fast", "layer_fast_reason", "set_fast"]
