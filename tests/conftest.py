@@ -108,25 +108,31 @@ def run_process(
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
-def _find_wikitext() -> Path:
-    """WikiText-2 from ``shared/`` beside the checkout, or, in a clone of a local checkout
-    (``git clone . /tmp/x``), beside the checkout it was cloned from; $SYMCONVERT_WIKITEXT
-    wins. Tests never download."""
-    if os.environ.get("SYMCONVERT_WIKITEXT"):
-        return Path(os.environ["SYMCONVERT_WIKITEXT"])
-    here = REPO.parent / "shared/data/wikitext-2"
+def _find_shared() -> Path:
+    """The real test data (``shared/data``) beside the checkout, or, in a clone of a local
+    checkout (``git clone . /tmp/x``), beside the checkout it was cloned from;
+    $SYMCONVERT_SHARED_DATA wins. Tests never download."""
+    if os.environ.get("SYMCONVERT_SHARED_DATA"):
+        return Path(os.environ["SYMCONVERT_SHARED_DATA"])
+    here = REPO.parent / "shared/data"
     if here.is_dir():
         return here
     origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
                             capture_output=True, text=True).stdout.strip()
     if origin and Path(origin).is_dir():
-        beside_origin = Path(origin).resolve().parent / "shared/data/wikitext-2"
+        beside_origin = Path(origin).resolve().parent / "shared/data"
         if beside_origin.is_dir():
             return beside_origin
     return here
 
 
-WIKITEXT = _find_wikitext()
+SHARED_DATA = _find_shared()
+#: WikiText-2 (valid/test); $SYMCONVERT_WIKITEXT wins
+WIKITEXT = Path(os.environ.get("SYMCONVERT_WIKITEXT") or SHARED_DATA / "wikitext-2")
+#: CIFAR-10 as JPEG files (train: 1,000 per class; val: the 10,000 test images)
+CIFAR_JPEG = SHARED_DATA / "cifar10-jpeg"
+#: real pretrained CIFAR-10 ResNets (He et al.), safetensors
+PRETRAINED = SHARED_DATA / "pretrained"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,10 @@ After ``import symconvert.models``, ``timm.create_model(NAME)`` knows:
   — the bottleneck variant of the symmetry paper's code (``wrn.py``);
 * ``resnet_cifar_tiny``, ``resnet_cifar_small`` — small CIFAR-style ResNets whose parameters
   are almost all in square 3x3 convs, and ``quickstart_digits`` — ``resnet_cifar_tiny`` with
-  the packaged weights trained on scikit-learn's digits (``cifar_resnet.py``).
+  the packaged weights trained on scikit-learn's digits (``cifar_resnet.py``);
+* ``cifar_resnet20/32/44/56/110`` — He et al.'s CIFAR ResNets with the checkpoint names of
+  the public pytorch_resnet_cifar10 weights (``he_cifar.py``; real weights load with
+  ``--weights``).
 
 The word-level LSTM language model is a ``py:`` model, not a timm one:
 ``py:symconvert.models.lstm_lm:lstm_lm`` (``lstm_lm.py``).
@@ -16,9 +19,10 @@ Registration only defines classes and config dicts (no weights are read), so the
 importing this package is the cost of importing timm.
 """
 
-from symconvert.models import cifar_resnet, fashion, wrn  # noqa: F401  (registers with timm)
+from symconvert.models import cifar_resnet, fashion, he_cifar, wrn  # noqa: F401  (registers with timm)
 from symconvert.models.cifar_resnet import CifarResNet
+from symconvert.models.he_cifar import HeCifarResNet
 from symconvert.models.lstm_lm import LSTMLanguageModel, lstm_lm
 from symconvert.models.wrn import WideResNet
 
-__all__ = ["CifarResNet", "LSTMLanguageModel", "WideResNet", "lstm_lm"]
+__all__ = ["CifarResNet", "HeCifarResNet", "LSTMLanguageModel", "WideResNet", "lstm_lm"]
