@@ -197,3 +197,62 @@ def test_packed_onnx_keeps_the_fast_form(tmp_path):
     graph = onnx.load(options.optimized_model_filepath).graph
     dims = {tuple(i.dims) for i in graph.initializer}
     assert (4, 4, 3, 3) in dims and (8, 8, 3, 3) not in dims, sorted(dims)
+
+
+class _Stack(nn.Module):
+    """Square 3x3 convs of several widths: the FLOPs planner has choices to make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_auto_target_flops_plans_by_the_fast_forms():
+    """``--scheme auto --target-flops F``: the plan reaches F of the source's FLOPs, which
+    the flop counter then measures on the converted model; errors are clean."""
+    from symconvert.errors import SymconvertError
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 8, 8)
+    total = _flops(_Stack().eval(), x)
+    model = _Stack()
+    kwargs = {"schemes": "channel,quarter,flip", "target_flops": 0.5, "flops_input": x}
+    plan = symconvert.inspect(model, "auto", **kwargs)
+    assert plan.reachable and plan.flops_after <= 0.5
+    assert all(e.scheme in ("quarter", "flip") for e in plan.converted)  # channel saves none
+    symconvert.convert(model, "auto", **kwargs)
+    assert _flops(model.eval(), x) == pytest.approx(plan.flops_after * total, rel=1e-6)
+    assert _flops(model, x) <= 0.5 * total
+    with pytest.raises(SymconvertError, match="flops_input"):
+        symconvert.inspect(_Stack(), "auto", schemes="flip", target_flops=0.5)
+    with pytest.raises(SymconvertError, match="--scheme auto"):
+        symconvert.inspect(_Stack(), "flip", target_flops=0.5, flops_input=x)
+    with pytest.raises(SymconvertError, match="cannot be reached"):
+        symconvert.convert(_Stack(), "auto", schemes="channel,quarter", target_flops=0.1,
+                           flops_input=x)
+
+
+def test_cli_target_flops_and_flops_column(cli, tmp_path):
+    """The CLI counts FLOPs on the task's example input; inspect's last column is the
+    per-layer FLOPs ratio; --target-flops with one scheme exits 2 and writes nothing."""
+    import json
+
+    result = cli("inspect", "timm:quickstart_digits", "--scheme", "auto", "--schemes",
+                 "flip,quarter", "--target-flops", "0.7", "--format", "json")
+    assert result.code == 0, result
+    plan = json.loads(result.stdout)
+    assert plan["auto"]["target_flops"] == 0.7 and plan["auto"]["flops_after"] <= 0.7
+    assert {e["flops_ratio"] for e in plan["layers"] if e["action"] == "convert"} <= {0.25, 0.5}
+    table = cli("inspect", "timm:quickstart_digits", "--scheme", "flip")
+    assert table.code == 0 and "0.25×" in table.stdout
+    refused = cli("convert", "timm:quickstart_digits", "--scheme", "flip", "--target-flops",
+                  "0.5", "--out", tmp_path / "x")
+    assert refused.code == 2 and "--scheme auto" in refused.stderr
+    assert not (tmp_path / "x").exists()

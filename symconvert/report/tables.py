@@ -115,13 +115,20 @@ def auto_table(plan: AutoPlan, title: str, show_skipped: bool = True, max_rows: 
     return table
 
 
+def _auto_target(plan: AutoPlan) -> str:
+    if plan.target_flops is None:
+        return f"target {plan.target_reduction:.2%}"
+    after = "—" if plan.flops_after is None else f"{plan.flops_after:.3f}"
+    return f"FLOPs {after}× of the source, target {plan.target_flops:.2f}×"
+
+
 def auto_totals(plan: AutoPlan) -> str:
     counts = ", ".join(f"{s} {n}" for s, n in plan.scheme_counts.items()) or "none"
     line = (
         f"[bold]auto[/] ({', '.join(plan.schemes)}; cost: {plan.cost_name}): "
         f"{len(plan.converted)} layers converted ({counts}), {len(plan.skipped)} skipped; "
         f"parameters {plan.total_before:,} → {plan.total_after:,} "
-        f"([bold green]−{plan.saved_fraction:.2%}[/], target {plan.target_reduction:.2%}); "
+        f"([bold green]−{plan.saved_fraction:.2%}[/], {_auto_target(plan)}); "
         f"total cost {plan.total_cost:.4f}"
     )
     if plan.reachable and plan.lower_bound is not None:
