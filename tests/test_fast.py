@@ -182,6 +182,7 @@ def test_packed_onnx_keeps_the_fast_form(tmp_path):
                             ("eigen:3", "fc")):
         symconvert.convert(model, scheme, include=include, include_head=True)
     assert len(fast_modules(model)) == 4
+    symconvert.save(model, tmp_path / "dir")
     model.eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad(), dense_forward():
@@ -197,6 +198,12 @@ def test_packed_onnx_keeps_the_fast_form(tmp_path):
     graph = onnx.load(options.optimized_model_filepath).graph
     dims = {tuple(i.dims) for i in graph.initializer}
     assert (4, 4, 3, 3) in dims and (8, 8, 3, 3) not in dims, sorted(dims)
+    # TorchScript, tensors stored in float16 and computed in float32
+    out = export(symconvert.load(tmp_path / "dir"), "torchscript", tmp_path / "m.pt",
+                 packed=True, dtype="float16")
+    with torch.no_grad():
+        got = torch.jit.load(str(out))(x).numpy()
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
 class _Stack(nn.Module):
