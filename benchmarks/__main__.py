@@ -365,7 +365,7 @@ def _fast_benches(console, results: dict, quick: bool) -> None:
     """Issue 23: resnet50 224 px converted with flip, quarter, eigen:16 (every eligible
     layer): FLOPs and latency vs the source, eager and onnxruntime, batch 1 and 8; one
     isolated 4x layer. Rows ``fast ...`` replace any earlier ones in the table."""
-    from benchmarks.fast import SCHEMES, bench_fast, bench_layer
+    from benchmarks.fast import AUTO_FLOPS, SCHEMES, bench_fast, bench_layer
 
     reps = 3 if quick else 7
     with console.status("fast forms: one 3x3 256-channel layer, flip (4x fewer multiply-adds)"):
@@ -377,8 +377,10 @@ def _fast_benches(console, results: dict, quick: bool) -> None:
     table.append({"ratio": "fast layer flip fast/dense latency",
                   "target": TARGETS["fast layer flip fast/dense latency"],
                   "setting": "256x256x3x3, b8 14px", "value": layer["fast/dense"]})
-    for scheme in SCHEMES:
+    for scheme in (*SCHEMES, "auto"):
         row = results["fast"][scheme]
+        if scheme == "auto":
+            scheme = f"auto --target-flops {AUTO_FLOPS}"
         table.append({"ratio": "fast FLOPs/source", "setting": f"resnet50 {scheme}",
                       "value": row["flops/source"], "target": None})
         for batch in (1, 8):

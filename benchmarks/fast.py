@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 SCHEMES = ("flip", "quarter", "eigen:16")
+#: ``--scheme auto --schemes AUTO_SCHEMES --target-flops AUTO_FLOPS`` (0.6, the issue's
+#: figure, is beyond resnet50's reach: its fast forms save at most 37.9 % of the FLOPs)
+AUTO_SCHEMES, AUTO_FLOPS = "flip,quarter,eigen:16", 0.7
 
 
 def _flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -58,7 +61,7 @@ def _ort_pair(source: nn.Module, converted: nn.Module, tmp: Path, scheme: str,
 
 
 def bench_fast(name: str, batches: tuple[int, ...], size: int, repeats: int,
-               schemes: tuple[str, ...] = SCHEMES, onnx: bool = True) -> dict:
+               schemes: tuple[str, ...] = (*SCHEMES, "auto"), onnx: bool = True) -> dict:
     import torchvision
 
     import symconvert
@@ -72,7 +75,11 @@ def bench_fast(name: str, batches: tuple[int, ...], size: int, repeats: int,
     with tempfile.TemporaryDirectory(prefix="symconvert-fast-") as tmp:
         for scheme in schemes:
             converted = copy.deepcopy(source)
-            symconvert.convert(converted, scheme)
+            if scheme == "auto":
+                symconvert.convert(converted, "auto", schemes=AUTO_SCHEMES,
+                                   target_flops=AUTO_FLOPS, flops_input=x1)
+            else:
+                symconvert.convert(converted, scheme)
             converted.eval()
             row: dict = {"fast_layers": len(fast_modules(converted)),
                          "flops/source": _flops(converted, x1) / result["source_flops"]}
