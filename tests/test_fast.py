@@ -32,6 +32,27 @@ LAYERS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _fast_at_any_width(monkeypatch):
+    """The equality tests use small layers: lift the widths below which quarter and eigen
+    run dense on CPU (``Scheme.fast_min_width``)."""
+    from symconvert.schemes.base import Scheme
+
+    monkeypatch.setattr(Scheme, "fast_min_width", 0)
+    for scheme in ("quarter", "eigen:2"):
+        monkeypatch.setattr(type(symconvert.get_scheme(scheme)), "fast_min_width", 0)
+
+
+def test_quarter_and_eigen_run_dense_below_their_width(monkeypatch):
+    monkeypatch.undo()
+    quarter, eigen = symconvert.get_scheme("quarter"), symconvert.get_scheme("eigen:4")
+    assert "from n = 128" in quarter.fast_reason((64, 64, 3, 3))
+    assert quarter.fast_reason((128, 128, 3, 3)) is None
+    assert quarter.fast_ratio((64, 64, 3, 3)) == 1.0
+    assert "from n = 64" in eigen.fast_reason((32, 32, 3, 3))
+    assert eigen.fast_ratio((64, 64, 3, 3)) == 8 / 64
+
+
 def _converted(make, scheme, seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(make())

@@ -46,6 +46,10 @@ class Scheme:
     #: unpack is a selection: every dense entry equals one packed entry, so an export can
     #: rebuild W by index gathers (``symconvert.io.export_packed``)
     is_gather: bool = True
+    #: the fast form runs only on square blocks at least this wide: below it, its smaller
+    #: products were measured no faster than the dense one (CPU kernels lose efficiency
+    #: at few channels); see ``fast_reason``
+    fast_min_width: int = 0
 
     def __init__(self, arg: str | None = None) -> None:
         if arg is not None:
