@@ -107,12 +107,14 @@ def fast_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _form(module: nn.Module, like: torch.Tensor) -> ChannelMaps | TapFactors:
     sym, plist = _entry(module)
-    packed = plist.original
+    stored = plist.original
+    packed = stored
     if like.is_floating_point() and packed.dtype != like.dtype:
-        packed = packed.to(like.dtype)
+        packed = packed.to(like.dtype)  # e.g. half-precision storage, float32 compute
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and packed.requires_grad):
         return sym.scheme.fast(packed, sym.shape, sym.groups)
-    key = (packed.data_ptr(), packed._version, packed.dtype, packed.device,
+    # the key of the stored tensor (every in-place update bumps its version)
+    key = (stored.data_ptr(), stored._version, packed.dtype, packed.device,
            torch.is_inference_mode_enabled())
     cached = module.__dict__.get(_CACHE)
     if cached is not None and cached[0] == key:
