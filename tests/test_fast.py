@@ -284,3 +284,15 @@ def test_cli_target_flops_and_flops_column(cli, tmp_path):
                   "0.5", "--out", tmp_path / "x")
     assert refused.code == 2 and "--scheme auto" in refused.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_cache_follows_in_place_updates():
+    model = _converted(lambda: nn.Conv2d(8, 8, 3, padding=1), "flip").eval()
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        before = model(x)
+        _packed(model).mul_(2)  # an optimiser step or load_state_dict does the same
+        after = model(x)
+        with dense_forward():
+            torch.testing.assert_close(after, model(x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
