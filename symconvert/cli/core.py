@@ -36,7 +36,8 @@ from symconvert.surgery.plan import Plan
 from symconvert.tasks import check_data, task_of
 
 MODEL_HELP = (
-    "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, py:package.module:function, or a bare "
+    "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, hf:DIR or hf:ORG/NAME (transformers), "
+    "py:package.module:function, or a bare "
     "NAME (looked up in timm, then torchvision)."
 )
 SCHEME_HELP = ("Symmetry scheme (see `symconvert schemes`): channel, spatial, channel+spatial, "

@@ -23,7 +23,13 @@ from torch import nn
 from symconvert.checks import require_finite
 from symconvert.errors import SymconvertError
 from symconvert.io.dtypes import DTYPE_NAMES, dtype_name, parse_dtype
-from symconvert.io.files import atomic_write, check_output_file, check_path_given, os_error
+from symconvert.io.files import (
+    atomic_directory,
+    atomic_write,
+    check_output_file,
+    check_path_given,
+    os_error,
+)
 from symconvert.options import Options, option
 
 
@@ -45,6 +51,11 @@ class ExportFormat:
     def write(self, model: nn.Module, path: Path, *, packed: bool,
               dtype: torch.dtype) -> dict[str, Any]:
         raise NotImplementedError
+
+    def writes_directory(self, model: nn.Module) -> bool:
+        """Whether ``write`` makes a directory of ``model`` (a transformers model's dense
+        export); then ``write`` gets an empty temporary directory."""
+        return False
 
 
 EXPORTS: dict[str, ExportFormat] = {}
@@ -128,6 +139,11 @@ def export_with_info(model: nn.Module, fmt: str, out: str | os.PathLike, *,
     def write(path: str) -> None:
         info.update(EXPORTS[fmt].write(model, Path(path), packed=packed, dtype=storage))
 
+    if EXPORTS[fmt].writes_directory(model):
+        atomic_directory(out, write)
+        # the tensors' bytes (a directory also holds its config and tokenizer files)
+        return {"path": out, "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
+                **info}
     atomic_write(out, write)
     return {"path": out, "bytes": out.stat().st_size, **info}
 

@@ -4,8 +4,11 @@ dynamic axes by the model's task."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ class OnnxExport(ExportFormat):
         info = prepare(model, packed, dtype)
         example = task.example_inputs(model)
         output_names, axes = task.dynamic_axes(model, example)
-        with torch.no_grad():
+        with torch.no_grad(), native_stdout_to_stderr():
             torch.onnx.export(model, example, str(path), input_names=list(task.input_names),
                               output_names=output_names, dynamo=False, dynamic_axes=axes,
                               # folding would store the dense weights: keep the gathers
@@ -45,6 +48,22 @@ class OnnxExport(ExportFormat):
         if packed:
             dedupe_initializers(path)
         return info
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr: the exporter prints a failed graph (139 kB for a
+    transformers model) from C++ onto stdout, which is where ``report --format json``
+    writes its JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def dedupe_initializers(path: str | os.PathLike) -> int:

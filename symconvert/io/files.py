@@ -156,6 +156,33 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
     return target
 
 
+def atomic_directory(target: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """``atomic_write`` for a directory: ``write(tmp)`` fills an empty temporary directory,
+    which then replaces ``target`` (an existing one is removed first); removed on failure."""
+    target = Path(target)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise os_error(exc, target) from None
+    try:
+        write(tmp)
+        with signals_deferred():
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            os.replace(tmp, target)
+            wrote(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(exc, target) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
     return atomic_write(target, lambda p: Path(p).write_text(text))
 

@@ -146,7 +146,8 @@ def _build_bounded(directory: Path, meta: dict[str, Any], state: dict) -> nn.Mod
     # A registered name with its default arguments has the size its library gives it; only
     # recorded kwargs / num_classes can inflate it, so only then pay for the meta build
     # (resnet101: about half a real build).
-    if source.get("kwargs") or source.get("num_classes") is not None:
+    if source.get("kwargs") or source.get("num_classes") is not None or \
+            source.get("library") == "hf":  # a recorded transformers config sizes the model
         try:
             with torch.device("meta"):
                 skeleton = create_model_from_source(source, pretrained=False)

@@ -12,7 +12,10 @@ symmetric (``layers``). Before anything is built from it:
 * ``check_trusted(meta, trust_code)`` refuses a recorded ``py:`` source (it would import
   and call code named by the file) unless the user opted in (``--trust-code`` /
   ``trust_code=True``). Factories shipped in ``symconvert.models`` are symconvert's own
-  code and always allowed. ``timm``/``torchvision`` names must be registered models.
+  code and always allowed. ``timm``/``torchvision`` names must be registered models. An
+  ``hf`` source records its transformers config: it must name a transformers architecture
+  and no code (``auto_map``, Hub kernels) — refused even with ``--trust-code``
+  (``symconvert.models.hf.check_config``).
 
 Extension points for later stages: every top-level key other than the model-shaping
 ones is kept as is (``convert``, ``finetune``, ``parent``, ``calibration``, ``lm``,
@@ -47,7 +50,8 @@ from pydantic import (
     model_validator,
 )
 
-from symconvert.errors import CheckpointError, UnknownSchemeError
+from symconvert.errors import CheckpointError, SymconvertError, UnknownSchemeError
+from symconvert.models.hf import check_config
 from symconvert.schemes import get_scheme
 
 #: the largest tensor a recorded shape may describe (2**31 elements: 8 GiB of fp32)
@@ -78,7 +82,7 @@ class SourceRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    library: Literal["timm", "torchvision", "py"]
+    library: Literal["timm", "torchvision", "py", "hf"]
     name: StrictStr = Field(max_length=300)
     num_classes: StrictInt | None = Field(default=None, ge=1, le=10_000_000)
     kwargs: dict[StrictStr, KwargValue] = Field(default_factory=dict)
@@ -99,7 +103,11 @@ class SourceRecord(BaseModel):
 
     @model_validator(mode="after")
     def _name_shape(self) -> SourceRecord:
-        if self.library == "py":
+        if self.library == "hf":
+            config = getattr(self, "config", None)
+            if not isinstance(config, dict) or any(ord(c) < 32 for c in self.name):
+                raise ValueError("an hf source records its transformers config as an object")
+        elif self.library == "py":
             if not _PY_NAME.match(self.name):
                 raise ValueError(f"py name {self.name!r} is not package.module:function")
         elif self.name.startswith("hf-hub:"):
@@ -260,7 +268,15 @@ def check_trusted(meta: dict[str, Any], trust_code: bool | None = None,
             f"{module!r} and call {function!r}, i.e. run code the directory names. symconvert "
             "never does that on its own. If you trust whoever made this directory, pass "
             "--trust-code (Python: symconvert.load(DIR, trust_code=True)).")
-    if library == "timm":
+    if library == "hf":
+        try:
+            check_config(source["config"], f"{where} (its recorded transformers config)")
+        except ImportError:
+            raise CheckpointError(f"{where} records a transformers model: pip install "
+                                  "'symconvert[hf]'.") from None
+        except SymconvertError as exc:
+            raise CheckpointError(str(exc)) from None
+    elif library == "timm":
         if name.startswith("hf-hub:"):
             return
 

@@ -31,9 +31,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from symconvert.errors import SymconvertError, UnknownModelError, WeightsError
+from symconvert.models import hf
 from symconvert.surgery.selection import head_names
 
-LIBRARIES = ("timm", "torchvision", "py")
+LIBRARIES = ("timm", "torchvision", "py", "hf")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -49,7 +50,7 @@ def parse_model(spec: str) -> tuple[str, str]:
         prefix = spec.split(":", 1)[0]
         raise UnknownModelError(
             f"unknown model source {prefix!r} in {spec!r}; use timm:NAME, torchvision:NAME, "
-            "hf-hub:ORG/NAME or py:package.module:function."
+            "hf-hub:ORG/NAME, hf:DIR (transformers) or py:package.module:function."
         )
     if _timm_has(spec):
         return "timm", spec
@@ -113,6 +114,11 @@ def create_model(
     ``num_classes`` replaces the classifier head (timm ``reset_classifier`` semantics).
     """
     library, name = parse_model(model)
+    if library == "hf":
+        if weights is not None or num_classes is not None or kwargs:
+            raise SymconvertError(f"{model}: --weights, --num-classes and model kwargs do not "
+                                  "apply to hf: models (the directory's config and weights do).")
+        return create_model_from_source(hf.source_record(name, pretrained))
     source = {
         "library": library,
         "name": name,
@@ -149,6 +155,8 @@ def create_model_from_source(source: dict, pretrained: bool | None = None) -> nn
         model = _build_torchvision(name, use_pretrained and weights is None, num_classes, weights, kwargs)
     elif library == "py":
         model = _build_py(name, num_classes, kwargs)
+    elif library == "hf":
+        model = hf.build_source(source, bool(use_pretrained))
     else:
         raise UnknownModelError(f"unknown model library {library!r} in the recorded source")
 

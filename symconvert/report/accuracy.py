@@ -15,7 +15,7 @@ from symconvert.io.files import WEIGHTS_NAME
 from symconvert.io.loading import load, read_metadata
 from symconvert.report.options import ReportOptions
 from symconvert.report.sources import SourceCache
-from symconvert.surgery.calibrate import naive_from
+from symconvert.surgery.calib_costs import naive_from
 from symconvert.tasks import Task
 from symconvert.train.evaluate import evaluate
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from symconvert.errors import SymconvertError
-from symconvert.io.export import export
+from symconvert.io.export import export_with_info
 from symconvert.io.files import WEIGHTS_NAME
 from symconvert.io.loading import load
 from symconvert.report.options import ReportOptions
@@ -181,7 +181,8 @@ def fast_latency(directory: Path, options: ReportOptions, device: torch.device,
 def dense_bytes(model: nn.Module) -> int:
     """Bytes of ``model`` exported dense (folded safetensors; ``model`` is folded)."""
     with tempfile.TemporaryDirectory(prefix="symconvert-report-") as tmp:
-        return export(model, "dense", Path(tmp) / "dense.safetensors").stat().st_size
+        # (a transformers model's dense export is a directory: its weights file's bytes)
+        return export_with_info(model, "dense", Path(tmp) / "dense.safetensors")["bytes"]
 
 
 def bytes_on_disk(directory: Path) -> dict[str, Any]:

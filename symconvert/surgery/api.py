@@ -10,7 +10,7 @@ from torch import nn
 from symconvert.errors import SymconvertError
 from symconvert.schemes import Scheme
 from symconvert.surgery.auto import require_reachable
-from symconvert.surgery.calibrate import convert_calibrated
+from symconvert.surgery.calib_costs import convert_calibrated
 from symconvert.surgery.config import ConvertConfig
 from symconvert.surgery.convert import apply_plan, inspect
 from symconvert.surgery.plan import Plan
@@ -23,8 +23,9 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     Takes a ``ConvertConfig`` or its fields as keywords: the selection (``include``,
     ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
     ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
-    ``calibrate``/``calibration_samples``/``calibration_damp``; ``target_flops`` with
-    ``flops_input`` (``scheme="auto"``: a FLOPs target met by the schemes' fast forms).
+    ``calibrate``/``calibration_samples``/``calibration_damp``/``calibration_steps``;
+    ``target_flops`` with ``flops_input`` (``scheme="auto"``: a FLOPs target met by the
+    schemes' fast forms).
 
     Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
     original is dropped: the module keeps only the packed free parameters
@@ -44,6 +45,7 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     if config.calibrate is not None:
         return convert_calibrated(model, config.scheme, config.calibrate,
                                   config.calibration_samples, damp=config.calibration_damp,
+                                  steps=config.calibration_steps,
                                   allow_empty=config.allow_empty,
                                   target_reduction=config.target_reduction,
                                   schemes=config.schemes, costs=config.costs,

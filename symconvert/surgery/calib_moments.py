@@ -28,12 +28,12 @@ class CalibrationError(SymconvertError):
 # ----------------------------------------------------------------------------- hooks / forward
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward is skipped."""
 
 
 @contextlib.contextmanager
-def _calibration_mode(*models: nn.Module) -> Iterator[None]:
+def calibration_mode(*models: nn.Module) -> Iterator[None]:
     """Eval mode, no fused transformer fast path, and nn.MultiheadAttention calling its
     ``out_proj`` as a module (so hooks on it fire), for the duration."""
     fast = torch.backends.mha.get_fastpath_enabled()
@@ -45,7 +45,7 @@ def _calibration_mode(*models: nn.Module) -> Iterator[None]:
             model.eval()
             for m in model.modules():
                 if isinstance(m, nn.MultiheadAttention) and "forward" not in vars(m):
-                    m.forward = _mha_forward.__get__(m)  # type: ignore[method-assign]
+                    m.forward = mha_forward.__get__(m)  # type: ignore[method-assign]
                     patched.append(m)
         yield
     finally:
@@ -56,7 +56,7 @@ def _calibration_mode(*models: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+def mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
                  need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
     """nn.MultiheadAttention.forward with the output projection applied by calling the
     ``out_proj`` module (torch applies it functionally inside the attention kernel)."""
@@ -81,19 +81,65 @@ def _mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mas
     return out, weights
 
 
-def _run(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+def run_model(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
     try:
         with torch.no_grad():
             model(x.to(device))
-    except _Stop:
+    except Stop:
         pass
+
+
+class Feed:
+    """One calibration batch through the converted then the source model (the hooks
+    ``handles`` removed after): what a fit runs to see its layer's inputs and targets."""
+
+    def __init__(self, model: nn.Module, source_model: nn.Module, x: torch.Tensor,
+                 device: torch.device) -> None:
+        self.model, self.source_model, self.x, self.device = model, source_model, x, device
+
+    def __call__(self, handles: list) -> None:
+        try:
+            run_model(self.model, self.x, self.device)
+            run_model(self.source_model, self.x, self.device)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class BlockFeed(Feed):
+    """One calibration batch through a converted block and its source block, on their cached
+    inputs (``(args, kwargs)`` each): a layer inside a block is fitted without running the
+    models from their input up to it."""
+
+    def __init__(self, block: nn.Module, source_block: nn.Module, call: tuple[tuple, dict],
+                 source_call: tuple[tuple, dict]) -> None:
+        self.block, self.source_block, self.call, self.source_call = (block, source_block, call,
+                                                                      source_call)
+
+    def __call__(self, handles: list) -> None:
+        try:
+            call_module(self.block, self.call)
+            call_module(self.source_block, self.source_call)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def call_module(module: nn.Module, call: tuple[tuple, dict]) -> Any:
+    """``module(*args, **kwargs)`` without gradients; None when a hook stopped it."""
+    args, kwargs = call
+    try:
+        with torch.no_grad():
+            return module(*args, **kwargs)
+    except Stop:
+        return None
 
 
 # ----------------------------------------------------------------------------- units
 
 
 @dataclass
-class _Unit:
+class Unit:
     """One converted tensor (shared by its tied aliases) and the module calls that use it."""
 
     name: str  # the plan's layer name
@@ -104,25 +150,26 @@ class _Unit:
     sites: list[str] = field(default_factory=list)  # modules whose calls use the tensor
 
 
-def _units(model: nn.Module) -> list[_Unit]:
-    units: dict[int, _Unit] = {}
+def find_units(model: nn.Module) -> list[Unit]:
+    units: dict[int, Unit] = {}
     for name, module, tensor, sym in converted_tensors(model):
         plist = module.parametrizations[tensor]
         unit = units.get(id(plist))
         if unit is None:
             label = name if tensor == "weight" else f"{name}.{tensor}"
-            unit = units[id(plist)] = _Unit(label, name, tensor, module, sym)
+            unit = units[id(plist)] = Unit(label, name, tensor, module, sym)
         unit.sites.append(name)
     return list(units.values())
 
 
-def _forward_order(model: nn.Module, units: list[_Unit], x: torch.Tensor,
-                   device: torch.device) -> tuple[list[_Unit], dict[str, int]]:
-    """Units sorted by their first call in a forward pass, and each site's calls per pass."""
+def forward_order(model: nn.Module, units: list[Unit], x: torch.Tensor,
+                  device: torch.device, also: tuple[str, ...] = ()) -> tuple[list[Unit], dict[str, int]]:
+    """Units sorted by their first call in a forward pass, and the calls per pass of each
+    site (and of the modules named in ``also``)."""
     order: dict[str, int] = {}
     calls: dict[str, int] = {}
     handles = []
-    names = {s for u in units for s in u.sites}
+    names = {s for u in units for s in u.sites} | set(also)
     for name, module in model.named_modules():
         if name in names:
             def hook(mod, args, _name=name):
@@ -130,7 +177,7 @@ def _forward_order(model: nn.Module, units: list[_Unit], x: torch.Tensor,
                 order.setdefault(_name, len(order))
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        _run(model, x[:2], device)
+        run_model(model, x[:2], device)
     finally:
         for h in handles:
             h.remove()
@@ -143,7 +190,7 @@ def _forward_order(model: nn.Module, units: list[_Unit], x: torch.Tensor,
     return sorted(units, key=lambda u: (key[u.name], _rnn_rank(u))), calls
 
 
-def _rnn_rank(unit: _Unit) -> tuple[int, int, int]:
+def _rnn_rank(unit: Unit) -> tuple[int, int, int]:
     """Inside one recurrent module: layer by layer, input weights before recurrent ones
     (the recurrent fit sees the hidden states the fitted input weights produce)."""
     if not isinstance(unit.module, nn.RNNBase):
@@ -156,11 +203,11 @@ def _rnn_rank(unit: _Unit) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- layer views
 
 
-def _is_conv(module: nn.Module) -> bool:
+def is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 
 
-def _conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """im2col of a conv input: [groups, rows, in/groups * prod(kernel)] (rows = batch x
     output positions), matching ``weight.reshape(out, -1)`` of each group."""
     nd = x.dim() - 2
@@ -188,14 +235,14 @@ def _conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(0, 1)
 
 
-def _conv_targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def conv_targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """Conv output [b, out, positions...] -> [groups, rows, out/groups]."""
     b, o = y.shape[:2]
     g = module.groups
     return y.reshape(b, o, -1).permute(0, 2, 1).reshape(-1, g, o // g).transpose(0, 1)
 
 
-class _Moments:
+class Moments:
     """Float64 sums over rows: H = Σ x xᵀ (per group), C = Σ y xᵀ, ||y||², row count. The
     input gets a trailing constant 1 when the layer has a bias (fitted with the weight)."""
 
@@ -224,15 +271,15 @@ class _Moments:
         self.rows += rows
 
 
-def _layer_io(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
+def layer_io(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None):
     """(inputs [g, rows, d], targets [g, rows, m]) of a conv/linear call."""
-    if _is_conv(module):
-        return _conv_columns(module, x), (None if y is None else _conv_targets(module, y))
+    if is_conv(module):
+        return conv_columns(module, x), (None if y is None else conv_targets(module, y))
     xs = x.reshape(1, -1, x.shape[-1])
     return xs, (None if y is None else y.reshape(1, -1, y.shape[-1]))
 
 
-def _packed(unit: _Unit) -> torch.Tensor:
+def packed_of(unit: Unit) -> torch.Tensor:
     return unit.module.parametrizations[unit.tensor].original
 
 
@@ -242,7 +289,7 @@ def _packed(unit: _Unit) -> torch.Tensor:
 MHA_INPUTS = {"in_proj_weight": None, "q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}
 
 
-def _fittable(unit: _Unit) -> bool:
+def fittable(unit: Unit) -> bool:
     """Layers calibration fits: conv/linear weights, LSTM/GRU gate blocks and the input
     projections of nn.MultiheadAttention."""
     if isinstance(unit.module, nn.RNNBase):

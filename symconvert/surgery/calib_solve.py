@@ -17,14 +17,15 @@ from symconvert.schemes import Scheme
 from symconvert.surgery.calib_moments import (
     MHA_INPUTS,
     CalibrationError,
-    _is_conv,
-    _layer_io,
-    _Moments,
-    _packed,
-    _run,
-    _Stop,
-    _Unit,
+    Feed,
+    Moments,
+    Stop,
+    Unit,
+    is_conv,
+    layer_io,
+    packed_of,
 )
+from symconvert.surgery.rnn import refresh_flat_weights
 
 # ----------------------------------------------------------------------------- the solve
 
@@ -56,13 +57,13 @@ def _objective(wb: torch.Tensor, h: torch.Tensor, c: torch.Tensor, yy: float) ->
     return (torch.einsum("gmd,gde,gme->", wb, h, wb) - 2 * (wb * c).sum() + yy)
 
 
-def relative_error(wb: torch.Tensor, mom: _Moments) -> float:
+def relative_error(wb: torch.Tensor, mom: Moments) -> float:
     if mom.yy <= 0:
         return 0.0
     return math.sqrt(max(float(_objective(wb, mom.h, mom.c, mom.yy)), 0.0) / mom.yy)
 
 
-class _Fitter:
+class Fitter:
     """The least-squares fit of one tensor in a scheme's packed space."""
 
     def __init__(self, scheme: Scheme, shape: tuple[int, ...], groups: int, conv_groups: int,
@@ -78,7 +79,7 @@ class _Fitter:
             w = torch.cat([w, bias.reshape(self.cg, -1, 1)], dim=2)
         return w
 
-    def solve(self, p0: torch.Tensor, b0: torch.Tensor | None, mom: _Moments,
+    def solve(self, p0: torch.Tensor, b0: torch.Tensor | None, mom: Moments,
               opts: SolveOptions = SolveOptions(), *,
               ridge: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = mom.h
@@ -185,21 +186,24 @@ class _Fitter:
         return p.detach(), (None if b is None else b.detach())
 
 
-def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
-              opts: SolveOptions) -> dict[str, float]:
+def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], feeds: list[Feed],
+             opts: SolveOptions) -> dict[str, float]:
+    """Fit a conv/linear weight: its input as the converted model feeds it, its target the
+    source layer's output, over ``feeds`` (each runs both models, or both blocks, on one
+    calibration batch)."""
     module = unit.module
     if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or unit.tensor != "weight":
         raise CalibrationError(f"{unit.name}: calibration supports conv, linear and LSTM/GRU layers, "
                                f"not {type(module).__name__}.{unit.tensor}.")
     bias = getattr(module, "bias", None)
     has_bias = bias is not None and isinstance(bias, nn.Parameter)
-    conv_groups = module.groups if _is_conv(module) else 1
-    mom = _Moments(has_bias)
+    conv_groups = module.groups if is_conv(module) else 1
+    mom = Moments(has_bias)
     sites = unit.sites
     once = len(sites) == 1 and calls.get(sites[0], 0) == 1
     conv_mods = dict(model.named_modules())
     src_mods = dict(source_model.named_modules())
-    for x in batches:
+    for feed in feeds:
         got_x: list[tuple[str, torch.Tensor]] = []
         got_y: list[tuple[str, torch.Tensor]] = []
         handles = []
@@ -207,34 +211,34 @@ def _fit_unit(model, source_model, unit: _Unit, calls: dict[str, int], batches, 
             def pre(mod, args, _s=s, _got=got_x):
                 _got.append((_s, args[0].detach()))
                 if once:
-                    raise _Stop
+                    raise Stop
 
             def post(mod, args, out, _s=s, _got=got_y):
                 _got.append((_s, (out[0] if isinstance(out, tuple) else out).detach()))
                 if once:
-                    raise _Stop
+                    raise Stop
             handles.append(conv_mods[s].register_forward_pre_hook(pre))
             handles.append(src_mods[s].register_forward_hook(post))
-        _run_both(model, source_model, x, device, handles)
+        feed(handles)
         if len(got_x) != len(got_y):
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
                                    "a different number of times.")
         for (_, xi), (_, yi) in zip(got_x, got_y, strict=True):
-            xs, ys = _layer_io(module, xi, yi)
+            xs, ys = layer_io(module, xi, yi)
             mom.add(xs, ys)
     src = src_mods[sites[0]]
     return _solve_and_write(unit, mom, conv_groups, src.weight, src.bias if has_bias else None,
                             module.bias if has_bias else None, opts)
 
 
-def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.Tensor,
+def _solve_and_write(unit: Unit, mom: Moments, conv_groups: int, src_w: torch.Tensor,
                      src_b: torch.Tensor | None, bias: torch.Tensor | None,
                      opts: SolveOptions) -> dict[str, float]:
     """Fit ``unit``'s packed tensor (and ``bias``, fitted with it when given) from the
     moments, starting at the nearest symmetric weight of the source's ``src_w``; write the
     fit into the model unless it is worse than that start. Returns the unit's record."""
     scheme = unit.sym.scheme
-    fitter = _Fitter(scheme, unit.sym.shape, unit.sym.groups, conv_groups, src_b is not None)
+    fitter = Fitter(scheme, unit.sym.shape, unit.sym.groups, conv_groups, src_b is not None)
     src_w = src_w.detach().double()
     src_b = None if src_b is None else src_b.detach().double()
     naive_p = scheme.pack(src_w, unit.sym.groups)
@@ -244,7 +248,7 @@ def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.
     if fitted > naive:  # never worse than where it started (an unconverged eigen fit)
         p, b, fitted = naive_p, src_b, naive
     with torch.no_grad():
-        packed = _packed(unit)
+        packed = packed_of(unit)
         packed.copy_(p.to(packed.dtype))
         if bias is not None:
             bias.copy_(b.to(bias.dtype))
@@ -254,8 +258,8 @@ def _solve_and_write(unit: _Unit, mom: _Moments, conv_groups: int, src_w: torch.
 # ----------------------------------------------------------------------------- attention
 
 
-def _call_inputs(model, source_model, module, src_module, x, device, read, stop: bool):
-    """Run both models on ``x`` and return what ``read(module, args, kwargs)`` takes from every call
+def _call_inputs(module, src_module, feed: Feed, read, stop: bool):
+    """Run ``feed`` (both models on one batch) and return what ``read(module, args, kwargs)`` takes from every call
     of ``module`` (converted) and ``src_module`` (source); ``stop``: only the first call,
     the rest of each forward skipped."""
     got: tuple[list, list] = ([], [])
@@ -264,20 +268,10 @@ def _call_inputs(model, source_model, module, src_module, x, device, read, stop:
         def pre(m, args, kwargs, _out=out):
             _out.append(read(m, args, kwargs))
             if stop:
-                raise _Stop
+                raise Stop
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    _run_both(model, source_model, x, device, handles)
+    feed(handles)
     return got
-
-
-def _run_both(model, source_model, x, device, handles) -> None:
-    """The converted then the source model on ``x``; the hooks ``handles`` removed after."""
-    try:
-        _run(model, x, device)
-        _run(source_model, x, device)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,8 +281,8 @@ def _mha_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, to
     return got[0], got[1], got[2]
 
 
-def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, device,
-             opts: SolveOptions) -> dict[str, Any]:
+def fit_mha(model, source_model, unit: Unit, calls: dict[str, int], feeds: list[Feed],
+            opts: SolveOptions) -> dict[str, Any]:
     """Fit an input projection of nn.MultiheadAttention (``in_proj_weight``, or one of
     ``q/k/v_proj_weight``): a linear layer whose input is the attention's query (key,
     value) and whose target is the source's projection of its own input, bias included."""
@@ -304,9 +298,9 @@ def _fit_mha(model, source_model, unit: _Unit, calls: dict[str, int], batches, d
         src_b = src_b[which * e : (which + 1) * e]
     src_w = getattr(src, unit.tensor).detach()
     once = calls.get(unit.module_name, 0) == 1
-    mom = _Moments(bias is not None)
-    for x in batches:
-        conv_calls, src_calls = _call_inputs(model, source_model, mha, src, x, device,
+    mom = Moments(bias is not None)
+    for feed in feeds:
+        conv_calls, src_calls = _call_inputs(mha, src, feed,
                                              lambda m, args, kwargs: _mha_call(args, kwargs), once)
         if len(conv_calls) != len(src_calls):
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
@@ -382,8 +376,8 @@ def _rnn_inputs(rnn: nn.RNNBase, args, kwargs) -> tuple[torch.Tensor, Any]:
     return x, hx
 
 
-def _fit_rnn(model, source_model, unit: _Unit, batches, device,
-             opts: SolveOptions) -> dict[str, float]:
+def fit_rnn(model, source_model, unit: Unit, feeds: list[Feed],
+            opts: SolveOptions) -> dict[str, float]:
     """Fit one gate-weight tensor of an LSTM/GRU/RNN: ``weight_ih_l{k}`` on the layer's
     input sequence, ``weight_hh_l{k}`` on the previous hidden states, the target being the
     source's gate pre-activations (W x + b) on the source's own sequences."""
@@ -398,10 +392,9 @@ def _fit_rnn(model, source_model, unit: _Unit, batches, device,
     suffix = "_reverse" if d else ""
     bias_name = ("bias_ih" if kind == "weight_ih" else "bias_hh") + f"_l{layer}{suffix}"
     has_bias = rnn.bias
-    mom = _Moments(has_bias)
-    for x in batches:
-        conv_calls, src_calls = _call_inputs(model, source_model, rnn, src_rnn, x, device,
-                                             _rnn_inputs, True)
+    mom = Moments(has_bias)
+    for feed in feeds:
+        conv_calls, src_calls = _call_inputs(rnn, src_rnn, feed, _rnn_inputs, True)
         xc, hc = conv_calls[0]
         xs, hs = src_calls[0]
         for k in range(layer + 1):
@@ -419,8 +412,6 @@ def _fit_rnn(model, source_model, unit: _Unit, batches, device,
         mom.add(inp_c[None], y[None])
     record = _solve_and_write(unit, mom, 1, w_s, getattr(src_rnn, bias_name) if has_bias else None,
                               getattr(rnn, bias_name) if has_bias else None, opts)
-    from symconvert.surgery.rnn import refresh_flat_weights
-
     refresh_flat_weights(rnn)
     return record
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from symconvert.options import Options, option
 from symconvert.surgery.auto import DEFAULT_SCHEMES, parse_schemes
+from symconvert.surgery.calib_blocks import DEFAULT_STEPS
 from symconvert.surgery.calib_solve import DEFAULT_DAMP
 from symconvert.surgery.selection import Selection, parse_gates, parse_layer_kinds
 
@@ -57,6 +58,10 @@ class ConvertConfig(Options):
         DEFAULT_DAMP, "Pull of each calibrated fit towards the nearest symmetric weight, "
         "relative to the layer's mean input energy; keeps the fit from over-fitting its "
         "samples (0: plain least squares).", ge=0.0)
+    calibration_steps: int = option(
+        DEFAULT_STEPS, "Block-wise calibration: Adam steps per block (a residual block, a "
+        "transformer layer) refining its layers together to reproduce the source block's "
+        "output, after their least-squares fits (0: fit layer by layer only).", ge=0)
     #: scheme="auto": {(layer, scheme): cost} or a function of the candidate pairs
     costs: Any = field(default=None, repr=False)
     target_flops: float | None = option(
@@ -107,6 +112,7 @@ class ConvertConfig(Options):
             record["calibrate"] = data if isinstance(data, str) else type(data).__name__
             record["calibration_samples"] = self.calibration_samples
             record["calibration_damp"] = self.calibration_damp
+            record["calibration_steps"] = self.calibration_steps
         return record
 
 

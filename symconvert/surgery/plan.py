@@ -348,7 +348,3 @@ def require_nonempty(plan: Plan, allow_empty: bool) -> None:
         "--allow-empty to write the model unchanged."
     )
 
-
-#: the name calibration (``symconvert.surgery.calibrate``) imports until it moves to
-#: ``apply_target``
-_apply_target = apply_target

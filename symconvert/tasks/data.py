@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from symconvert.checks import MAX_INPUT_SIZE, parse_input_size
 from symconvert.errors import DataError
+from symconvert.surgery.calibrate import register_data_resolver
 
 FASHION_MNIST_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -204,6 +205,19 @@ def create_loaders(spec: str | DataSpec, model: nn.Module | None = None,
     return parsed.source.loaders(parsed, model, opts)
 
 
+
+
+@register_data_resolver
+def _calibration_loaders(data: Any, model: nn.Module | None, batch_size: int, seed: int
+                         ) -> tuple[Any, str] | None:
+    """Calibration data given as a ``--data`` spec or ``Loaders``: its train split (the eval
+    split if it has none), no augmentation, seeded order."""
+    if isinstance(data, (str, DataSpec)):
+        data = create_loaders(data, model, batch_size=batch_size, augment=False, seed=seed,
+                              subsample=None)
+    if not isinstance(data, Loaders):
+        return None
+    return (data.train if data.train is not None else data.eval), data.spec.text
 
 
 # ---------------------------------------------------------------------- model config

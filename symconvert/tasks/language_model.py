@@ -36,8 +36,10 @@ import torch
 from torch import nn
 
 from symconvert.errors import DataError
+from symconvert.models.hf import is_hf
 from symconvert.tasks.base import Metric, StepOutput, Task, register_task
 from symconvert.tasks.data import DataSource, DataSpec, LoaderOptions, Loaders, register_data_source
+from symconvert.tasks.hf_text import hf_text_loaders
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -313,6 +315,8 @@ class TextSource(DataSource):
     example = "text:data/ptb"
 
     def loaders(self, spec: DataSpec, model: nn.Module | None, options: LoaderOptions) -> Loaders:
+        if model is not None and is_hf(model):  # a transformers model: its tokenizer, its task
+            return hf_text_loaders(spec, model, options)
         corpus = load_corpus(spec.root, **recorded_corpus_options(model))
         return corpus_loaders(corpus, batch_size=options.batch_size, bptt=options.bptt,
                               subsample=options.subsample, rank=options.rank,
