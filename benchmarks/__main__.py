@@ -252,6 +252,7 @@ TARGETS = {
     "onnxruntime packed/dense latency": 1.05,
     "calibration time/forward": 30.0,
     "calibration peak memory/train step": 1.5,
+    "fast layer flip fast/dense latency": round(1 / 3.6, 3),
 }
 
 
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller inputs")
     parser.add_argument("--child-memory", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "SIZE"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["calibration"], help="run one group of benchmarks")
+    parser.add_argument("--only", choices=["calibration", "fast"],
+                        help="run one group of benchmarks")
     parser.add_argument("--calibration", nargs=3, type=int, metavar=("SAMPLES", "SIZE", "BATCH"),
                         default=None, help="calibration setting (default 64 128 32; the issue's "
                         "512 224 is too slow for a shared CPU)")
@@ -283,6 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cpu_count": os.cpu_count(), "quick": args.quick}
     samples, size, batch = args.calibration or ((32, 96, 32) if args.quick else (64, 128, 32))
+    if args.only == "fast":
+        results.update(json.loads(RESULTS.read_text()) if RESULTS.is_file() else {})
+        results.update({"torch": torch.__version__, "threads": torch.get_num_threads()})
+        _fast_benches(console, results, args.quick)
+        for row in results["table"]:
+            if row["ratio"].startswith("fast"):
+                console.print(f"{row['ratio']} ({row['setting']}): {row['value']:.3f}")
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     if args.only == "calibration":
         results.update(json.loads(RESULTS.read_text()) if RESULTS.is_file() else {})
         results.update({"torch": torch.__version__, "threads": torch.get_num_threads()})
@@ -323,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results["table"] = [{"ratio": r, "setting": st, "value": v, "target": TARGETS.get(r)} for r, st, v in rows]
     _calibration_benches(console, results, samples, size, batch)
+    _fast_benches(console, results, args.quick)
     rows = [(r["ratio"], r["setting"], r["value"]) for r in results["table"]]
     table = Table(title=f"symconvert benchmarks (CPU, {results['threads']} threads, torch {torch.__version__})")
     for col in ("ratio", "setting", "value", "target"):
@@ -346,6 +358,37 @@ def _calibration_benches(console, results: dict, samples: int, size: int, batch:
                          ("calibration peak memory/train step",
                           results["calibration"]["calibration/train step"])):
         table.append({"ratio": label, "setting": setting, "value": value, "target": TARGETS[label]})
+    results["table"] = table
+
+
+def _fast_benches(console, results: dict, quick: bool) -> None:
+    """Issue 23: resnet50 224 px converted with flip, quarter, eigen:16 (every eligible
+    layer): FLOPs and latency vs the source, eager and onnxruntime, batch 1 and 8; one
+    isolated 4x layer. Rows ``fast ...`` replace any earlier ones in the table."""
+    from benchmarks.fast import AUTO_FLOPS, SCHEMES, bench_fast, bench_layer
+
+    reps = 3 if quick else 7
+    with console.status("fast forms: one 3x3 256-channel layer, flip (4x fewer multiply-adds)"):
+        results["fast_layer"] = bench_layer(repeats=4 * reps)
+    with console.status("fast forms: resnet50 224 px, flip / quarter / eigen:16"):
+        results["fast"] = bench_fast("resnet50", (1, 8), 224, reps)
+    table = [r for r in results.get("table", []) if not r["ratio"].startswith("fast")]
+    layer = results["fast_layer"]
+    table.append({"ratio": "fast layer flip fast/dense latency",
+                  "target": TARGETS["fast layer flip fast/dense latency"],
+                  "setting": "256x256x3x3, b8 14px", "value": layer["fast/dense"]})
+    for scheme in (*SCHEMES, "auto"):
+        row = results["fast"][scheme]
+        if scheme == "auto":
+            scheme = f"auto --target-flops {AUTO_FLOPS}"
+        table.append({"ratio": "fast FLOPs/source", "setting": f"resnet50 {scheme}",
+                      "value": row["flops/source"], "target": None})
+        for batch in (1, 8):
+            for engine, part in (("eager", row[f"eager_b{batch}"]),
+                                 ("onnxruntime", row["onnxruntime"][f"b{batch}"])):
+                table.append({"ratio": f"fast {engine} latency/source", "target": None,
+                              "setting": f"resnet50 {scheme} b{batch}",
+                              "value": part["fast/source"]})
     results["table"] = table
 
 

@@ -33,7 +33,7 @@ from symconvert.report.tables import plan_table, schemes_table, totals_line
 from symconvert.schemes import list_schemes
 from symconvert.surgery.config import ConvertConfig
 from symconvert.surgery.plan import Plan
-from symconvert.tasks import check_data
+from symconvert.tasks import check_data, task_of
 
 MODEL_HELP = (
     "timm:NAME, torchvision:NAME, hf-hub:ORG/NAME, hf:DIR or hf:ORG/NAME (transformers), "
@@ -148,6 +148,7 @@ def inspect_command(
     check_format(fmt, ("table", "json"))
     m = flags.load(model)
     _check_calibration_data(m, cfg)
+    cfg = _with_flops_input(m, cfg)
     if scheme is None:
         _inspect_every_scheme(model, m, cfg, fmt)
         return
@@ -214,6 +215,7 @@ def convert_command(
     check_writable(out, overwrite=overwrite)
     source_model = flags.load(model)
     _check_calibration_data(source_model, cfg)
+    cfg = _with_flops_input(source_model, cfg)
     m, plan = symconvert.convert(source_model, cfg)
     # a model directory is all or nothing: a failure (Ctrl-C included) removes what this
     # run wrote; the lock makes a concurrent convert into the same --out exit 2
@@ -232,6 +234,14 @@ def _check_calibration_data(model: Any, config: ConvertConfig) -> None:
     """``--calibrate DATA`` of the model's own task, before any work."""
     if isinstance(config.calibrate, str):
         check_data(model, config.calibrate, flag="--calibrate")
+
+
+def _with_flops_input(model: Any, config: ConvertConfig) -> ConvertConfig:
+    """``--target-flops`` counts each layer's FLOPs on the task's example input."""
+    if config.target_flops is None:
+        return config
+    example = task_of(model).example_inputs(model, 1, None)
+    return dataclasses.replace(config, flops_input=tuple(example))
 
 
 def _print_plan(plan: Plan, title: str, show_skipped: bool, max_rows: int | None = None) -> None:

@@ -18,7 +18,10 @@ element. ``eigen:K`` has no table: its ``V diag(e) Vᵀ`` is traced as is. A sel
 does not factor (none of the shipped schemes) falls back to one int32 entry per element.
 
 onnxruntime folds these constant sub-graphs when it creates the session (any graph
-optimisation level but ``ORT_DISABLE_ALL``), so a packed model runs at dense speed. The
+optimisation level but ``ORT_DISABLE_ALL``), so a packed model runs at dense speed. A
+layer with a fast form (``symconvert.surgery.fast``: flip, eighth, quarter, repeat:R,
+eigen:K) reads the packed tensor itself, so its graph holds the small weights and the
+channel maps and runs fewer multiply-adds than the dense one. The
 exporter itself must not fold them (``do_constant_folding=False``), or the file would be
 dense again.
 

@@ -36,7 +36,7 @@ from symconvert.report.accuracy import accuracy
 from symconvert.report.compare import compare
 from symconvert.report.deployment import measure_deployment
 from symconvert.report.layers import layer_table
-from symconvert.report.measure import bytes_on_disk, flops, latency, read_metrics
+from symconvert.report.measure import bytes_on_disk, fast_latency, flops, latency, read_metrics
 from symconvert.report.options import ReportOptions
 from symconvert.report.render import Report
 from symconvert.report.sources import SourceCache
@@ -88,6 +88,8 @@ def build_report(directory: str | os.PathLike, data: str | None = None, *,
     report["flops"] = flops(directory, sources, options)
     say(f"timing the folded model and the source ({options.latency_runs} runs each)")
     report["latency"] = latency(directory, sources, options, device)
+    say("timing the fast forms against the dense forward (batch 1 and 8)")
+    report["fast_latency"] = fast_latency(directory, options, device)
     report["accuracy"] = accuracy(model, task, directory, meta, parent, kind, sources,
                                   options, device, say)
     report["curves"] = {"finetuned": read_metrics(directory / METRICS_NAME)}

@@ -23,6 +23,8 @@ from symconvert.io.loading import load
 from symconvert.report.options import ReportOptions
 from symconvert.report.sources import SourceCache
 from symconvert.surgery.convert import fold
+from symconvert.surgery.fast import dense_forward, fast_modules
+from symconvert.surgery.parametrization import converted_tensors
 from symconvert.tasks import task_of
 
 
@@ -33,10 +35,20 @@ def example(model: nn.Module, options: ReportOptions, batch: int) -> torch.Tenso
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward (``torch.utils.flop_counter``: matmuls and convolutions)."""
+    return layer_flops(model, example)[""]
+
+
+def layer_flops(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one forward of what actually runs, per module name ("" the whole model)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(example)
-    return int(counter.get_total_flops())
+    root = type(model).__name__
+    out = {"": int(counter.get_total_flops())}
+    for key, ops in counter.get_flop_counts().items():
+        if key.startswith(root + "."):
+            out[key[len(root) + 1:]] = int(sum(ops.values()))
+    return out
 
 
 def _does_not_run(x: torch.Tensor, exc: Exception) -> str:
@@ -45,16 +57,28 @@ def _does_not_run(x: torch.Tensor, exc: Exception) -> str:
 
 
 def flops(directory: Path, sources: SourceCache, options: ReportOptions) -> dict[str, Any]:
+    converted = load(directory).eval()
     folded = fold(load(directory)).eval()
     x = example(folded, options, 1)
     try:
-        source = count_flops(sources.architecture(), x)
+        source = layer_flops(sources.architecture(), x)
         after = count_flops(folded, x)
+        fast = layer_flops(converted, x)
     except (RuntimeError, TypeError, ValueError) as exc:
         return {"reason": _does_not_run(x, exc)}
-    return {"source": source, "folded": after, "input": list(x.shape),
-            "note": "symmetry stores fewer weights but the folded model runs the same dense "
-                    "layers, so FLOPs per input do not change"}
+    names = [n for n, _ in fast_modules(converted)]
+    return {"source": source[""], "folded": after, "input": list(x.shape),
+            "note": "the folded model runs the dense layers (FLOPs as the source); the "
+                    "converted model runs each fast form (flip, eighth, quarter, repeat:R, "
+                    "eigen:K) with fewer multiply-adds",
+            "fast": fast[""], "fast_vs_source": fast[""] / source[""] if source[""] else None,
+            "fast_layers": len(names),
+            "per_layer": {n: [source.get(n), fast.get(n)] for n in source if n and n in fast
+                          and source[n] and n in _converted_names(converted)}}
+
+
+def _converted_names(model: nn.Module) -> set[str]:
+    return {name for name, _, _, _ in converted_tensors(model)}
 
 
 def median_latency(models: dict[str, nn.Module], example: torch.Tensor, runs: int,
@@ -106,7 +130,52 @@ def latency(directory: Path, sources: SourceCache, options: ReportOptions,
         "folded_vs_source": ms["folded"] / ms["source"] if ms["source"] else None,
         "batch": options.latency_batch, "runs": options.latency_runs, "device": str(device),
         "input": list(x.shape),
+        "converted_vs_folded": ms["converted"] / ms["folded"] if ms["folded"] else None,
     }
+
+
+def paired_ratio(fa, fb, runs: int, sync=lambda: None) -> dict[str, float]:
+    """Median times of A and B (ms) and the median of the per-pair ratios B/A; pairs
+    interleaved, alternating which side runs first, so that load hits both alike."""
+    a, b = [], []
+    for i in range(runs):
+        for f, out in ((fb, b), (fa, a)) if i % 2 else ((fa, a), (fb, b)):
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out.append((time.perf_counter() - t0) * 1000.0)
+    return {"dense_ms": statistics.median(a), "fast_ms": statistics.median(b),
+            "fast_vs_dense": statistics.median(y / x for x, y in zip(a, b, strict=True))}
+
+
+def fast_latency(directory: Path, options: ReportOptions, device: torch.device,
+                 batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+    """The converted model's fast forms against its dense forward (same weights), eager,
+    per batch size: interleaved pairs, median of the ratios."""
+    model = load(directory).eval().to(device)
+    layers = len(fast_modules(model))
+    if not layers:
+        return {"reason": "no converted layer has a fast form (see `inspect`: FLOPs column)"}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict[str, Any] = {"layers": layers, "runs": options.latency_runs, "device": str(device)}
+    for batch in batches:
+        x = example(model, options, batch).to(device)
+        if x.is_floating_point():
+            x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+        def dense(x=x):
+            with dense_forward():
+                model(x)
+
+        try:
+            with torch.no_grad():
+                dense(), model(x)  # warm-up (and the dense weight cache)
+                out[f"batch_{batch}"] = paired_ratio(dense, lambda x=x: model(x),
+                                                     options.latency_runs, sync)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            return {"reason": _does_not_run(x, exc)}
+    return out
 
 
 def dense_bytes(model: nn.Module) -> int:
@@ -144,5 +213,5 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["bytes_on_disk", "count_flops", "dense_bytes", "example", "flops", "latency",
+__all__ = ["bytes_on_disk", "count_flops", "fast_latency", "layer_flops", "dense_bytes", "example", "flops", "latency",
            "median_latency", "read_metrics"]

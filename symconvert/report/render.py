@@ -191,9 +191,24 @@ def _summary_section(report: Report) -> Section:
              fmt_ratio(f["folded"] / f["source"] if f.get("source") else None)],
             [f"latency, batch {lat['batch']} ({lat['device']})", fmt_ms(lat.get("source_ms")),
              fmt_ms(lat.get("folded_ms")), fmt_ratio(lat.get("folded_vs_source"))],
+            *_fast_rows(f, report.get("fast_latency") or {}),
         ],
         note=" ".join(notes),
     )
+
+
+def _fast_rows(f: dict[str, Any], lat: dict[str, Any]) -> list[list[str]]:
+    """FLOPs and latency of the fast forms (issue 23): after the dense rows."""
+    rows = []
+    if f.get("fast") is not None:
+        rows.append(["FLOPs per input, fast forms", fmt_int(f.get("source")), fmt_int(f["fast"]),
+                     fmt_ratio(f.get("fast_vs_source"))])
+    for key, value in lat.items():
+        if key.startswith("batch_"):
+            rows.append([f"latency fast vs dense, batch {key[6:]} ({lat['device']})",
+                         fmt_ms(value["dense_ms"]), fmt_ms(value["fast_ms"]),
+                         fmt_ratio(value["fast_vs_dense"])])
+    return rows
 
 
 _MODELS = (("source", "source"), ("converted", "converted, before fine-tuning"),
@@ -259,18 +274,22 @@ def _compare_section(cmp_: dict[str, Any], task: Task) -> Section:
 
 def _layers_section(report: Report) -> Section:
     """One row per converted layer: shape, scheme, parameters and errors."""
+    per_layer = (report.get("flops") or {}).get("per_layer") or {}
     layer_rows = [[e["name"], "×".join(str(s) for s in e["shape"]), e["scheme"],
                    fmt_int(e["params_before"]), fmt_int(e["params_after"]),
-                   fmt_err(e["symmetrization_error"]), fmt_err(e.get("output_error"))]
+                   fmt_err(e["symmetrization_error"]), fmt_err(e.get("output_error")),
+                   *(fmt_int(v) for v in per_layer.get(e["name"], [None, None]))]
                   for e in report["layers"]]
     return Section(
         title=f"per layer ({len(layer_rows)} converted)",
         columns=["layer", "shape", "scheme", "params before", "params after", "sym. error",
-                 "output error"],
-        right=[False, False, False, True, True, True, True], rows=layer_rows,
+                 "output error", "FLOPs before", "FLOPs after"],
+        right=[False, False, False, True, True, True, True, True, True], rows=layer_rows,
         note="sym. error = ‖W − unpack(pack(W))‖ / ‖W‖ on the source weights; output error = "
              "relative error of the layer's output on the calibration data after the "
-             "least-squares fit (convert --calibrate; — without); rows from "
+             "least-squares fit (convert --calibrate; — without); FLOPs before/after: "
+             "torch's flop counter on the source layer and on what the converted layer runs "
+             "(its fast form, where it has one); rows from "
              f"{report.get('layers_from')}.")
 
 

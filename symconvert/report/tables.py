@@ -39,7 +39,8 @@ def plan_table(plan: Plan, title: str, show_skipped: bool = True, max_rows: int 
     extra = (("out. error naive", "right"), ("out. error calib.", "right")) if calibrated else ()
     for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("action", "left"),
                       ("params before", "right"), ("params after", "right"),
-                      ("sym. error", "right"), *extra, ("reason / note", "left")):
+                      ("sym. error", "right"), *extra, ("reason / note", "left"),
+                      ("FLOPs", "right")):
         table.add_column(col, justify=just, overflow="fold")
     rows = [e for e in plan.layers if show_skipped or e.converted]
     shown = rows if max_rows is None else rows[:max_rows]
@@ -51,10 +52,19 @@ def plan_table(plan: Plan, title: str, show_skipped: bool = True, max_rows: int 
         action = "[green]convert[/]" if e.converted else "[dim]skip[/]"
         cells = [fmt_err(e.output_error_naive), fmt_err(e.output_error)] if calibrated else []
         table.add_row(escape(e.name), e.layer_type, shape, action, fmt_int(e.params_before),
-                      fmt_int(e.params_after), fmt_err(e.symmetrization_error), *cells, escape(note))
+                      fmt_int(e.params_after), fmt_err(e.symmetrization_error), *cells, escape(note),
+                      _flops_cell(e))
     if max_rows is not None and len(rows) > max_rows:
         table.add_row(f"… {len(rows) - max_rows} more", *([""] * (len(table.columns) - 1)))
     return table
+
+
+def _flops_cell(e) -> str:
+    """Multiply-adds per output position after/before: the fast form's ratio, or 1× and
+    why the layer runs dense."""
+    if not e.converted:
+        return ""
+    return f"{e.flops_ratio:.3g}×" if e.dense_reason is None else "1× (dense)"
 
 
 def totals_line(plan: Plan) -> str:
@@ -80,7 +90,8 @@ def auto_table(plan: AutoPlan, title: str, show_skipped: bool = True, max_rows: 
     table = Table(title=title, show_lines=False)
     for col, just in (("layer", "left"), ("shape", "left"), ("scheme", "left"),
                       ("params before", "right"), ("params after", "right"),
-                      (plan.cost_name, "right"), ("alternatives: cost (saved)", "left")):
+                      (plan.cost_name, "right"), ("alternatives: cost (saved)", "left"),
+                      ("FLOPs", "right")):
         table.add_column(col, justify=just, overflow="fold")
     rows = [e for e in plan.layers if show_skipped or e.converted]
     shown = rows if max_rows is None else rows[:max_rows]
@@ -98,10 +109,17 @@ def auto_table(plan: AutoPlan, title: str, show_skipped: bool = True, max_rows: 
             other += f" (tied with {', '.join(e.aliases)})"
         cost = "—" if e.cost is None else f"{e.cost:.3f}"
         table.add_row(escape(e.name), shape, scheme, fmt_int(e.params_before),
-                      fmt_int(e.params_after), cost, escape(other))
+                      fmt_int(e.params_after), cost, escape(other), _flops_cell(e))
     if max_rows is not None and len(rows) > max_rows:
-        table.add_row(f"… {len(rows) - max_rows} more", "", "", "", "", "", "")
+        table.add_row(f"… {len(rows) - max_rows} more", *([""] * (len(table.columns) - 1)))
     return table
+
+
+def _auto_target(plan: AutoPlan) -> str:
+    if plan.target_flops is None:
+        return f"target {plan.target_reduction:.2%}"
+    after = "—" if plan.flops_after is None else f"{plan.flops_after:.3f}"
+    return f"FLOPs {after}× of the source, target {plan.target_flops:.2f}×"
 
 
 def auto_totals(plan: AutoPlan) -> str:
@@ -110,7 +128,7 @@ def auto_totals(plan: AutoPlan) -> str:
         f"[bold]auto[/] ({', '.join(plan.schemes)}; cost: {plan.cost_name}): "
         f"{len(plan.converted)} layers converted ({counts}), {len(plan.skipped)} skipped; "
         f"parameters {plan.total_before:,} → {plan.total_after:,} "
-        f"([bold green]−{plan.saved_fraction:.2%}[/], target {plan.target_reduction:.2%}); "
+        f"([bold green]−{plan.saved_fraction:.2%}[/], {_auto_target(plan)}); "
         f"total cost {plan.total_cost:.4f}"
     )
     if plan.reachable and plan.lower_bound is not None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from symconvert.schemes.fast import ChannelMaps, TapFactors
+
 Shape = tuple[int, ...]
 
 
@@ -44,6 +46,10 @@ class Scheme:
     #: unpack is a selection: every dense entry equals one packed entry, so an export can
     #: rebuild W by index gathers (``symconvert.io.export_packed``)
     is_gather: bool = True
+    #: the fast form runs only on square blocks at least this wide: below it, its smaller
+    #: products were measured no faster than the dense one (CPU kernels lose efficiency
+    #: at few channels); see ``fast_reason``
+    fast_min_width: int = 0
 
     def __init__(self, arg: str | None = None) -> None:
         if arg is not None:
@@ -73,6 +79,21 @@ class Scheme:
     def project(self, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """unpack(pack(W)): the nearest admissible weight."""
         return self.unpack(self.pack(weight, groups), tuple(weight.shape), groups)
+
+    def fast_reason(self, shape: Shape, groups: int = 1) -> str | None:
+        """Why a weight of this (eligible) shape has no fast form; None when it has one."""
+        return f"`{self.name}` saves no multiply-adds (its symmetric blocks run dense)"
+
+    def fast_ratio(self, shape: Shape, groups: int = 1) -> float:
+        """Multiply-adds of the fast form over the dense layer's, per output position
+        (stride 1); 1.0 without a fast form."""
+        return 1.0
+
+    def fast(self, packed: torch.Tensor, shape: Shape, groups: int = 1
+             ) -> ChannelMaps | TapFactors:
+        """The fast form (``symconvert.schemes.fast``) of the weight ``unpack(packed)``:
+        differentiable in ``packed``, so exact in training too."""
+        raise NotImplementedError(self.fast_reason(shape, groups))
 
     def describe(self, shape: Shape, groups: int = 1) -> str | None:
         """A short note on how the scheme splits this weight (shown in the plan)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from symconvert.schemes.base import Scheme, Shape, prod
+from symconvert.schemes.fast import ChannelMaps, repeat_maps
 from symconvert.schemes.registry import register_scheme
 from symconvert.schemes.square import Channel
 
@@ -79,7 +80,9 @@ class Block(Scheme):
 @register_scheme
 class Repeat(Scheme):
     """W[j*(m/R) + o, ...] = P[o, ...] for j < R: R identical slices along the output
-    dimension (the paper's `chunk`)."""
+    dimension (the paper's `chunk`). Fast form: y[j*(m/R) + o] = (P x)[o], one slice then
+    a tile (R x fewer multiply-adds; not for grouped convs, whose slices read other
+    input groups)."""
 
     name = "repeat"
     paper_name = "chunk"
@@ -118,3 +121,13 @@ class Repeat(Scheme):
     def unpack(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> torch.Tensor:
         return packed.repeat(self.r, *([1] * (packed.dim() - 1)))
 
+    def fast_reason(self, shape: Shape, groups: int = 1) -> str | None:
+        if groups != 1:
+            return f"repeat:{self.r} on a grouped conv: each slice reads other input groups"
+        return None
+
+    def fast_ratio(self, shape: Shape, groups: int = 1) -> float:
+        return 1.0 / self.r if groups == 1 else 1.0
+
+    def fast(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> ChannelMaps:
+        return repeat_maps(packed, self.r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from symconvert.schemes.base import Scheme, Shape, check_square_blocks, matrix_blocks, prod
+from symconvert.schemes.fast import TapFactors
 from symconvert.schemes.registry import register_scheme
 
 
@@ -30,6 +31,10 @@ class Eigen(Scheme):
     V is not unique (signs, rotations inside repeated eigenvalues, and any V that training
     made non-orthogonal), so ``pack(unpack(P)) == P`` does not hold; what holds is
     ``unpack(pack(unpack(P))) == unpack(P)``: the weight is a fixed point.
+
+    Fast form: y[o] = sum_t sum_k (V e)[t,o,k] sum_i V[t,i,k] shift_t(x)[i], two thin
+    products per tap (a 1x1 conv to T*K channels, then back): n / 2K x fewer
+    multiply-adds at stride 1, worth it when 2K < n.
     """
 
     name = "eigen"
@@ -40,6 +45,9 @@ class Eigen(Scheme):
     example_arg = "16"
     is_linear = False  # V diag(e) Vᵀ: a product of its free parameters
     is_gather = False
+    #: eigen:4 on a 3x3 conv, batch 8, one CPU thread: fast/dense 1.34 at n = 16, 0.98 at
+    #: 32, 0.75 at 64, 0.26 at 128
+    fast_min_width = 64
 
     def __init__(self, arg: str | None = None) -> None:
         if arg is None:
@@ -89,3 +97,21 @@ class Eigen(Scheme):
         # it exactly symmetric (IEEE addition commutes), as every other scheme's weight is.
         a = (a + a.transpose(-1, -2)) / 2
         return a.permute(0, 2, 3, 1).reshape(shape)
+
+    def fast_reason(self, shape: Shape, groups: int = 1) -> str | None:
+        n = shape[0] // groups
+        if 2 * self.k >= n:
+            return f"eigen:{self.k}: two products of rank {self.k} cost no less than n={n}"
+        if n < self.fast_min_width:
+            return (f"eigen:{self.k}: thin products on {n} channels are not faster "
+                    f"(fast form from n = {self.fast_min_width})")
+        return None
+
+    def fast_ratio(self, shape: Shape, groups: int = 1) -> float:
+        n = shape[0] // groups
+        return 2 * self.k / n if self.fast_reason(shape, groups) is None else 1.0
+
+    def fast(self, packed: torch.Tensor, shape: Shape, groups: int = 1) -> TapFactors:
+        n = shape[0] // groups
+        v, e = packed[..., :n, :], packed[..., n, :]  # (g, T, n, K), (g, T, K)
+        return TapFactors(down=v.transpose(-1, -2), up=v * e.unsqueeze(-2))

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from symconvert.errors import SymconvertError
 from symconvert.schemes import Scheme
 from symconvert.surgery.auto import require_reachable
 from symconvert.surgery.calib_costs import convert_calibrated
@@ -22,7 +23,9 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     Takes a ``ConvertConfig`` or its fields as keywords: the selection (``include``,
     ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
     ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
-    ``calibrate``/``calibration_samples``/``calibration_damp``/``calibration_steps``.
+    ``calibrate``/``calibration_samples``/``calibration_damp``/``calibration_steps``;
+    ``target_flops`` with ``flops_input`` (``scheme="auto"``: a FLOPs target met by the
+    schemes' fast forms).
 
     Each weight is initialised from the Frobenius-nearest symmetric weight and the dense
     original is dropped: the module keeps only the packed free parameters
@@ -36,6 +39,9 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     ranked by their calibrated output error instead of the weight error.
     """
     config = ConvertConfig.of(scheme, **options)
+    if config.calibrate is not None and config.target_flops is not None:
+        raise SymconvertError("--target-flops with --calibrate is not supported yet: plan "
+                              "with --target-flops, then convert that plan's schemes.")
     if config.calibrate is not None:
         return convert_calibrated(model, config.scheme, config.calibrate,
                                   config.calibration_samples, damp=config.calibration_damp,

@@ -87,6 +87,9 @@ class AutoPlan(Plan):
     lower_bound: float | None = None
     reachable: bool = True
     max_reduction: float = 0.0
+    #: --target-flops: the goal and the fraction of the source's FLOPs the plan runs
+    target_flops: float | None = None
+    flops_after: float | None = None
 
     @property
     def scheme_counts(self) -> dict[str, int]:
@@ -96,6 +99,12 @@ class AutoPlan(Plan):
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def unreachable_message(self) -> str:
+        if self.target_flops is not None:
+            return (
+                f"--target-flops {self.target_flops:.2f} cannot be reached with --scheme auto "
+                f"({', '.join(self.schemes)}): the fast forms save at most "
+                f"{self.max_reduction:.1%} of the source's FLOPs. Add schemes that compute less "
+                "(--schemes flip,eighth,quarter,eigen:K) or widen the selection.")
         return (
             f"--target-reduction {self.target_reduction:.1%} cannot be reached with "
             f"--scheme auto ({', '.join(self.schemes)}): the maximum reachable reduction is "
@@ -114,6 +123,8 @@ class AutoPlan(Plan):
             "reachable": self.reachable,
             "max_reduction": self.max_reduction,
             "scheme_counts": self.scheme_counts,
+            "target_flops": self.target_flops,
+            "flops_after": self.flops_after,
         }
         return d
 
@@ -194,11 +205,15 @@ def build_auto_plan(
     schemes: str | Sequence[str] | None = None,
     costs: Costs | None = None,
     cost_name: str | None = None,
+    flops=None,
 ) -> AutoPlan:
     """The ``--scheme auto`` plan: per candidate tensor the chosen scheme (or none) and
     every candidate's cost. Nothing is changed. An unreachable target gives a plan with
-    ``reachable=False`` showing the largest reduction (``convert`` refuses it)."""
-    _check_target(target_reduction)
+    ``reachable=False`` showing the largest reduction (``convert`` refuses it).
+    ``flops`` (a ``symconvert.surgery.auto_flops.FlopsTarget``) replaces the parameter
+    target by a FLOPs target: each option's gain is the FLOPs its fast form saves."""
+    if flops is None:
+        _check_target(target_reduction)
     specs = parse_schemes(schemes)
     # a partial cost table (``costs.partial``, e.g. calibration, which prices conv and
     # linear layers) falls back to the weight error for the pairs it leaves out
@@ -207,11 +222,13 @@ def build_auto_plan(
     keys = [(e.module, e.tensor) for e in plans[0].layers]
     by_scheme = [{(e.module, e.tensor): e for e in p.layers} for p in plans]
     table = None if costs is None else _cost_table(costs, plans, partial)
-    options, option_entries = _layer_options(keys, by_scheme, table)
+    gain = None if flops is None else (lambda e: flops.gain(e.module, e.flops_ratio))
+    options, option_entries = _layer_options(keys, by_scheme, table, gain)
 
     total = count_parameters(model)
-    goal = math.ceil(target_reduction * total - 1e-9)
+    goal = flops.goal if flops is not None else math.ceil(target_reduction * total - 1e-9)
     sol = solve(options, goal)
+    scale = flops.total if flops is not None else total
     entries = [_auto_entry(key, opts, ents, j, by_scheme)
                for key, opts, ents, j in zip(keys, options, option_entries, sol.choice,
                                              strict=True)]
@@ -220,7 +237,9 @@ def build_auto_plan(
         warnings=list(plans[0].warnings), target_reduction=target_reduction, schemes=specs,
         cost_name=cost_name or ("weight error²" if costs is None else getattr(costs, "name", "given costs")),
         total_cost=sol.cost, lower_bound=sol.lower_bound, reachable=sol.feasible,
-        max_reduction=sol.max_gain / total if total else 0.0,
+        max_reduction=sol.max_gain / scale if scale else 0.0,
+        target_flops=None if flops is None else flops.fraction,
+        flops_after=None if flops is None else (flops.total - sol.gain) / flops.total,
     )
 
 
@@ -239,10 +258,11 @@ def _cost_table(costs: Costs, plans: list[Plan], partial: bool) -> dict[tuple[st
     return _resolve_costs(costs, pairs, alt, partial=partial)
 
 
-def _layer_options(keys: list, by_scheme: list[dict], table: dict | None
+def _layer_options(keys: list, by_scheme: list[dict], table: dict | None, gain=None
                    ) -> tuple[list[list[Option]], list[list[LayerPlan]]]:
     """Per candidate tensor its options (saving, cost), one per scheme that converts it, and
-    the plan entry of each."""
+    the plan entry of each; ``gain(entry)`` replaces the parameters saved (an option that
+    gains nothing is left out)."""
     options: list[list[Option]] = []
     option_entries: list[list[LayerPlan]] = []
     for key in keys:
@@ -256,9 +276,10 @@ def _layer_options(keys: list, by_scheme: list[dict], table: dict | None
                 c = weight_cost(e.symmetrization_error)
             # same saving at the same cost as an earlier candidate (block on a square
             # layer is channel): keep the earlier one
-            if any(o.gain == e.saved and o.cost == c for o in opts):
+            g = e.saved if gain is None else gain(e)
+            if g <= 0 or any(o.gain == g and o.cost == c for o in opts):
                 continue
-            opts.append(Option(e.saved, c))
+            opts.append(Option(g, c))
             ents.append(e)
         options.append(opts)
         option_entries.append(ents)
@@ -280,6 +301,7 @@ def _auto_entry(key: tuple, opts: list[Option], ents: list[LayerPlan], j: int | 
         entry = copy.deepcopy(by_scheme[0][key])
         entry.scheme, entry.action = AUTO, SKIP
         entry.params_after, entry.symmetrization_error, entry.note = entry.params_before, None, None
+        entry.flops_ratio, entry.dense_reason = 1.0, None
         if opts:
             cheapest = min(range(len(opts)), key=lambda k: (opts[k].cost / opts[k].gain, k))
             entry.reason = (f"not needed for --target-reduction (cheapest: "

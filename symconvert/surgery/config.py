@@ -64,6 +64,13 @@ class ConvertConfig(Options):
         "output, after their least-squares fits (0: fit layer by layer only).", ge=0)
     #: scheme="auto": {(layer, scheme): cost} or a function of the candidate pairs
     costs: Any = field(default=None, repr=False)
+    target_flops: float | None = option(
+        None, "With --scheme auto: choose per layer the schemes (or none) whose fast forms "
+        "bring the model to this fraction of the source's FLOPs (e.g. 0.6) at the least "
+        "weight error; see inspect's FLOPs column.", gt=0.0, lt=1.0)
+    #: target_flops: an example input to count each layer's FLOPs on (the CLI gives the
+    #: task's example input)
+    flops_input: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):  # no filter: None, whatever spelling
@@ -97,6 +104,8 @@ class ConvertConfig(Options):
         scheme = getattr(self.scheme, "spec", self.scheme)
         record = {k: getattr(self, k) for k in (*SELECTION_FIELDS, "allow_empty",
                                                 "target_reduction", "schemes")}
+        if self.target_flops is not None:
+            record["target_flops"] = self.target_flops
         record["scheme"] = scheme
         if self.calibrate is not None:
             data = self.calibrate

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from symconvert.errors import SymconvertError
 from symconvert.schemes import Scheme
 from symconvert.surgery.auto import build_auto_plan, is_auto
+from symconvert.surgery.auto_flops import flops_target
 from symconvert.surgery.config import ConvertConfig
 from symconvert.surgery.layers import handler_for
 from symconvert.surgery.parametrization import Symmetric, converted_tensors
@@ -36,7 +37,10 @@ def inspect(model: nn.Module, scheme: str | Scheme | ConvertConfig, /, *,
     selection = config.selection()
     if is_auto(config.scheme):
         plan = build_auto_plan(model, selection, config.target_reduction, config.schemes,
-                               config.costs)
+                               config.costs, flops=flops_target(model, config))
+    elif config.target_flops is not None:
+        raise SymconvertError("--target-flops chooses among schemes: use --scheme auto "
+                              f"--schemes {config.scheme} --target-flops {config.target_flops}.")
     elif config.schemes is not None or config.costs is not None:
         raise SymconvertError("--schemes (and costs=) choose among candidates for --scheme auto; "
                               f"with --scheme {config.scheme} leave them out.")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from symconvert.surgery.fast import install
+
 
 @dataclass(frozen=True)
 class TensorTarget:
@@ -93,6 +95,9 @@ class ConvHandler(LayerHandler):
             return
         yield TensorTarget("weight", shape, module.groups)
 
+    def after_convert(self, module: nn.Module) -> None:
+        install(module)  # the scheme's fast form, where it has one
+
 
 class LinearHandler(LayerHandler):
     kind = "linear"
@@ -106,6 +111,9 @@ class LinearHandler(LayerHandler):
 
     def targets(self, module: nn.Module, options: dict) -> Iterator[TensorTarget]:
         yield TensorTarget("weight", tuple(module.weight.shape), 1)
+
+    def after_convert(self, module: nn.Module) -> None:
+        install(module)
 
 
 register_layer_handler(ConvHandler())

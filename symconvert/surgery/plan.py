@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from symconvert.errors import NothingEligibleError, SymconvertError
 from symconvert.schemes import Scheme, get_scheme
+from symconvert.surgery.fast import layer_fast_reason
 from symconvert.surgery.layers import LayerHandler, TensorTarget, handler_for
 from symconvert.surgery.parametrization import Symmetric, symmetric_of
 from symconvert.surgery.selection import Selection, head_names
@@ -48,6 +49,10 @@ class LayerPlan:
     #: (``convert --calibrate``), and that of the nearest symmetric weight on the same inputs
     output_error: float | None = None
     output_error_naive: float | None = None
+    #: multiply-adds per output position after / before (stride 1): the scheme's fast
+    #: form (``symconvert.surgery.fast``), 1.0 when the layer runs dense; and why it does
+    flops_ratio: float = 1.0
+    dense_reason: str | None = None
 
     @property
     def name(self) -> str:
@@ -221,6 +226,12 @@ def _entry(cand: Candidate, scheme: Scheme, reason: str | None, with_error: bool
     )
     if reason is None:
         entry.note = scheme.describe(target.shape, target.groups)
+        if target.tensor == "weight" and cand.handler.kind in ("conv", "linear"):
+            entry.dense_reason = layer_fast_reason(cand.module, scheme, target.shape, target.groups)
+        else:
+            entry.dense_reason = f"no fast form for {cand.handler.kind} layers"
+        if entry.dense_reason is None:
+            entry.flops_ratio = scheme.fast_ratio(target.shape, target.groups)
         if with_error:
             entry.symmetrization_error = symmetrization_error(scheme, cand.weight, target.groups)
     return entry
@@ -318,7 +329,7 @@ def apply_target(plan: Plan, fraction: float, errors: dict[str, float] | None = 
     for entry in sorted(eligible, key=cost):
         if saved >= goal:
             entry.action, entry.reason = SKIP, "not needed for --target-reduction"
-            entry.params_after = entry.params_before
+            entry.params_after, entry.flops_ratio = entry.params_before, 1.0
         else:
             saved += entry.saved
 
