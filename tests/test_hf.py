@@ -258,3 +258,46 @@ def test_load_needs_no_source_directory(hf_dirs, tmp_path):
     x = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         assert torch.equal(symconvert.load(tmp_path / "conv")(x), model.eval()(x))
+
+
+def test_finetune_defaults_are_the_models_task_on_text(hf_dirs, tmp_path, monkeypatch):
+    """On text:, an hf: causal LM directory fine-tunes with its own task's defaults (AdamW,
+    clip 1), not the LSTM language model's (SGD lr 20, which diverges a transformer); an
+    LSTM LM directory keeps the paper's; what the caller sets wins; an unreadable
+    directory gives the data's task (loading it then says what is wrong)."""
+    import symconvert.cli.train as cli_train
+    from symconvert.tasks import get_task
+    from symconvert.train.config import data_task, finetune_config
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "train.txt").write_text("a b c\n" * 20)
+    (text / "test.txt").write_text("a b\n" * 5)
+    data = f"text:{text}"
+    gpt2, _ = symconvert.convert(symconvert.create_model(f"hf:{hf_dirs['gpt2']}"), "channel")
+    symconvert.save(gpt2, tmp_path / "gpt2")
+    lstm = symconvert.create_model("py:symconvert.models.lstm_lm:lstm_lm", pretrained=False,
+                                   vocab_size=8, emb=8, hidden=8, layers=1, dropout=0.0)
+    symconvert.convert(lstm, "channel", layers="rnn")
+    symconvert.save(lstm, tmp_path / "lstm")
+    assert data_task(data, tmp_path / "gpt2").name == "hf-causal-lm"
+    assert data_task(data, tmp_path / "lstm").name == "language-model"
+    assert data_task(data, tmp_path / "missing").name == "language-model"
+    assert data_task(data).name == "language-model"
+
+    seen = {}
+    monkeypatch.setattr(cli_train, "finetune", lambda *a, **k: seen.setdefault("cfg", a[3]))
+    monkeypatch.setattr(cli_train, "_print_finetuned", lambda *a: None)
+    hf = get_task("hf-causal-lm").defaults
+    assert run_cli("finetune", tmp_path / "gpt2", "--data", data).code == 0
+    cfg = seen.pop("cfg")
+    assert (cfg.opt, cfg.lr, cfg.clip_grad, cfg.batch_size, cfg.weight_decay) == \
+        (hf["opt"], hf["lr"], hf["clip_grad"], hf["batch_size"], hf["weight_decay"]) == \
+        ("adamw", 1e-4, 1.0, 16, 0.0)
+    assert run_cli("finetune", tmp_path / "gpt2", "--data", data, "--lr", "5e-4").code == 0
+    assert (seen["cfg"].lr, seen.pop("cfg").opt) == (5e-4, "adamw")
+    assert run_cli("finetune", tmp_path / "lstm", "--data", data).code == 0
+    cfg = seen.pop("cfg")
+    assert (cfg.opt, cfg.lr, cfg.clip_grad, cfg.batch_size) == ("sgd", 20.0, 0.25, 20)
+    lm = finetune_config(data_task(data, tmp_path / "lstm"))
+    assert (lm.lr, lm.momentum) == (20.0, 0.0)

@@ -16,7 +16,7 @@ from symconvert.cli.app import app, console
 from symconvert.cli.options import with_options
 from symconvert.io.metadata import TRUST_CODE_HELP, trusting_code
 from symconvert.tasks import task_for_scores
-from symconvert.train.config import FinetuneConfig, finetune_config
+from symconvert.train.config import FinetuneConfig, data_task, finetune_config
 from symconvert.train.evaluate import evaluate, load_model
 from symconvert.train.run import FinetuneResult, finetune
 
@@ -49,7 +49,9 @@ def finetune_command(
     Writes --out as a model directory again (loadable with symconvert.load, usable by
     evaluate/report/export) plus metrics.jsonl and checkpoint.pt. Ctrl-C / SIGTERM writes a
     checkpoint; rerun the same command with --resume to continue. An option left out takes
-    the data task's default (text: lr 20, clip 0.25, batch 20, plain SGD).
+    the task's default: the model's task where it reads the data (an hf: model on text:
+    AdamW lr 1e-4, clip 1, batch 16), else the data's (text: lr 20, clip 0.25, batch 20,
+    plain SGD).
 
     Examples:
 
@@ -70,7 +72,8 @@ def finetune_command(
       symconvert finetune lm-channel --data text:data/ptb --epochs 6   # lr 20, clip 0.25, plain SGD
     """
     # every option first: nothing is created or loaded for a bad flag
-    cfg = finetune_config(data, **config)
+    # the model's task where it reads the data (an hf: causal LM on text:), else the data's
+    cfg = finetune_config(data_task(data, model_dir), **config)
     check_number_args(num_classes=num_classes)
     check_format(fmt, ("table", "json"))
     # a signal stops at a step boundary with a checkpoint (TrainingInterrupted: cli.app

@@ -91,6 +91,9 @@ class Task:
     cpu_amp_unsupported: ClassVar[str | None] = None
     #: What a model of the task is, in words ("an image classifier").
     model_kind: ClassVar[str] = "a model"
+    #: Data sources of other tasks that a model of this task reads as its own (an ``hf:``
+    #: causal LM reads ``text:`` with its tokenizer): ``task_for_data`` then picks this task.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     @property
     def metric(self) -> Metric:
@@ -273,12 +276,19 @@ def get_task(name: str) -> Task:
         raise SymconvertError(f"no task {name!r} (known: {', '.join(sorted(TASKS))})") from None
 
 
-def task_for_data(spec: Any) -> Task:
-    """The task of a ``--data`` spec (or parsed ``DataSpec``, or built ``Loaders``)."""
+def task_for_data(spec: Any, meta: dict[str, Any] | None = None) -> Task:
+    """The task of a ``--data`` spec (or parsed ``DataSpec``, or built ``Loaders``); with
+    ``meta`` (a model directory's metadata), the task it records when that task reads the
+    spec's source (``Task.reads``: an ``hf:`` causal LM on ``text:``), so that its defaults
+    apply and not the data's own task's."""
     task = getattr(spec, "task", None)
     if isinstance(task, str):  # Loaders
         return get_task(task)
-    return get_task(parse_data_spec(spec).source.task)
+    source = parse_data_spec(spec).source
+    recorded = TASKS.get(str((meta or {}).get(TASK_KEY)))
+    if recorded is not None and source.name in recorded.reads:
+        return recorded
+    return get_task(source.task)
 
 
 def check_data(model: nn.Module, data: str | DataSpec, *, flag: str = "--data") -> Task:

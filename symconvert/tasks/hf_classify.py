@@ -124,6 +124,7 @@ class TsvSource(DataSource):
 class HFClassificationTask(HFTextTask):
     name = "hf-classification"
     kind = "sequence-classification"
+    reads = ()  # labelled text only (tsv:, its own source)
     unit = "ex"
     items = "examples"
     score_metrics = (Metric("top1", "top-1", percent=True),)

@@ -182,6 +182,7 @@ class HFTextTask(Task):
     unit = "tok"
     items = "tokens"
     input_names = ("input_ids",)
+    reads = ("text",)
     defaults = {"lr": 1e-4, "opt": "adamw", "clip_grad": 1.0, "batch_size": 16,
                 "weight_decay": 0.0, "momentum": 0.9}
 

@@ -6,6 +6,7 @@ checkpoints and metadata)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +16,7 @@ import numpy as np
 from symconvert.checks import parse_input_size
 from symconvert.errors import SymconvertError
 from symconvert.io.dtypes import DTYPE_NAMES, dtype_name, parse_dtype
+from symconvert.io.loading import read_metadata
 from symconvert.options import Options, option, option_fields
 from symconvert.tasks import Task, task_for_data
 from symconvert.tasks.data import DataSpec, Loaders
@@ -29,15 +31,16 @@ class FinetuneConfig(Options):
     augmentation); they are not a recipe for training from scratch. The image defaults
     (SGD lr 0.02, a linear warm-up over a tenth of an epoch but at least 20 steps, cosine)
     were chosen on the pretrained Fashion-MNIST test models (README, "Fine-tuning a
-    converted model"). A field left None takes the data task's default (``task_config``)."""
+    converted model"). A field left None takes the task's default (``task_config``); "hf:"
+    marks an hf: model's, on text: as on tsv: (``data_task``)."""
 
     epochs: int = option(2, "Epochs of fine-tuning.", ge=1)
     lr: float | None = option(None, "Peak learning rate.", gt=0.0,
-                              shown_default="0.02 for sgd, 3e-4 for adamw; text: 20")
+                              shown_default="0.02 for sgd, 3e-4 for adamw; text: 20; hf: 1e-4")
     batch_size: int = option(64, "Batch size per process (torchrun: × processes).", ge=1,
-                             short="-b", shown_default="64, text: 20 streams")
+                             short="-b", shown_default="64, text: 20 streams, hf: 16")
     opt: str = option("sgd", "Optimiser: sgd (Nesterov momentum, timm's default) or adamw.",
-                      choices=("sgd", "adamw"))
+                      choices=("sgd", "adamw"), shown_default="sgd, hf: adamw")
     momentum: float = option(0.9, "SGD momentum.", ge=0.0, lt=1.0, shown_default="0.9, text: 0")
     sched: str = option("cosine", "lr schedule: cosine, step (× --decay-rate every third of "
                         "the run), multistep (at --decay-milestones) or none.",
@@ -53,7 +56,7 @@ class FinetuneConfig(Options):
         shown_default="a tenth of an epoch but at least 20 steps, at most half the run; text: 0")
     min_lr: float = option(0.0, "Final learning rate of the schedule.", ge=0.0)
     clip_grad: float | None = option(5.0, "Clip the global gradient norm (0 disables).",
-                                     ge=0.0, shown_default="5.0, text: the paper's 0.25")
+                                     ge=0.0, shown_default="5.0, text: the paper's 0.25, hf: 1.0")
     amp: bool | None = option(None, "Mixed precision.",
                               shown_default="on for CUDA, off for CPU")
     amp_dtype: str | None = option(None, "AMP dtype: bfloat16 or float16.",
@@ -143,6 +146,22 @@ def task_config(data: str | DataSpec | Loaders | Task, config: dict[str, Any]) -
             if v is not None or (k in known and nullable(k)) or k not in known}
 
 
+def data_task(data: str | DataSpec | Loaders, model_dir: str | os.PathLike | None = None
+              ) -> Task:
+    """The task whose defaults fine-tune the model in ``model_dir`` on ``data``: the task
+    the directory records when it reads that data (an ``hf:`` causal LM on ``text:`` takes
+    AdamW, not the LSTM language model's SGD lr 20), else the data's. Only the metadata is
+    read; an unreadable directory gives the data's task (loading it then says what is
+    wrong)."""
+    meta: dict[str, Any] = {}
+    if model_dir is not None:
+        try:
+            meta = read_metadata(model_dir)
+        except SymconvertError:
+            meta = {}
+    return task_for_data(data, meta)
+
+
 def finetune_config(data: str | DataSpec | Loaders | Task, **settings: Any) -> FinetuneConfig:
     """The ``FinetuneConfig`` of ``settings`` (options by name; None or absent: the data
     task's default, then the config's). An unknown name is a ``SymconvertError``."""
@@ -167,5 +186,5 @@ def plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["DATA_FIELDS", "FinetuneConfig", "finetune_config", "nullable", "plain",
+__all__ = ["DATA_FIELDS", "FinetuneConfig", "data_task", "finetune_config", "nullable", "plain",
            "task_config"]

@@ -22,7 +22,7 @@ from symconvert.models.sources import create_model, create_model_from_source, re
 from symconvert.surgery.plan import count_parameters
 from symconvert.tasks import check_data
 from symconvert.tasks.data import DataSpec, model_num_outputs
-from symconvert.train.config import FinetuneConfig, finetune_config, plain
+from symconvert.train.config import FinetuneConfig, data_task, finetune_config, plain
 from symconvert.train.distributed import Dist, distributed
 from symconvert.train.loop import build_loaders, err_console, fit
 from symconvert.train.state import CHECKPOINT_NAME
@@ -48,14 +48,15 @@ def finetune(model_dir: str | os.PathLike, data: str | DataSpec,
     plus metrics and checkpoint.
 
     ``config`` is a ``FinetuneConfig``, taken as it is; without it, ``settings`` (its fields
-    by name: epochs, lr, batch_size, opt, sched, ...) with the data task's defaults for
-    what they leave out (``finetune_config``). With both, ``settings`` override ``config``.
+    by name: epochs, lr, batch_size, opt, sched, ...) with the task's defaults for what they
+    leave out (``finetune_config`` of ``data_task``: the directory's task where it reads the
+    data, else the data's). With both, ``settings`` override ``config``.
     The teacher is the unconverted source model recorded in ``model_dir`` unless ``teacher``
     names another MODEL or model directory (or is a module).
     """
     check_number_args(num_classes=num_classes)
     if config is None:
-        cfg = finetune_config(data, **settings)
+        cfg = finetune_config(data_task(data, model_dir), **settings)
     else:
         cfg = dataclasses.replace(config, **settings) if settings else config
     model_dir = Path(model_dir)
