@@ -15,6 +15,16 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test`: two workers on two cores) each worker and the processes it
+# starts compute on one thread: two workers of two threads each oversubscribe the cores, and
+# torch's spinning thread pools then slow small-op work (block-wise calibration's Adam steps)
+# several-fold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # toy_models.py is imported by `py:toy_models:...` MODEL strings, in-process and in
