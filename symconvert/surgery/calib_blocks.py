@@ -295,5 +295,6 @@ def refine_block(block: Block, calls, targets, opts: RefineOptions) -> dict[str,
         for p, saved in zip(params, best_state, strict=True):
             p.copy_(saved)
             p.grad = None
+    held_back = len(check_targets[0]) if held else 0
     return {"output_error_layerwise": before, "output_error": best, "steps": steps_done,
-            "held_back": held and sum(len(first_tensor(a)) for a, _ in check_calls) or 0}
+            "held_back": held_back}

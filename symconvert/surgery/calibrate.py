@@ -285,7 +285,7 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
     last = {id(max(b.units, key=units.index)): b for b in found}
     model_feeds = [Feed(model, source_model, x, device) for x in batches]
     data: BlockData | None = None
-    done: tuple[BlockData, list] | None = None  # the last block refined, and its targets
+    done: tuple[BlockData, list | None] | None = None  # the last block done, its targets
     bar = _Progress(len(units), progress, "calibrate")
     try:
         for unit in units:
@@ -303,19 +303,20 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
                          f"{rec['output_error_layerwise']:.3f} -> {rec['output_error']:.3f}")
                 done = (data, targets)
             elif last.get(id(unit)) is not None:
-                done = (data, data.targets())
+                done = (data, None)  # targets computed only if the next block chains
     finally:
         bar.close()
     return found if refine.steps > 0 else []
 
 
 def _block_inputs(model, source_model, block: Block, batches, device, chains: dict[str, str],
-                  done: tuple[BlockData, list] | None) -> BlockData:
+                  done: tuple[BlockData, list | None] | None) -> BlockData:
     """The block's cached inputs: the previous block's outputs when it chains from it, else
     both models run up to it."""
     if done is not None and chains.get(block.name) == done[0].block.name:
         source_block = dict(source_model.named_modules())[block.name]
-        return done[0].chained(block, source_block, done[1])
+        targets = done[1] if done[1] is not None else done[0].targets()
+        return done[0].chained(block, source_block, targets)
     return capture(model, source_model, block, batches, device)
 
 
