@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from symconvert.schemes import Scheme
+from symconvert.surgery.calib_direct import TapSolver, eliminate_bias, tap_layout
 from symconvert.surgery.calib_moments import (
     MHA_INPUTS,
     CalibrationError,
@@ -45,6 +46,13 @@ class SolveOptions:
     tol: float = 1e-9
     eigen_steps: int = 60
     damp: float = DEFAULT_DAMP
+    #: stop when the estimated distance to the optimum (rᵀM⁻¹r) is under this fraction of
+    #: the current squared output error, i.e. the relative error is within it of its optimum
+    rel_tol: float = 2e-4
+    #: a conv/linear fit's moments from a seeded uniform sample of at most this many rows
+    #: (positions × images) per input dimension; None: every row. Early convs see thousands
+    #: of rows per dimension, where the moments' cost (rows × d²) dominated calibration.
+    rows_per_dim: int | None = 64
 
 
 def _weight_view(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -91,10 +99,28 @@ class Fitter:
         # inputs along directions they barely excite (GPTQ's percdamp, centred on W₀)
         lam = opts.damp * scale
         h = h + (ridge * scale + lam) * torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-        c = mom.c + lam * self.wb(p0, b0) if opts.damp > 0 else mom.c
+        wb0 = self.wb(p0, b0)
+        c = mom.c + lam * wb0 if opts.damp > 0 else mom.c
+        yy = mom.yy + float(lam * wb0.pow(2).sum()) if opts.damp > 0 else mom.yy
         if self.scheme.name == "eigen":
             return self._lbfgs(p0, b0, h, c, mom.yy, opts.eigen_steps)
-        return self._cg(p0, b0, h, c, opts.max_iter, opts.tol)
+        layout = tap_layout(self.scheme, self.shape, self.cg)
+        if layout is not None:
+            return self._direct(layout, p0, wb0, h, c, yy, opts)
+        return self._cg(p0, b0, h, c, yy, opts)
+
+    def _direct(self, layout, p0, wb0, h, c, yy, opts):
+        """channel / stacked block: exact (one tap) or Kronecker-preconditioned CG."""
+        recover = None
+        w0 = wb0
+        if self.has_bias:
+            h, c, yy, recover = eliminate_bias(h, c, yy)
+            w0 = wb0[:, :, :-1]
+        solver = TapSolver(*layout)
+        w = solver.solve(h, c, yy, w0.contiguous(), max_iter=opts.max_iter, rel_tol=opts.rel_tol)
+        self.iterations = solver.iterations
+        p = self.scheme.pack(w.reshape(self.shape), self.groups).to(p0.dtype)
+        return p, (recover(w) if recover is not None else None)
 
     # -- linear schemes: preconditioned CG on the normal equations
     def _adjoint(self, g: torch.Tensor, like_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,7 +133,7 @@ class Fitter:
         gb = g[:, :, d_w].reshape(-1).clone() if self.has_bias else None
         return gp, gb
 
-    def _cg(self, p0, b0, h, c, max_iter, tol):
+    def _cg(self, p0, b0, h, c, yy, opts):
         def apply(p, b):
             return self._adjoint(self.wb(p, b) @ h, p0)
 
@@ -144,8 +170,13 @@ class Fitter:
         rz = dot(r, z)
         r0 = math.sqrt(max(dot(rhs, rhs), 1e-300))
         self.iterations = 0
-        for _ in range(max_iter):
-            if math.sqrt(max(dot(r, r), 0.0)) <= tol * r0:
+        for _ in range(opts.max_iter):
+            if math.sqrt(max(dot(r, r), 0.0)) <= opts.tol * r0:
+                break
+            # the squared error at x: xᵀAx − 2 bᵀx + yy = −xᵀ(r + b) + yy; rᵀz estimates
+            # its distance to the optimum
+            err = yy - dot(x, axpy(1.0, r, rhs))
+            if rz <= opts.rel_tol * max(err, 1e-300):
                 break
             self.iterations += 1
             ad = apply(*d)
@@ -198,7 +229,7 @@ def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], feeds: list
     bias = getattr(module, "bias", None)
     has_bias = bias is not None and isinstance(bias, nn.Parameter)
     conv_groups = module.groups if is_conv(module) else 1
-    mom = Moments(has_bias)
+    mom = Moments(has_bias, rows_per_dim=opts.rows_per_dim, calls=len(feeds) * len(unit.sites))
     sites = unit.sites
     once = len(sites) == 1 and calls.get(sites[0], 0) == 1
     conv_mods = dict(model.named_modules())
