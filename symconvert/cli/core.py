@@ -118,7 +118,7 @@ def schemes_command(
 
 @app.command("inspect")
 @with_options(ModelFlags, param="source")
-@with_options(ConvertConfig, exclude=("allow_empty",))
+@with_options(ConvertConfig, exclude=("allow_empty", "device"))
 def inspect_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     scheme: str | None = typer.Option(None, "--scheme", "-s", help=SCHEME_HELP + " Without "

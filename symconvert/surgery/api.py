@@ -23,7 +23,8 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     Takes a ``ConvertConfig`` or its fields as keywords: the selection (``include``,
     ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
     ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
-    ``calibrate``/``calibration_samples``/``calibration_damp``/``calibration_steps``;
+    ``calibrate``/``calibration_samples``/``calibration_damp``/``calibration_mode``/
+    ``calibration_steps``/``device``;
     ``target_flops`` with ``flops_input`` (``scheme="auto"``: a FLOPs target met by the
     schemes' fast forms).
 
@@ -45,7 +46,7 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     if config.calibrate is not None:
         return convert_calibrated(model, config.scheme, config.calibrate,
                                   config.calibration_samples, damp=config.calibration_damp,
-                                  steps=config.calibration_steps,
+                                  steps=config.block_steps(), device=config.device,
                                   allow_empty=config.allow_empty,
                                   target_reduction=config.target_reduction,
                                   schemes=config.schemes, costs=config.costs,

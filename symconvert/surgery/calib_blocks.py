@@ -118,6 +118,20 @@ def _detach(value: Any) -> Any:
     return value
 
 
+def _nbytes(value: Any, seen: set[int] | None = None) -> int:
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v, seen) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v, seen) for v in value.values())
+    return 0
+
+
 @dataclass
 class BlockData:
     """A block's cached inputs on every calibration batch: the converted block's calls, as
@@ -128,6 +142,10 @@ class BlockData:
     source_block: nn.Module
     calls: list[tuple[tuple, dict]]
     source_calls: list[tuple[tuple, dict]]
+
+    def nbytes(self) -> int:
+        """Bytes of the cached tensors (both models' block inputs)."""
+        return _nbytes((self.calls, self.source_calls))
 
     def feeds(self) -> list[BlockFeed]:
         return [BlockFeed(self.block.module, self.source_block, c, s)

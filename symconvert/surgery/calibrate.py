@@ -40,6 +40,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from symconvert.checks import resolve_device
 from symconvert.surgery.calib_blocks import (
     DEFAULT_LR,
     DEFAULT_STEPS,
@@ -195,11 +197,14 @@ class CalibrationResult:
     steps: int = 0  # Adam steps per block (0: layer-wise only)
     #: per refined block: relative output error after the layer-wise fits and after refining
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str = "cpu"  # where it computed
+    cache_mib: float = 0.0  # the largest block-input cache held in memory (both models)
 
     def to_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "data": self.data, "damp": self.damp,
                 "steps": self.steps, "batchnorm_reestimated": self.batchnorm,
-                "seconds": round(self.seconds, 2), "blocks": self.blocks, "layers": self.layers}
+                "seconds": round(self.seconds, 2), "device": self.device,
+                "cache_mib": self.cache_mib, "blocks": self.blocks, "layers": self.layers}
 
 
 # ----------------------------------------------------------------------------- calibrate
@@ -207,7 +212,7 @@ class CalibrationResult:
 
 def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, samples: int = 512, *,
               batch_size: int = 64, plan: Any = None, batchnorm: bool = True,
-              max_iter: int = 50, tol: float = 1e-9, eigen_steps: int = 60,
+              max_iter: int = 50, tol: float = 1e-9, rel_tol: float = 1e-3, eigen_steps: int = 60,
               damp: float = DEFAULT_DAMP, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
               device: str | torch.device | None = None,
               progress: bool | None = None, seed: int = 0) -> CalibrationResult:
@@ -220,18 +225,22 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
     ``output_error_naive`` per converted layer and a ``calibration`` record. ``damp`` pulls
     each least-squares fit towards the nearest symmetric weight (``damp`` × the layer's mean
     input energy × ‖W − W₀‖²; 0 is plain least squares), which keeps a few hundred samples
-    from being over-fitted. Each fit's conjugate gradients stop after ``max_iter`` steps or
-    when the residual falls under ``tol`` × its start. Returns a ``CalibrationResult``."""
+    from being over-fitted. ``channel`` on linear and 1 × 1 layers (and ``block`` stacked
+    along the output) is solved exactly; other fits run conjugate gradients until the
+    estimated distance to the optimum is under ``rel_tol`` × the current squared error, the
+    residual under ``tol`` × its start, or ``max_iter`` steps. ``device``: where to compute
+    (``"auto"``: CUDA when available; ``None``: where ``model`` is); both models are moved
+    there for the calibration and back after. Returns a ``CalibrationResult``."""
     if not (math.isfinite(damp) and damp >= 0):
         raise CalibrationError(f"--calibration-damp must be a finite number >= 0, got {damp}.")
     if steps < 0:
         raise CalibrationError(f"--calibration-steps must be >= 0, got {steps}.")
-    opts = SolveOptions(max_iter=max_iter, tol=tol, eigen_steps=eigen_steps, damp=damp)
+    opts = SolveOptions(max_iter=max_iter, tol=tol, eigen_steps=eigen_steps, damp=damp,
+                        rel_tol=rel_tol)
     refine = RefineOptions(steps=steps, lr=lr, seed=seed)
     start = time.perf_counter()
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    device = torch.device(device)
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = home if device is None else resolve_device(device)
     batches = calibration_batches(data_or_loader, samples, model=source_model,
                                   batch_size=batch_size, seed=seed)
     units = find_units(model)
@@ -245,17 +254,33 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
                                      f".{unit.tensor}): kept at the nearest symmetric weight"}
     _require_source_layers(units, source_model)
     blocks: dict[str, dict[str, Any]] = {}
-    with calibration_mode(model, source_model):
-        todo = _fit_all(model, source_model, units, batches, device, opts, refine, progress,
-                        layers, blocks)
-    skip = {id(m) for b in todo for m in b.module.modules()}
-    bn = reestimate_batchnorm(model, batches, device, skip=skip) if batchnorm else 0
+    stats: dict[str, Any] = {}
+    with _on_device(device, model, source_model):
+        with calibration_mode(model, source_model):
+            todo = _fit_all(model, source_model, units, batches, device, opts, refine, progress,
+                            layers, blocks, stats)
+        skip = {id(m) for b in todo for m in b.module.modules()}
+        bn = reestimate_batchnorm(model, batches, device, skip=skip) if batchnorm else 0
     result = CalibrationResult(samples=sum(len(b) for b in batches), data=_data_text(data_or_loader),
                                layers=layers, batchnorm=bn, seconds=time.perf_counter() - start,
-                               damp=damp, steps=steps, blocks=blocks)
+                               damp=damp, steps=steps, blocks=blocks, device=device.type,
+                               cache_mib=stats.get("cache_mib", 0.0))
     if plan is not None:
         annotate_plan(plan, result)
     return result
+
+
+@contextmanager
+def _on_device(device: torch.device, *models: nn.Module):
+    """The models on ``device`` inside the block, back where each was after (error or not)."""
+    homes = [next((p.device for p in m.parameters()), device) for m in models]
+    try:
+        for m in models:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(models, homes, strict=True):
+            m.to(home)
 
 
 def _require_source_layers(units: list[Unit], source_model: nn.Module) -> None:
@@ -268,7 +293,7 @@ def _require_source_layers(units: list[Unit], source_model: nn.Module) -> None:
 
 
 def _fit_all(model, source_model, units, batches, device, opts, refine, progress, layers,
-             blocks) -> list[Block]:
+             blocks, stats) -> list[Block]:
     """Every unit's fit in forward order; after a block's last unit, the block's refinement.
     A layer inside a block is fitted on the block's cached inputs, and a block that takes the
     previous block's output gets that block's cached output: the models are run from their
@@ -287,11 +312,13 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
     data: BlockData | None = None
     done: tuple[BlockData, list | None] | None = None  # the last block done, its targets
     bar = _Progress(len(units), progress, "calibrate")
+    cache = [0]  # the largest block-input cache held (bytes)
     try:
         for unit in units:
             block = block_of.get(id(unit))
             if block is not None and (data is None or data.block is not block):
                 data = _block_inputs(model, source_model, block, batches, device, chains, done)
+                cache[0] = max(cache[0], data.nbytes())
             record = _fit_one(model, source_model, unit, calls,
                               data.feeds() if block is not None else model_feeds, opts)
             layers[unit.name] = record
@@ -304,8 +331,12 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
                 done = (data, targets)
             elif last.get(id(unit)) is not None:
                 done = (data, None)  # targets computed only if the next block chains
+        if cache[0]:
+            bar.note(f"calibrate: block inputs cached in memory ({device.type}), at most "
+                     f"{cache[0] / 2**20:.0f} MiB for both models")
     finally:
         bar.close()
+    stats["cache_mib"] = round(cache[0] / 2**20, 1)
     return found if refine.steps > 0 else []
 
 

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from symconvert.checks import resolve_device
 from symconvert.options import Options, option
 from symconvert.surgery.auto import DEFAULT_SCHEMES, parse_schemes
 from symconvert.surgery.calib_blocks import DEFAULT_STEPS
@@ -58,10 +59,17 @@ class ConvertConfig(Options):
         DEFAULT_DAMP, "Pull of each calibrated fit towards the nearest symmetric weight, "
         "relative to the layer's mean input energy; keeps the fit from over-fitting its "
         "samples (0: plain least squares).", ge=0.0)
+    calibration_mode: str = option(
+        "block", "layer: fit each converted layer alone (least squares); block: then refine "
+        "each block against the source block's output (--calibration-steps per block).",
+        choices=("layer", "block"))
     calibration_steps: int = option(
         DEFAULT_STEPS, "Block-wise calibration: Adam steps per block (a residual block, a "
         "transformer layer) refining its layers together to reproduce the source block's "
         "output, after their least-squares fits (0: fit layer by layer only).", ge=0)
+    device: str = option(
+        "auto", "Where calibration computes: auto (CUDA when available), cpu, cuda, cuda:N. "
+        "The model is written from the CPU either way.", text_type=str, check=resolve_device)
     #: scheme="auto": {(layer, scheme): cost} or a function of the candidate pairs
     costs: Any = field(default=None, repr=False)
     target_flops: float | None = option(
@@ -91,6 +99,10 @@ class ConvertConfig(Options):
             return dataclasses.replace(scheme, **options)
         return cls(scheme=scheme, **options)
 
+    def block_steps(self) -> int:
+        """Adam steps per block calibration runs (0 with ``calibration_mode="layer"``)."""
+        return 0 if self.calibration_mode == "layer" else self.calibration_steps
+
     def selection(self) -> Selection:
         return Selection.build(**self.selection_kwargs())
 
@@ -112,7 +124,8 @@ class ConvertConfig(Options):
             record["calibrate"] = data if isinstance(data, str) else type(data).__name__
             record["calibration_samples"] = self.calibration_samples
             record["calibration_damp"] = self.calibration_damp
-            record["calibration_steps"] = self.calibration_steps
+            record["calibration_mode"] = self.calibration_mode
+            record["calibration_steps"] = self.block_steps()
         return record
 
 
