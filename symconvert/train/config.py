@@ -70,6 +70,10 @@ class FinetuneConfig(Options):
                                   "cross-entropy.", ge=0.0, le=1.0)
     distill_temperature: float = option(2.0, "Softmax temperature of the distillation term.",
                                         gt=0.0)
+    distill_features: float = option(0.0, "Weight of block-output distillation: the "
+                                     "student's residual blocks / transformer layers pulled "
+                                     "towards the teacher's outputs (relative MSE), beside the "
+                                     "logit term (0: off).", ge=0.0)
     checkpoint_every: int = option(0, "Also checkpoint every N optimiser steps (0: every "
                                    "epoch only).", ge=0)
     log_interval: int = option(0, "When stderr is not a terminal (nohup, SLURM, CI): a plain "

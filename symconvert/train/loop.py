@@ -37,6 +37,7 @@ from symconvert.tasks import get_task
 from symconvert.tasks.data import DataSpec, Loaders, create_loaders
 from symconvert.train.config import FinetuneConfig, plain
 from symconvert.train.distributed import Dist, any_rank, distributed, sum_over_ranks
+from symconvert.train.features import BlockDistill
 from symconvert.train.optim import create_optimizer, create_scheduler
 from symconvert.train.progress import StepLog, err_console, progress_bars, tensorboard
 from symconvert.train.state import (
@@ -122,14 +123,19 @@ def fit(model: nn.Module, data: str | DataSpec | Loaders, out: str | os.PathLike
 
     The data's task (``symconvert.tasks``) supplies the loss, the metrics and any state a
     step carries to the next (an RNN's hidden state, checkpointed with the rest).
-    ``teacher`` (when ``config.distill``) supplies soft targets. ``resume`` continues from
+    ``teacher`` (when ``config.distill``) supplies soft targets, and with
+    ``config.distill_features`` its block outputs. ``resume`` continues from
     ``out/checkpoint.pt``. ``on_step(epoch, step, loss)`` is called after every optimiser
     step (tests use it to interrupt a run). Under torchrun every rank calls ``fit``.
     """
     config = config or FinetuneConfig()
     with distributed(config.device) as (dist, device):
-        return _Run(model, data, Path(out), config, teacher, dist, device).fit(
-            resume, progress, on_step)
+        run = _Run(model, data, Path(out), config, teacher, dist, device)
+        try:
+            return run.fit(resume, progress, on_step)
+        finally:
+            if run.features is not None:  # the model leaves without the distillation hooks
+                run.features.remove()
 
 
 class _Run:
@@ -153,6 +159,8 @@ class _Run:
                                   "--no-amp on the CPU, or AMP on a CUDA device.")
         self.steps_per_epoch = len(self.loaders.train)
         self.teacher = self._place(model, teacher if config.distill else None)
+        self.features = (BlockDistill(model, self.teacher, config.distill_features)
+                         if self.teacher is not None and config.distill_features > 0 else None)
         self.optimizer = create_optimizer(model, config)
         self.scheduler = create_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.autocast, self.scaler, self.amp_on = _amp_setup(config, device)
@@ -279,6 +287,9 @@ class _Run:
             with self.autocast():
                 output, carry = self.task.step(self.train_model, self.teacher, batch,
                                                self.device, self.config, self.carry)
+                extra = self.features.loss() if self.features is not None else None
+                if extra is not None:
+                    output.loss = output.loss + extra
             self.check_step(output.loss, epoch, step, stop)
             self.optimizer_step(output.loss)
             self.carry = carry
