@@ -157,10 +157,18 @@ class BlockData:
 
     def chained(self, block: Block, source_block: nn.Module, targets: list[torch.Tensor]) -> BlockData:
         """The next block's inputs when it takes this block's output (and the same keyword
-        arguments): no forward of the models from their input."""
-        outs = [first_tensor(call_module(self.block.module, c)).detach() for c in self.calls]
-        return BlockData(block, source_block, [((o,), c[1]) for o, c in zip(outs, self.calls, strict=True)],
-                         [((t,), s[1]) for t, s in zip(targets, self.source_calls, strict=True)])
+        arguments): no forward of the models from their input. Consumes this block's cache
+        (each batch's inputs are released once its output is computed, so the peak holds
+        three sets of activations, not four)."""
+        calls, source_calls = [], []
+        for i, target in enumerate(targets):
+            args, kwargs = self.calls[i]
+            out = first_tensor(call_module(self.block.module, (args, kwargs))).detach()
+            self.calls[i] = None  # type: ignore[call-overload]
+            calls.append(((out,), kwargs))
+            source_calls.append(((target,), self.source_calls[i][1]))
+            self.source_calls[i] = None  # type: ignore[call-overload]
+        return BlockData(block, source_block, calls, source_calls)
 
 
 def capture(model: nn.Module, source_model: nn.Module, block: Block, batches, device) -> BlockData:

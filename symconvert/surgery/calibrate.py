@@ -318,6 +318,7 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
             block = block_of.get(id(unit))
             if block is not None and (data is None or data.block is not block):
                 data = _block_inputs(model, source_model, block, batches, device, chains, done)
+                done = None  # the previous block's cache is not needed any more
                 cache[0] = max(cache[0], data.nbytes())
             record = _fit_one(model, source_model, unit, calls,
                               data.feeds() if block is not None else model_feeds, opts)
