@@ -424,6 +424,25 @@ def test_cli_calibration_mode_layer(cli, tmp_path):
     assert r.code == 2 and "--calibration-mode" in r.flat and not (tmp_path / "x").exists()
 
 
+def test_cli_calibration_blocks_pattern(cli, tmp_path):
+    """--calibration-blocks: the modules named are refined as blocks (here each stage, an
+    nn.Sequential the default does not pick), recorded; a pattern naming no module that holds
+    converted layers is a usage error."""
+    r = cli("convert", "timm:quickstart_digits", "--scheme", "channel", "--calibrate", "digits",
+            "--calibration-samples", "64", "--calibration-steps", "20",
+            "--calibration-blocks", r"re:^stages\.\d$", "--out", tmp_path / "b")
+    assert r.code == 0, r
+    meta = json.loads((tmp_path / "b" / "symconvert.json").read_text())
+    assert sorted(meta["calibration"]["blocks"]) == ["stages.0", "stages.1", "stages.2"]
+    assert meta["convert"]["calibration_blocks"] == r"re:^stages\.\d$"
+    for rec in meta["calibration"]["blocks"].values():
+        assert rec["output_error"] <= rec["output_error_layerwise"]
+    r = cli("convert", "timm:quickstart_digits", "--scheme", "channel", "--calibrate", "digits",
+            "--calibration-blocks", "nosuch*", "--out", tmp_path / "x")
+    assert r.code == 2 and "--calibration-blocks" in r.flat and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_calibration_device(cli, tmp_path):
     """--device picks where calibration computes: a device this machine lacks (or one torch
     does not know) is a usage error before any work; cpu calibrates, and the model written

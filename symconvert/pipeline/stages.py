@@ -58,7 +58,7 @@ def check_model(recipe: Recipe) -> tuple[nn.Module, Plan]:
         raise RecipeError(f"recipe {recipe_origin(recipe)}: {exc}") from None
     kwargs = recipe.convert_kwargs()
     for key in ("calibrate", "calibration_samples", "calibration_damp", "calibration_mode",
-                "calibration_steps", "device"):  # convert-only
+                "calibration_steps", "calibration_blocks", "device"):  # convert-only
         kwargs.pop(key, None)
     return model, inspect(model, recipe.scheme, **kwargs)
 

@@ -24,7 +24,7 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
     ``exclude``, ``layers``, ``min_channels``, ``include_head``, ``gates``),
     ``allow_empty``, ``target_reduction``, ``schemes``/``costs`` (``scheme="auto"``) and
     ``calibrate``/``calibration_samples``/``calibration_damp``/``calibration_mode``/
-    ``calibration_steps``/``device``;
+    ``calibration_steps``/``calibration_blocks``/``device``;
     ``target_flops`` with ``flops_input`` (``scheme="auto"``: a FLOPs target met by the
     schemes' fast forms).
 
@@ -47,6 +47,7 @@ def convert(model: nn.Module, scheme: str | Scheme | ConvertConfig, /,
         return convert_calibrated(model, config.scheme, config.calibrate,
                                   config.calibration_samples, damp=config.calibration_damp,
                                   steps=config.block_steps(), device=config.device,
+                                  blocks=config.calibration_blocks,
                                   allow_empty=config.allow_empty,
                                   target_reduction=config.target_reduction,
                                   schemes=config.schemes, costs=config.costs,

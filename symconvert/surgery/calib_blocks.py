@@ -28,6 +28,7 @@ from torch import nn
 
 from symconvert.surgery.calib_moments import BlockFeed, Stop, Unit, call_module, run_model
 from symconvert.surgery.parametrization import symmetric_of
+from symconvert.surgery.selection import name_pattern
 
 #: Adam steps per block by default (``--calibration-steps``; 0: layer-wise fits only)
 DEFAULT_STEPS = 150
@@ -49,6 +50,7 @@ class RefineOptions:
     eval_every: int = 25
     seed: int = 0
     batch: int = DEFAULT_BATCH  # samples a step (a random slice of one cached batch)
+    blocks: str | None = None  # --calibration-blocks: a name pattern instead of found blocks
 
 
 @dataclass
@@ -60,14 +62,18 @@ class Block:
     units: list[Unit] = field(default_factory=list)
 
 
-def find_blocks(model: nn.Module, units: Sequence[Unit]) -> list[Block]:
+def find_blocks(model: nn.Module, units: Sequence[Unit], pattern: str | None = None) -> list[Block]:
     """The blocks of ``model`` that hold converted tensors: the innermost composite children
     of an ``nn.Sequential``/``nn.ModuleList`` (not containers themselves: a residual block, a
     transformer layer) whose converted tensors are used only inside the block (a tensor tied
     across blocks keeps the blocks layer-wise). ``calibrate`` then keeps those called once
-    per forward."""
+    per forward. ``pattern`` (``--calibration-blocks``: a glob, or ``re:REGEX``): instead,
+    the modules whose name matches (the outermost where matches nest)."""
     found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
+    if pattern is not None:
+        test = name_pattern(pattern)
+        found = [(n, m) for n, m in model.named_modules() if n and test(n)]
+    for name, module in model.named_modules() if pattern is None else ():
         if not isinstance(module, (nn.Sequential, nn.ModuleList)):
             continue
         for child_name, child in module.named_children():
@@ -79,8 +85,10 @@ def find_blocks(model: nn.Module, units: Sequence[Unit]) -> list[Block]:
     names = [n for n, _ in holding]
     blocks = []
     for name, module in holding:
-        if any(o.startswith(f"{name}.") for o in names):
+        if pattern is None and any(o.startswith(f"{name}.") for o in names):
             continue  # not the innermost
+        if pattern is not None and any(name.startswith(f"{o}.") for o in names):
+            continue  # not the outermost match
         inside = [u for u in units if any(s.startswith(f"{name}.") for s in u.sites)]
         if all(s.startswith(f"{name}.") for u in inside for s in u.sites):
             blocks.append(Block(name, module, inside))

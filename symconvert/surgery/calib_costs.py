@@ -117,7 +117,8 @@ def convert_calibrated(model: nn.Module, scheme: str | Scheme, data_or_loader: A
                        samples: int = 512, *, target_reduction: float | None = None,
                        progress: bool | None = None, schemes=None, costs=None,
                        damp: float = DEFAULT_DAMP, steps: int = DEFAULT_STEPS,
-                       device: str | None = "auto", **selection: Any):
+                       device: str | None = "auto", blocks: str | None = None,
+                       **selection: Any):
     """``convert`` + ``calibrate`` (what ``convert(..., calibrate=DATA)`` runs). With
     ``target_reduction`` the layers are ranked by their least-squares output error on the
     calibration data (``calibrated_costs``) rather than by the weight error; with
@@ -144,7 +145,7 @@ def convert_calibrated(model: nn.Module, scheme: str | Scheme, data_or_loader: A
     require_nonempty(plan, allow_empty)
     apply_plan(model, plan)
     calibrate(model, source, data_or_loader, samples, plan=plan, progress=progress, damp=damp,
-              steps=steps, device=device)
+              steps=steps, device=device, blocks=blocks)
     return model, plan
 
 

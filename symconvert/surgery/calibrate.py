@@ -214,7 +214,7 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
               batch_size: int = 64, plan: Any = None, batchnorm: bool = True,
               max_iter: int = 50, tol: float = 1e-9, rel_tol: float = 1e-3, eigen_steps: int = 60,
               damp: float = DEFAULT_DAMP, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
-              device: str | torch.device | None = None,
+              device: str | torch.device | None = None, blocks: str | None = None,
               progress: bool | None = None, seed: int = 0) -> CalibrationResult:
     """Fit the converted layers of ``model`` (in place) to reproduce ``source_model``'s
     layer outputs on ``samples`` calibration inputs, layer after layer in forward order;
@@ -230,14 +230,15 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
     estimated distance to the optimum is under ``rel_tol`` × the current squared error, the
     residual under ``tol`` × its start, or ``max_iter`` steps. ``device``: where to compute
     (``"auto"``: CUDA when available; ``None``: where ``model`` is); both models are moved
-    there for the calibration and back after. Returns a ``CalibrationResult``."""
+    there for the calibration and back after. ``blocks`` (a glob or ``re:REGEX``): the
+    modules to refine as blocks instead of those found. Returns a ``CalibrationResult``."""
     if not (math.isfinite(damp) and damp >= 0):
         raise CalibrationError(f"--calibration-damp must be a finite number >= 0, got {damp}.")
     if steps < 0:
         raise CalibrationError(f"--calibration-steps must be >= 0, got {steps}.")
     opts = SolveOptions(max_iter=max_iter, tol=tol, eigen_steps=eigen_steps, damp=damp,
                         rel_tol=rel_tol)
-    refine = RefineOptions(steps=steps, lr=lr, seed=seed)
+    refine = RefineOptions(steps=steps, lr=lr, seed=seed, blocks=blocks)
     start = time.perf_counter()
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = home if device is None else resolve_device(device)
@@ -299,7 +300,10 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
     previous block's output gets that block's cached output: the models are run from their
     input once per chain of blocks, not once per layer. Fills ``layers`` and ``blocks``;
     returns the blocks refined."""
-    found = find_blocks(model, units) if units else []
+    found = find_blocks(model, units, refine.blocks) if units else []
+    if refine.blocks is not None and refine.steps > 0 and not found:
+        raise CalibrationError(f"--calibration-blocks {refine.blocks!r} matches no module that "
+                               "holds converted layers (and only uses them inside itself).")
     calls: dict[str, int] = {}
     if units:
         units, calls = forward_order(model, units, batches[0], device,

@@ -67,6 +67,10 @@ class ConvertConfig(Options):
         DEFAULT_STEPS, "Block-wise calibration: Adam steps per block (a residual block, a "
         "transformer layer) refining its layers together to reproduce the source block's "
         "output, after their least-squares fits (0: fit layer by layer only).", ge=0)
+    calibration_blocks: str | None = option(
+        None, "Block-wise calibration: refine the modules whose name matches (glob, or "
+        "re:REGEX; the outermost where matches nest) instead of the residual blocks / "
+        "transformer layers found.", text_type=str)
     device: str = option(
         "auto", "Where calibration computes: auto (CUDA when available), cpu, cuda, cuda:N. "
         "The model is written from the CPU either way.", text_type=str, check=resolve_device)
@@ -126,6 +130,8 @@ class ConvertConfig(Options):
             record["calibration_damp"] = self.calibration_damp
             record["calibration_mode"] = self.calibration_mode
             record["calibration_steps"] = self.block_steps()
+            if self.calibration_blocks is not None:
+                record["calibration_blocks"] = self.calibration_blocks
         return record
 
 

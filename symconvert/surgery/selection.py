@@ -13,7 +13,8 @@ from symconvert.errors import SymconvertError
 from symconvert.surgery.layers import layer_kinds
 
 
-def _compile(pattern: str):
+def name_pattern(pattern: str):
+    """A name test from a glob, or from ``re:REGEX`` (searched in the name)."""
     if pattern.startswith("re:"):
         try:
             regex = re.compile(pattern[3:])
@@ -99,17 +100,17 @@ class Selection:
         """Why the selection leaves this module out, or None."""
         if self.layers is not None and kind not in self.layers:
             return f"--layers excludes {kind}"
-        if self.include and not any(_compile(p)(name) for p in self.include):
+        if self.include and not any(name_pattern(p)(name) for p in self.include):
             return "not matched by --include"
         for pattern in self.exclude:
-            if _compile(pattern)(name):
+            if name_pattern(pattern)(name):
                 return f"excluded by {pattern!r}"
         if name in head and not self.include_head:
             return "classifier head (pass --include-head to convert it)"
         return None
 
     def unmatched_excludes(self, names: list[str]) -> list[str]:
-        return [p for p in self.exclude if not any(_compile(p)(n) for n in names)]
+        return [p for p in self.exclude if not any(name_pattern(p)(n) for n in names)]
 
 
 def head_names(model: nn.Module) -> set[str]:
