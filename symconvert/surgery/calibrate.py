@@ -316,14 +316,14 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
     data: BlockData | None = None
     done: tuple[BlockData, list | None] | None = None  # the last block done, its targets
     bar = _Progress(len(units), progress, "calibrate")
-    cache = [0]  # the largest block-input cache held (bytes)
+    stats["cache_mib"] = 0.0  # the largest block-input cache held
     try:
         for unit in units:
             block = block_of.get(id(unit))
             if block is not None and (data is None or data.block is not block):
                 data = _block_inputs(model, source_model, block, batches, device, chains, done)
                 done = None  # the previous block's cache is not needed any more
-                cache[0] = max(cache[0], data.nbytes())
+                stats["cache_mib"] = max(stats["cache_mib"], data.nbytes() / 2**20)
             record = _fit_one(model, source_model, unit, calls,
                               data.feeds() if block is not None else model_feeds, opts)
             layers[unit.name] = record
@@ -336,12 +336,12 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
                 done = (data, targets)
             elif last.get(id(unit)) is not None:
                 done = (data, None)  # targets computed only if the next block chains
-        if cache[0]:
+        if stats["cache_mib"]:
             bar.note(f"calibrate: block inputs cached in memory ({device.type}), at most "
-                     f"{cache[0] / 2**20:.0f} MiB for both models")
+                     f"{stats['cache_mib']:.0f} MiB for both models")
     finally:
         bar.close()
-    stats["cache_mib"] = round(cache[0] / 2**20, 1)
+    stats["cache_mib"] = round(stats["cache_mib"], 1)
     return found if refine.steps > 0 else []
 
 

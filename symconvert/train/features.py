@@ -6,21 +6,11 @@ The term is W × the mean over blocks of ‖s − t‖² / ‖t‖²."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from symconvert.surgery.calib_blocks import find_blocks
+from symconvert.surgery.calib_blocks import find_blocks, first_tensor
 from symconvert.surgery.calib_moments import find_units
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    return getattr(out, "last_hidden_state", None)
 
 
 class BlockDistill:
@@ -41,9 +31,7 @@ class BlockDistill:
 
     def _hook(self, side: str, name: str):
         def hook(module, args, out):
-            t = _first_tensor(out)
-            if t is not None:
-                self.got[(side, name)] = t
+            self.got[(side, name)] = first_tensor(out)
         return hook
 
     def loss(self) -> torch.Tensor | None:
