@@ -182,3 +182,32 @@ def test_chained_blocks_take_the_previous_blocks_output_and_give_the_same_fit():
         chains = probe_chains(resnet, find_blocks(resnet, units), torch.randn(2, 3, 32, 32), "cpu")
     # every block but the first takes the one before it (across stages too)
     assert len(chains) == 8 and chains["layer2.0"] == "layer1.2"
+
+
+def test_a_large_cache_is_kept_in_float16_and_gives_the_same_fit(monkeypatch):
+    """Above ``COMPACT_FROM_MIB`` the cached block inputs and targets are float16 (half the
+    memory, widened batch by batch when used); the fits match the float32 cache's closely,
+    and the log says which it used."""
+    import symconvert.surgery.calib_blocks as cb
+    from symconvert.surgery.calibrate import calibrate
+
+    torch.manual_seed(0)
+    source = timm.create_model("cifar_resnet20").eval()
+    x = torch.randn(96, 3, 32, 32)
+    runs = {}
+    for limit in (1 << 30, 0):
+        monkeypatch.setattr(cb, "COMPACT_FROM_MIB", limit)
+        model, _ = symconvert.convert(copy.deepcopy(source), "channel")
+        notes: list[str] = []
+        monkeypatch.setattr("symconvert.surgery.calibrate._Progress.note",
+                            lambda self, msg, _n=notes: _n.append(msg))
+        runs[limit] = (calibrate(model, source, x, samples=96, batch_size=32, steps=20,
+                                 progress=False), notes)
+    full, half = runs[1 << 30][0], runs[0][0]
+    assert half.cache_mib == pytest.approx(full.cache_mib / 2, rel=0.01)
+    assert any("float16" in n for n in runs[0][1])
+    assert not any("float16" in n for n in runs[1 << 30][1])
+    for name, rec in full.layers.items():
+        assert half.layers[name]["output_error"] == pytest.approx(rec["output_error"], abs=2e-3)
+    for name, rec in full.blocks.items():
+        assert half.blocks[name]["output_error"] == pytest.approx(rec["output_error"], abs=5e-3)

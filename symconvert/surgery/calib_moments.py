@@ -125,9 +125,47 @@ class BlockFeed(Feed):
                 h.remove()
 
 
+class Half:
+    """A cached float32 activation kept in float16 (half the memory); ``expand`` widens it
+    back before any module sees it."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+def compact(value: Any) -> Any:
+    """``value`` with every float32 tensor stored as a :class:`Half` (a tensor whose values do
+    not fit float16 stays float32)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.float32:
+            return value
+        half = value.to(torch.float16)
+        return Half(half) if bool(torch.isfinite(half).all() == torch.isfinite(value).all()) \
+            else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(compact(v) for v in value)
+    if isinstance(value, dict):
+        return {k: compact(v) for k, v in value.items()}
+    return value
+
+
+def expand(value: Any) -> Any:
+    """The inverse of :func:`compact` (float32 tensors again; anything else as it is)."""
+    if isinstance(value, Half):
+        return value.t.float()
+    if isinstance(value, (tuple, list)):
+        return type(value)(expand(v) for v in value)
+    if isinstance(value, dict):
+        return {k: expand(v) for k, v in value.items()}
+    return value
+
+
 def call_module(module: nn.Module, call: tuple[tuple, dict]) -> Any:
-    """``module(*args, **kwargs)`` without gradients; None when a hook stopped it."""
-    args, kwargs = call
+    """``module(*args, **kwargs)`` without gradients (a :func:`compact` call widened first);
+    None when a hook stopped it."""
+    args, kwargs = expand(call)
     try:
         with torch.no_grad():
             return module(*args, **kwargs)

@@ -317,6 +317,7 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
     done: tuple[BlockData, list | None] | None = None  # the last block done, its targets
     bar = _Progress(len(units), progress, "calibrate")
     stats["cache_mib"] = 0.0  # the largest block-input cache held
+    half = False  # a cache kept in float16 (calib_blocks.COMPACT_FROM_MIB)
     try:
         for unit in units:
             block = block_of.get(id(unit))
@@ -324,6 +325,7 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
                 data = _block_inputs(model, source_model, block, batches, device, chains, done)
                 done = None  # the previous block's cache is not needed any more
                 stats["cache_mib"] = max(stats["cache_mib"], data.nbytes() / 2**20)
+                half = half or data.compact
             record = _fit_one(model, source_model, unit, calls,
                               data.feeds() if block is not None else model_feeds, opts)
             layers[unit.name] = record
@@ -337,8 +339,9 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
             elif last.get(id(unit)) is not None:
                 done = (data, None)  # targets computed only if the next block chains
         if stats["cache_mib"]:
-            bar.note(f"calibrate: block inputs cached in memory ({device.type}), at most "
-                     f"{stats['cache_mib']:.0f} MiB for both models")
+            bar.note(f"calibrate: block inputs cached in memory ({device.type}"
+                     f"{', float16' if half else ''}), at most {stats['cache_mib']:.0f} MiB "
+                     "for both models")
     finally:
         bar.close()
     stats["cache_mib"] = round(stats["cache_mib"], 1)
