@@ -181,6 +181,27 @@ def test_calibration_never_worse_than_naive_and_batchnorm_reestimated():
     assert not naive[1].training
 
 
+def test_batchnorm_reestimation_takes_the_first_samples_and_stops_after_the_last_norm():
+    """``samples`` caps the inputs re-estimating (the first whole batches holding them);
+    after the first batch, each forward stops after the last BatchNorm: the
+    layers behind it (here the head) are not run again."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Flatten(),
+                          nn.Linear(8 * 36, 4)).eval()
+    x = torch.randn(96, 3, 6, 6)
+    head_calls = []
+    model[6].register_forward_hook(lambda *_: head_calls.append(1))
+    assert reestimate_batchnorm(model, list(x.split(32)), samples=50) == 2
+    assert len(head_calls) == 1  # the first batch ran whole, the second stopped early
+    with torch.no_grad():
+        feats = model[0](x[:64])
+        later = model[0](x[64:])
+    assert torch.allclose(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(model[1].running_mean, later.mean((0, 2, 3)), atol=1e-2)
+    assert not model[1].training and not model[4].training
+
+
 # --------------------------------------------------------------------------- layer kinds
 
 

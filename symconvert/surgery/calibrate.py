@@ -65,11 +65,13 @@ from symconvert.surgery.calib_blocks import (
 from symconvert.surgery.calib_moments import (
     CalibrationError,
     Feed,
+    Stop,
     Unit,
     calibration_mode,
     find_units,
     fittable,
     forward_order,
+    run_model,
 )
 from symconvert.surgery.calib_solve import DEFAULT_DAMP, SolveOptions, fit_mha, fit_rnn, fit_unit
 
@@ -261,7 +263,8 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
             todo = _fit_all(model, source_model, units, batches, device, opts, refine, progress,
                             layers, blocks, stats)
         skip = {id(m) for b in todo for m in b.module.modules()}
-        bn = reestimate_batchnorm(model, batches, device, skip=skip) if batchnorm else 0
+        bn = (reestimate_batchnorm(model, batches, device, skip=skip,
+                                   samples=BATCHNORM_SAMPLES) if batchnorm else 0)
     result = CalibrationResult(samples=sum(len(b) for b in batches), data=_data_text(data_or_loader),
                                layers=layers, batchnorm=bn, seconds=time.perf_counter() - start,
                                damp=damp, steps=steps, blocks=blocks, device=device.type,
@@ -380,11 +383,18 @@ def annotate_plan(plan: Any, result: CalibrationResult) -> None:
 # ----------------------------------------------------------------------------- BatchNorm
 
 
+#: at most this many calibration samples re-estimate the BatchNorm statistics (fvcore's
+#: "precise BN" likewise uses a fixed budget): per channel still thousands of values
+BATCHNORM_SAMPLES = 256
+
+
 def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor],
-                         device: torch.device | str = "cpu", skip: set[int] | None = None) -> int:
+                         device: torch.device | str = "cpu", skip: set[int] | None = None,
+                         samples: int | None = None) -> int:
     """Recompute every BatchNorm's running mean/var as the plain average over
-    ``batches`` (the rest of the model in eval mode), but those whose ``id`` is in
-    ``skip``. Returns the number of layers re-estimated."""
+    ``batches`` (the first batches holding ``samples``, if given; the rest of the model in
+    eval mode), but those whose ``id`` is in ``skip``; each forward stops after the last layer
+    re-estimated. Returns the number of layers re-estimated."""
     skip = skip or set()
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and id(m) not in skip]
@@ -392,21 +402,37 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor],
         return 0
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, *_: order.append(mod)) for m in bns]
     try:
         model.eval()
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average
             m.train()
-        with torch.no_grad():
-            for x in batches:
-                model(x.to(device))
+        seen = 0
+        for x in batches:
+            if samples is not None and seen >= samples:
+                break  # whole batches: the cumulative average weighs every batch alike
+            seen += len(x)
+            run_model(model, x, device)
+            if order and len(order) == len({id(m) for m in order}) == len(bns):
+                for h in hooks:  # every BatchNorm ran once: later forwards stop after the last
+                    h.remove()
+                hooks = [order[-1].register_forward_hook(_stop)]
+            order.clear()
     finally:
+        for h in hooks:
+            h.remove()
         for m, mom in momenta:
             m.momentum = mom
         for m, mode in modes:
             m.training = mode
     return len(bns)
+
+
+def _stop(*_: Any) -> None:
+    raise Stop
 
 
 def calibration_record(plan: Any) -> dict[str, Any]:
