@@ -211,3 +211,25 @@ def test_a_large_cache_is_kept_in_float16_and_gives_the_same_fit(monkeypatch):
         assert half.layers[name]["output_error"] == pytest.approx(rec["output_error"], abs=2e-3)
     for name, rec in full.blocks.items():
         assert half.blocks[name]["output_error"] == pytest.approx(rec["output_error"], abs=5e-3)
+
+
+def test_a_chained_cache_over_the_limit_is_compacted_even_when_the_first_was_not(monkeypatch):
+    """The stem's output can be small and the stage's block outputs large: the choice is
+    made again for each chained cache (and for the source outputs it is built from)."""
+    import symconvert.surgery.calib_blocks as cb
+    from symconvert.surgery.calib_moments import Half
+
+    source = timm.create_model("cifar_resnet20").eval()
+    model, _ = symconvert.convert(copy.deepcopy(source), "channel")
+    blocks = find_blocks(model, find_units(model))
+    x = torch.randn(8, 3, 32, 32)
+    with calibration_mode(model, source):
+        first = capture(model, source, blocks[0], [x[:4], x[4:]], "cpu")
+        assert not first.compact and isinstance(first.calls[0][0][0], torch.Tensor)
+        monkeypatch.setattr(cb, "COMPACT_FROM_MIB", 0)
+        targets = first.targets()
+        nxt = first.chained(blocks[1], source.layer1[1], targets)
+    assert all(isinstance(t, Half) for t in targets)
+    assert nxt.compact and isinstance(nxt.calls[1][0][0], Half)
+    assert isinstance(nxt.source_calls[0][0][0], Half)
+    assert nxt.nbytes() == 2 * 8 * 16 * 32 * 32 * 2

@@ -168,12 +168,18 @@ class BlockData:
                 for c, s in zip(self.calls, self.source_calls, strict=True)]
 
     def targets(self) -> list[torch.Tensor]:
-        """The source block's outputs (float16 when the cache is)."""
-        return [self._store(first_tensor(call_module(self.source_block, s)).detach())
-                for s in self.source_calls]
+        """The source block's outputs (float16 when the cache is, or when they and the
+        converted block's would be over ``COMPACT_FROM_MIB``)."""
+        out: list = []
+        for s in self.source_calls:
+            y = first_tensor(call_module(self.source_block, s)).detach()
+            out.append(compact(y) if self._compact_next(y) else y)
+        return out
 
-    def _store(self, value: Any) -> Any:
-        return compact(value) if self.compact else value
+    def _compact_next(self, first: torch.Tensor) -> bool:
+        """Whether the next block's cache (both models' copies of ``first``'s kind, for
+        every batch) is kept in float16."""
+        return self.compact or 2 * _nbytes(first) * len(self.calls) > COMPACT_FROM_MIB * 2**20
 
     def chained(self, block: Block, source_block: nn.Module, targets: list[torch.Tensor]) -> BlockData:
         """The next block's inputs when it takes this block's output (and the same keyword
@@ -181,14 +187,16 @@ class BlockData:
         (each batch's inputs are released once its output is computed, so the peak holds
         three sets of activations, not four)."""
         calls, source_calls = [], []
+        half = self.compact
         for i, target in enumerate(targets):
             args, kwargs = self.calls[i]
             out = first_tensor(call_module(self.block.module, (args, kwargs))).detach()
+            half = half or self._compact_next(out)
             self.calls[i] = None  # type: ignore[call-overload]
-            calls.append(((self._store(out),), kwargs))
-            source_calls.append(((target,), self.source_calls[i][1]))
+            calls.append(((compact(out) if half else out,), kwargs))
+            source_calls.append(((compact(target) if half else target,), self.source_calls[i][1]))
             self.source_calls[i] = None  # type: ignore[call-overload]
-        return BlockData(block, source_block, calls, source_calls, self.compact)
+        return BlockData(block, source_block, calls, source_calls, half)
 
 
 def capture(model: nn.Module, source_model: nn.Module, block: Block, batches, device) -> BlockData:
