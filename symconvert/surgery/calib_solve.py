@@ -52,7 +52,7 @@ class SolveOptions:
     #: a conv/linear fit's moments from a seeded uniform sample of at most this many rows
     #: (positions × images) per input dimension; None: every row. Early convs see thousands
     #: of rows per dimension, where the moments' cost (rows × d²) dominated calibration.
-    rows_per_dim: int | None = 64
+    rows_per_dim: int | None = 32
 
 
 def _weight_view(w: torch.Tensor, groups: int) -> torch.Tensor:
