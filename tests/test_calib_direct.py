@@ -146,3 +146,27 @@ def test_float32_moments_give_the_float64_fit():
                                          layer.bias.detach().double()), mom)
         assert errors[-1] < naive - 0.01
     assert errors[0] == pytest.approx(errors[1], abs=1e-5)
+
+
+def test_moments_sample_rows_per_dimension_but_never_below_the_floor():
+    """``rows_per_dim`` keeps a seeded sample of about rows_per_dim × d rows, at least
+    ``MIN_SAMPLE_ROWS`` (a small layer's moments are exact); the sample's second moment
+    estimates the full one."""
+    from symconvert.surgery.calib_moments import MIN_SAMPLE_ROWS
+
+    torch.manual_seed(0)
+    small = torch.randn(1, 3000, 8, dtype=torch.float64)
+    full, sampled = Moments(False), Moments(False, rows_per_dim=32)
+    full.add(small, None)
+    sampled.add(small, None)
+    assert sampled.rows == 3000 and torch.equal(sampled.h, full.h)
+    d = 300
+    big = torch.randn(1, 60000, d, dtype=torch.float64) * torch.linspace(0.5, 2, d)
+    full, sampled = Moments(False), Moments(False, rows_per_dim=32, calls=2)
+    for half in big.chunk(2, dim=1):
+        full.add(half, None)
+        sampled.add(half, None)
+    assert sampled.rows == pytest.approx(max(32 * d, MIN_SAMPLE_ROWS), rel=0.01)
+    est, ref = sampled.h / sampled.rows, full.h / full.rows
+    assert float((est - ref).norm() / ref.norm()) < 0.2
+    assert torch.allclose(est[0].diagonal(), ref[0].diagonal(), rtol=0.1)

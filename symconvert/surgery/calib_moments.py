@@ -125,6 +125,10 @@ class BlockFeed(Feed):
                 h.remove()
 
 
+#: a sampled fit keeps at least this many rows (small layers are fitted on all their rows)
+MIN_SAMPLE_ROWS = 8192
+
+
 class Half:
     """A cached float32 activation kept in float16 (half the memory); ``expand`` widens it
     back before any module sees it."""
@@ -301,8 +305,9 @@ class Moments:
         self.c: torch.Tensor | None = None
         self.yy = 0.0
         self.rows = 0
-        # rows_per_dim: keep a seeded uniform sample of about rows_per_dim × d rows over the
-        # ``calls`` calls to ``add`` (the fraction is set from the first call's row count)
+        # rows_per_dim: keep a seeded uniform sample of about rows_per_dim × d rows (at least
+        # MIN_SAMPLE_ROWS) over the ``calls`` calls to ``add`` (the fraction is set from the
+        # first call's row count)
         self.rows_per_dim, self.calls = rows_per_dim, calls
         self.keep: float | None = None
         self.gen = torch.Generator().manual_seed(seed)
@@ -310,7 +315,7 @@ class Moments:
     def _sample(self, x: torch.Tensor, y: torch.Tensor | None):
         rows, d = x.shape[1], x.shape[2]
         if self.keep is None:
-            cap = (self.rows_per_dim or 0) * (d + int(self.bias))
+            cap = max((self.rows_per_dim or 0) * (d + int(self.bias)), MIN_SAMPLE_ROWS)
             self.keep = min(1.0, cap / max(1, rows * self.calls)) if cap else 1.0
         if self.keep >= 1.0:
             return x, y
