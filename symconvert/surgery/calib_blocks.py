@@ -147,6 +147,12 @@ def _nbytes(value: Any, seen: set[int] | None = None) -> int:
     return 0
 
 
+def _over_limit(batch_bytes: int, batches: int) -> bool:
+    """Whether a cache of ``batches`` batches of ``batch_bytes`` each (both models) is kept
+    in float16."""
+    return batch_bytes * batches > COMPACT_FROM_MIB * 2**20
+
+
 @dataclass
 class BlockData:
     """A block's cached inputs on every calibration batch: the converted block's calls, as
@@ -179,7 +185,7 @@ class BlockData:
     def _compact_next(self, first: torch.Tensor) -> bool:
         """Whether the next block's cache (both models' copies of ``first``'s kind, for
         every batch) is kept in float16."""
-        return self.compact or 2 * _nbytes(first) * len(self.calls) > COMPACT_FROM_MIB * 2**20
+        return self.compact or _over_limit(2 * _nbytes(first), len(self.calls))
 
     def chained(self, block: Block, source_block: nn.Module, targets: list[torch.Tensor]) -> BlockData:
         """The next block's inputs when it takes this block's output (and the same keyword
@@ -217,7 +223,7 @@ def capture(model: nn.Module, source_model: nn.Module, block: Block, batches, de
             finally:
                 handle.remove()
         if i == 0:
-            small = _nbytes(got) * len(batches) <= COMPACT_FROM_MIB * 2**20
+            small = not _over_limit(_nbytes(got), len(batches))
         if not small:
             got[0][i], got[1][i] = compact(got[0][i]), compact(got[1][i])
     return BlockData(block, source_block, got[0], got[1], not small)
@@ -356,6 +362,6 @@ def refine_block(block: Block, calls, targets, opts: RefineOptions) -> dict[str,
         for p, saved in zip(params, best_state, strict=True):
             p.copy_(saved)
             p.grad = None
-    held_back = len(expand(check_targets[0])) if held else 0
+    held_back = len(check_targets[0]) if held else 0
     return {"output_error_layerwise": before, "output_error": best, "steps": steps_done,
             "held_back": held_back}

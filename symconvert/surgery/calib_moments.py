@@ -138,6 +138,9 @@ class Half:
     def __init__(self, t: torch.Tensor) -> None:
         self.t = t
 
+    def __len__(self) -> int:
+        return len(self.t)
+
 
 def compact(value: Any) -> Any:
     """``value`` with every float32 tensor stored as a :class:`Half` (a tensor whose values do
