@@ -233,3 +233,16 @@ def test_a_chained_cache_over_the_limit_is_compacted_even_when_the_first_was_not
     assert nxt.compact and isinstance(nxt.calls[1][0][0], Half)
     assert isinstance(nxt.source_calls[0][0][0], Half)
     assert nxt.nbytes() == 2 * 8 * 16 * 32 * 32 * 2
+
+
+def test_compact_keeps_float32_where_float16_would_overflow_or_a_value_is_nan():
+    from symconvert.surgery.calib_moments import Half, compact, expand
+
+    fits = torch.tensor([[1.5, -65504.0], [0.25, 3.0]])
+    assert isinstance(compact(fits), Half) and torch.equal(expand(compact(fits)), fits)
+    for bad in (torch.tensor([1.0, 7e4]), torch.tensor([-7e4, 1.0]), torch.tensor([float("nan")]),
+                torch.tensor([float("inf")])):
+        kept = compact([bad])[0]
+        assert isinstance(kept, torch.Tensor) and kept.dtype == torch.float32
+    assert compact(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+    assert isinstance(compact(torch.ones(0)), Half)

@@ -170,3 +170,33 @@ def test_moments_sample_rows_per_dimension_but_never_below_the_floor():
     est, ref = sampled.h / sampled.rows, full.h / full.rows
     assert float((est - ref).norm() / ref.norm()) < 0.2
     assert torch.allclose(est[0].diagonal(), ref[0].diagonal(), rtol=0.1)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(6, 6, 3, padding=1, bias=False),
+    nn.Conv2d(6, 4, 3, stride=2, dilation=2, padding=2, groups=2),
+    nn.Conv1d(4, 4, 5, padding=2, bias=False),
+    nn.Linear(8, 8),
+])
+def test_sampling_a_call_before_im2col_gives_the_same_moments_as_sampling_after(layer,
+                                                                                monkeypatch):
+    """``Moments.add_call`` gathers only the sampled rows of a conv's columns; the moments
+    equal those of the whole im2col sampled with the same seed."""
+    from symconvert.surgery import calib_moments
+
+    monkeypatch.setattr(calib_moments, "MIN_SAMPLE_ROWS", 64)
+    torch.manual_seed(0)
+    shape = {nn.Conv2d: (16, layer.in_channels if hasattr(layer, "in_channels") else 0, 20, 20),
+             nn.Conv1d: (16, 4, 300), nn.Linear: (16, 300, 8)}[type(layer)]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x)
+    # rows_per_dim small enough that the sample is a fraction of the rows
+    a = Moments(layer.bias is not None, rows_per_dim=1, seed=3)
+    b = Moments(layer.bias is not None, rows_per_dim=1, seed=3)
+    a.add_call(layer, x, y)
+    b.add(*layer_io(layer, x, y))
+    total = layer_io(layer, x, y)[0].shape[1]
+    assert a.rows == b.rows < total
+    assert torch.allclose(a.h, b.h, rtol=1e-12, atol=0)
+    assert torch.allclose(a.c, b.c, rtol=1e-12, atol=0) and a.yy == pytest.approx(b.yy, rel=1e-12)

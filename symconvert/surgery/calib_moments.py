@@ -129,6 +129,9 @@ class BlockFeed(Feed):
 MIN_SAMPLE_ROWS = 8192
 
 
+F16_MAX = torch.finfo(torch.float16).max
+
+
 class Half:
     """A cached float32 activation kept in float16 (half the memory); ``expand`` widens it
     back before any module sees it."""
@@ -148,9 +151,11 @@ def compact(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.float32:
             return value
-        half = value.to(torch.float16)
-        return Half(half) if bool(torch.isfinite(half).all() == torch.isfinite(value).all()) \
-            else value
+        if value.numel() == 0:
+            return Half(value.to(torch.float16))
+        # one pass: a tensor with values beyond float16's range (or a NaN) stays float32
+        low, high = torch.aminmax(value)
+        return Half(value.to(torch.float16)) if -F16_MAX <= low and high <= F16_MAX else value
     if isinstance(value, (tuple, list)):
         return type(value)(compact(v) for v in value)
     if isinstance(value, dict):
@@ -252,9 +257,11 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 
 
-def conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def conv_columns(module: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """im2col of a conv input: [groups, rows, in/groups * prod(kernel)] (rows = batch x
-    output positions), matching ``weight.reshape(out, -1)`` of each group."""
+    output positions), matching ``weight.reshape(out, -1)`` of each group. ``rows``: only
+    these rows (indices into batch x output positions), gathered without the whole copy."""
     nd = x.dim() - 2
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -276,15 +283,22 @@ def conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     g = module.groups
     out_pos = x.shape[2 : 2 + nd]
     perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    cols = x.permute(perm).reshape(b * math.prod(out_pos), g, (c // g) * math.prod(module.kernel_size))
+    x = x.permute(perm)  # a view: [b, o_1..o_nd, c, k_1..k_nd]
+    if rows is not None:
+        x = x[torch.unravel_index(rows, (b, *out_pos))]
+    cols = x.reshape(-1, g, (c // g) * math.prod(module.kernel_size))
     return cols.transpose(0, 1)
 
 
-def conv_targets(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """Conv output [b, out, positions...] -> [groups, rows, out/groups]."""
+def conv_targets(module: nn.Module, y: torch.Tensor, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Conv output [b, out, positions...] -> [groups, rows, out/groups] (``rows``: only those)."""
     b, o = y.shape[:2]
     g = module.groups
-    return y.reshape(b, o, -1).permute(0, 2, 1).reshape(-1, g, o // g).transpose(0, 1)
+    y = y.reshape(b, o, -1).permute(0, 2, 1)
+    if rows is not None:
+        y = y[torch.unravel_index(rows, (b, y.shape[1]))]
+    return y.reshape(-1, g, o // g).transpose(0, 1)
 
 
 #: input width from which moment products are taken in float32
@@ -315,20 +329,33 @@ class Moments:
         self.keep: float | None = None
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _sample(self, x: torch.Tensor, y: torch.Tensor | None):
-        rows, d = x.shape[1], x.shape[2]
+    def pick(self, rows: int, d: int, device: torch.device) -> torch.Tensor | None:
+        """The rows of one call's ``rows`` (inputs of width ``d``) to keep; None: all."""
         if self.keep is None:
             cap = max((self.rows_per_dim or 0) * (d + int(self.bias)), MIN_SAMPLE_ROWS)
             self.keep = min(1.0, cap / max(1, rows * self.calls)) if cap else 1.0
         if self.keep >= 1.0:
-            return x, y
+            return None
         idx = torch.randperm(rows, generator=self.gen)[: max(1, round(rows * self.keep))]
-        idx = idx.to(x.device)
-        return x[:, idx], (None if y is None else y[:, idx])
+        return idx.to(device)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+    def add_call(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One call of a conv/linear layer: its input ``x`` and (source) output ``y``; a conv's
+        rows are sampled before its columns are copied out."""
+        if not is_conv(module):
+            self.add(*layer_io(module, x, y))
+            return
+        rows = y.numel() // y.shape[1]
+        d = module.in_channels // module.groups * math.prod(module.kernel_size)
+        idx = self.pick(rows, d, x.device)
+        self.add(conv_columns(module, x, idx), conv_targets(module, y, idx), sampled=True)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None, sampled: bool = False) -> None:
         # x [g, rows, d], y [g, rows, m]; chunked so each product's copy stays small
-        x, y = self._sample(x, y)
+        if not sampled:
+            idx = self.pick(x.shape[1], x.shape[2], x.device)
+            if idx is not None:
+                x, y = x[:, idx], (None if y is None else y[:, idx])
         g, rows, d = x.shape
         dtype = self.dtype or (torch.float32 if d >= FLOAT32_FROM and x.dtype != torch.float64
                                else torch.float64)

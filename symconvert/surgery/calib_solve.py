@@ -23,7 +23,6 @@ from symconvert.surgery.calib_moments import (
     Stop,
     Unit,
     is_conv,
-    layer_io,
     packed_of,
 )
 from symconvert.surgery.rnn import refresh_flat_weights
@@ -255,8 +254,7 @@ def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], feeds: list
             raise CalibrationError(f"{unit.name}: the converted and source models call the layer "
                                    "a different number of times.")
         for (_, xi), (_, yi) in zip(got_x, got_y, strict=True):
-            xs, ys = layer_io(module, xi, yi)
-            mom.add(xs, ys)
+            mom.add_call(module, xi, yi)
     src = src_mods[sites[0]]
     return _solve_and_write(unit, mom, conv_groups, src.weight, src.bias if has_bias else None,
                             module.bias if has_bias else None, opts)
