@@ -11,10 +11,13 @@ bias for any W is (Σy − W Σx)/N, so the weight's problem is the centred one)
   W H + H W = C + Cᵀ. With H = Q Λ Qᵀ its solution is W = Q ((Qᵀ (C + Cᵀ) Q)ᵢⱼ / (λᵢ + λⱼ)) Qᵀ:
   one eigendecomposition, exact.
 * k × k taps: the taps are coupled through H's off-diagonal blocks. Conjugate gradients in
-  the symmetric subspace, preconditioned by the exact solve for the nearest Kronecker
-  product H ≈ A ⊗ B (A: T × T tap correlation, B: n × n channel correlation; the inverse is
-  one eigendecomposition of each, then a Lyapunov division per tap), stopped when the
-  estimated distance to the optimum, rᵀM⁻¹r, is under ``rel_tol`` × the current error.
+  the symmetric subspace (a rotation of the taps keeps every tap block symmetric),
+  preconditioned by H's block diagonal in the basis of tap modes that diagonalises the
+  T × T tap correlation A: each mode's n × n channel correlation is inverted exactly (one
+  eigendecomposition, then a Lyapunov division), the coupling between modes is left to CG.
+  Stopped when the estimated distance to the optimum, rᵀM⁻¹r, is under ``rel_tol`` × the
+  current error. (The earlier preconditioner, one channel correlation for all taps, i.e. a
+  Kronecker product A ⊗ B, took 2–6× the steps on ResNet-44 and resnet50.)
 """
 
 from __future__ import annotations
@@ -95,17 +98,18 @@ class TapSolver:
         n, t = self.n, self.t
         g = h.shape[0]
         h6 = h.reshape(g, n, t, n, t)
-        b = torch.einsum("gitjt->gij", h6) / t                          # channel correlation
-        a = torch.einsum("gitis->gts", h6) / torch.einsum("gii->g", b)[:, None, None]  # taps
-        mu, p = torch.linalg.eigh(a)
-        mu = mu.clamp_min(1e-8 * mu[:, -1:].clamp_min(1e-300))
-        beta, u = torch.linalg.eigh(b)
-        beta = beta.clamp_min(1e-12 * beta[:, -1:].clamp_min(1e-300))
-        denom = mu[:, None, :, None, None] * (beta[:, None, None, :, None] + beta[:, None, None, None, :])
+        a = torch.einsum("gitis->gts", h6)                               # tap correlation
+        _, p = torch.linalg.eigh(a)
+        # the channel correlation of each tap mode (a's eigenvectors): H's diagonal blocks
+        # in the basis that decorrelates the taps, each inverted exactly (a Lyapunov division)
+        hq = torch.einsum("gitjs,gtq,gsq->gqij", h6, p, p)
+        beta, u = torch.linalg.eigh(hq)                                  # [g, T, n], [g, T, n, n]
+        beta = beta.clamp_min(1e-12 * beta[..., -1:].clamp_min(1e-300))
+        denom = beta[:, None, :, :, None] + beta[:, None, :, None, :]
         # the operator and the preconditioner in float32 (twice float64's speed; their
         # rounding, ~1e-7 relative, is far below the stopping tolerance); CG's own
         # recurrences stay in float64
-        h32, p32, ue, denom = h.float(), p.float(), u[:, None, None].float(), denom.float()
+        h32, p32, ue, denom = h.float(), p.float(), u[:, None].float(), denom.float()
 
         def apply(w5):
             return _sym(self.to5(self.from5(w5).float() @ h32)).double()
