@@ -26,8 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from symconvert.surgery.calib_moments import (BlockFeed, Half, Stop, Unit, call_module, compact,
-                                              expand, run_model)
+from symconvert.surgery.calib_moments import (
+    BlockFeed,
+    Half,
+    Stop,
+    Unit,
+    call_module,
+    compact,
+    expand,
+    run_model,
+)
 from symconvert.surgery.parametrization import symmetric_of
 from symconvert.surgery.selection import name_pattern
 
