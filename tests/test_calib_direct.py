@@ -200,3 +200,13 @@ def test_sampling_a_call_before_im2col_gives_the_same_moments_as_sampling_after(
     assert a.rows == b.rows < total
     assert torch.allclose(a.h, b.h, rtol=1e-12, atol=0)
     assert torch.allclose(a.c, b.c, rtol=1e-12, atol=0) and a.yy == pytest.approx(b.yy, rel=1e-12)
+
+
+@pytest.mark.parametrize("d", [5, 1024, 1500])
+def test_banded_gram_equals_the_full_product(d):
+    from symconvert.surgery.calib_moments import gram
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, d, dtype=torch.float64)
+    h = gram(x)
+    assert torch.allclose(h, x.transpose(1, 2) @ x, rtol=1e-12, atol=1e-9)

@@ -301,6 +301,25 @@ def conv_targets(module: nn.Module, y: torch.Tensor, rows: torch.Tensor | None =
     return y.reshape(-1, g, o // g).transpose(0, 1)
 
 
+#: input width from which a Gram matrix is computed in bands of this many rows
+GRAM_BAND = 512
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx of x [g, rows, d]: a wide one band of rows at a time, each band only from the
+    diagonal on (the rest is its mirror), which is about half the products of one matmul."""
+    g, _, d = x.shape
+    if d < 2 * GRAM_BAND:
+        return x.transpose(1, 2) @ x
+    h = x.new_empty(g, d, d)
+    for i in range(0, d, GRAM_BAND):
+        j = i + GRAM_BAND
+        band = x[:, :, i:j].transpose(1, 2) @ x[:, :, i:]       # [g, band, d - i]
+        h[:, i:j, i:] = band
+        h[:, j:, i:j] = band[:, :, GRAM_BAND:].transpose(1, 2)
+    return h
+
+
 #: input width from which moment products are taken in float32
 FLOAT32_FROM = 512
 
@@ -364,7 +383,7 @@ class Moments:
             xs = x[:, start : start + step].to(dtype)
             if self.bias:
                 xs = torch.cat([xs, xs.new_ones(g, xs.shape[1], 1)], dim=2)
-            h = (xs.transpose(1, 2) @ xs).double()
+            h = gram(xs).double()
             self.h = h if self.h is None else self.h.add_(h)
             if y is not None:
                 ys = y[:, start : start + step].to(dtype)
