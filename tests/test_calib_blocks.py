@@ -246,3 +246,39 @@ def test_compact_keeps_float32_where_float16_would_overflow_or_a_value_is_nan():
         assert isinstance(kept, torch.Tensor) and kept.dtype == torch.float32
     assert compact(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
     assert isinstance(compact(torch.ones(0)), Half)
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_a_blocks_last_fit_keeps_the_source_outputs_instead_of_running_the_block_again(
+        monkeypatch, steps):
+    """The source block runs once per fit and batch, the last fit to its end: its outputs are
+    the block's targets (chained inputs, refinement), not a further run; the calibration is
+    the same as with the targets computed after the fit."""
+    from symconvert.surgery import calib_blocks
+
+    torch.manual_seed(0)
+    source = timm.create_model("cifar_resnet20").eval()
+    x = torch.randn(48, 3, 32, 32)
+
+    def run(keep: bool):
+        if not keep:
+            monkeypatch.setattr(calib_blocks.BlockData, "feeds",
+                                lambda self, keep_targets=False: original(self, False))
+        model, _ = symconvert.convert(copy.deepcopy(source), "channel")
+        starts = []
+        block = source.layer2[1]
+        handle = block.register_forward_pre_hook(lambda m, a: starts.append(1))
+        try:
+            symconvert.calibrate(model, source, x, 48, batch_size=16, steps=steps, progress=False)
+        finally:
+            handle.remove()
+        return model, len(starts)
+
+    original = calib_blocks.BlockData.feeds
+    kept, runs_kept = run(True)
+    again, runs_again = run(False)
+    # 3 batches: two fits (conv1, conv2) each run the source block once per batch; computing
+    # the targets after the fit ran it a third time
+    assert runs_kept == 2 * 3 and runs_again == 3 * 3
+    for (name, a), b in zip(kept.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

@@ -34,6 +34,7 @@ from symconvert.surgery.calib_moments import (
     call_module,
     compact,
     expand,
+    first_tensor,
     run_model,
 )
 from symconvert.surgery.parametrization import symmetric_of
@@ -116,19 +117,6 @@ def called_once(blocks: list[Block], calls: dict[str, int]) -> list[Block]:
             and all(calls.get(s) == 1 for u in b.units for s in u.sites)]
 
 
-def first_tensor(out: Any) -> torch.Tensor:
-    """A module's output tensor (the first item of a tuple/list output, ``last_hidden_state``
-    or the first value of a dict-like one)."""
-    while not isinstance(out, torch.Tensor):
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        elif hasattr(out, "values"):
-            out = next(iter(out.values()))
-        else:
-            raise TypeError(f"a block returned {type(out).__name__}, not a tensor")
-    return out
-
-
 def _detach(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -161,6 +149,18 @@ def _over_limit(batch_bytes: int, batches: int) -> bool:
     return batch_bytes * batches > COMPACT_FROM_MIB * 2**20
 
 
+class _Targets(list):
+    """The source block's outputs as a fit's feeds produce them, compacted like
+    :meth:`BlockData.targets`'s."""
+
+    def __init__(self, data: BlockData) -> None:
+        super().__init__()
+        self.data = data
+
+    def append(self, y: torch.Tensor) -> None:
+        super().append(compact(y) if self.data._compact_next(y) else y)
+
+
 @dataclass
 class BlockData:
     """A block's cached inputs on every calibration batch: the converted block's calls, as
@@ -172,18 +172,27 @@ class BlockData:
     calls: list[tuple[tuple, dict]]
     source_calls: list[tuple[tuple, dict]]
     compact: bool = False  # cached in float16 (``COMPACT_FROM_MIB``)
+    kept: _Targets | None = None  # the source block's outputs, taken during a fit
 
     def nbytes(self) -> int:
         """Bytes of the cached tensors (both models' block inputs)."""
         return _nbytes((self.calls, self.source_calls))
 
-    def feeds(self) -> list[BlockFeed]:
-        return [BlockFeed(self.block.module, self.source_block, c, s)
+    def feeds(self, keep_targets: bool = False) -> list[BlockFeed]:
+        """One feed per batch; ``keep_targets``: the source block runs to its end and its
+        outputs are kept for :meth:`targets` (the block's last fit: one run of the source
+        block serves both)."""
+        self.kept = _Targets(self) if keep_targets else None
+        return [BlockFeed(self.block.module, self.source_block, c, s, self.kept)
                 for c, s in zip(self.calls, self.source_calls, strict=True)]
 
     def targets(self) -> list[torch.Tensor]:
         """The source block's outputs (float16 when the cache is, or when they and the
-        converted block's would be over ``COMPACT_FROM_MIB``)."""
+        converted block's would be over ``COMPACT_FROM_MIB``): those a fit kept, else
+        computed."""
+        kept, self.kept = self.kept, None
+        if kept is not None and len(kept) == len(self.source_calls):
+            return list(kept)
         out: list = []
         for s in self.source_calls:
             y = first_tensor(call_module(self.source_block, s)).detach()

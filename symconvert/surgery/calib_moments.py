@@ -89,9 +89,25 @@ def run_model(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
         pass
 
 
+def first_tensor(out: Any) -> torch.Tensor:
+    """A module's output tensor (the first item of a tuple/list output, ``last_hidden_state``
+    or the first value of a dict-like one)."""
+    while not isinstance(out, torch.Tensor):
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif hasattr(out, "values"):
+            out = next(iter(out.values()))
+        else:
+            raise TypeError(f"a block returned {type(out).__name__}, not a tensor")
+    return out
+
+
 class Feed:
     """One calibration batch through the converted then the source model (the hooks
     ``handles`` removed after): what a fit runs to see its layer's inputs and targets."""
+
+    #: the source side must run to its end (a fit's hooks may stop the converted side only)
+    source_to_end = False
 
     def __init__(self, model: nn.Module, source_model: nn.Module, x: torch.Tensor,
                  device: torch.device) -> None:
@@ -112,14 +128,20 @@ class BlockFeed(Feed):
     models from their input up to it."""
 
     def __init__(self, block: nn.Module, source_block: nn.Module, call: tuple[tuple, dict],
-                 source_call: tuple[tuple, dict]) -> None:
+                 source_call: tuple[tuple, dict], outputs: list | None = None) -> None:
         self.block, self.source_block, self.call, self.source_call = (block, source_block, call,
                                                                       source_call)
+        # ``outputs``: the source block's output is appended there (the block's targets,
+        # taken in the same run as the fit's instead of running the source block again)
+        self.outputs = outputs
+        self.source_to_end = outputs is not None
 
     def __call__(self, handles: list) -> None:
         try:
             call_module(self.block, self.call)
-            call_module(self.source_block, self.source_call)
+            out = call_module(self.source_block, self.source_call)
+            if self.outputs is not None and out is not None:
+                self.outputs.append(first_tensor(out).detach())
         finally:
             for h in handles:
                 h.remove()

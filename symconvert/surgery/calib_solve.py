@@ -243,9 +243,9 @@ def fit_unit(model, source_model, unit: Unit, calls: dict[str, int], feeds: list
                 if once:
                     raise Stop
 
-            def post(mod, args, out, _s=s, _got=got_y):
+            def post(mod, args, out, _s=s, _got=got_y, _stop=once and not feed.source_to_end):
                 _got.append((_s, (out[0] if isinstance(out, tuple) else out).detach()))
-                if once:
+                if _stop:
                     raise Stop
             handles.append(conv_mods[s].register_forward_pre_hook(pre))
             handles.append(src_mods[s].register_forward_hook(post))

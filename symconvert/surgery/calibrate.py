@@ -315,6 +315,7 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
     chains = probe_chains(model, found, batches[0][:2], device) if found else {}
     block_of = {id(u): b for b in found for u in b.units}
     last = {id(max(b.units, key=units.index)): b for b in found}
+    feeds_next = set(chains.values())  # blocks whose output is the next block's input
     model_feeds = [Feed(model, source_model, x, device) for x in batches]
     data: BlockData | None = None
     done: tuple[BlockData, list | None] | None = None  # the last block done, its targets
@@ -329,18 +330,20 @@ def _fit_all(model, source_model, units, batches, device, opts, refine, progress
                 done = None  # the previous block's cache is not needed any more
                 stats["cache_mib"] = max(stats["cache_mib"], data.nbytes() / 2**20)
                 half = half or data.compact
+            ends = last.get(id(unit)) is not None
+            keep = ends and (refine.steps > 0 or block.name in feeds_next)
             record = _fit_one(model, source_model, unit, calls,
-                              data.feeds() if block is not None else model_feeds, opts)
+                              data.feeds(keep) if block is not None else model_feeds, opts)
             layers[unit.name] = record
             bar.step(unit.name, record.get("output_error_naive"), record.get("output_error"))
-            if last.get(id(unit)) is not None and refine.steps > 0:
+            if ends and refine.steps > 0:
                 targets = data.targets()
                 blocks[block.name] = rec = refine_block(block, data.calls, targets, refine)
                 bar.note(f"calibrate block {block.name}: output error "
                          f"{rec['output_error_layerwise']:.3f} -> {rec['output_error']:.3f}")
                 done = (data, targets)
-            elif last.get(id(unit)) is not None:
-                done = (data, None)  # targets computed only if the next block chains
+            elif ends:
+                done = (data, None)  # targets used only if the next block chains
         if stats["cache_mib"]:
             bar.note(f"calibrate: block inputs cached in memory ({device.type}"
                      f"{', float16' if half else ''}), at most {stats['cache_mib']:.0f} MiB "
