@@ -109,7 +109,7 @@ class Fitter:
         return self._cg(p0, b0, h, c, yy, opts)
 
     def _direct(self, layout, p0, wb0, h, c, yy, opts):
-        """channel / stacked block: exact (one tap) or Kronecker-preconditioned CG."""
+        """channel / stacked block: exact (one tap) or CG preconditioned per tap mode."""
         recover = None
         w0 = wb0
         if self.has_bias:

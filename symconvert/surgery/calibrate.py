@@ -214,7 +214,7 @@ class CalibrationResult:
 
 def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, samples: int = 512, *,
               batch_size: int = 64, plan: Any = None, batchnorm: bool = True,
-              max_iter: int = 50, tol: float = 1e-9, rel_tol: float = 1e-3, eigen_steps: int = 60,
+              max_iter: int = 50, tol: float = 1e-9, rel_tol: float = 5e-3, eigen_steps: int = 60,
               damp: float = DEFAULT_DAMP, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
               device: str | torch.device | None = None, blocks: str | None = None,
               progress: bool | None = None, seed: int = 0) -> CalibrationResult:
