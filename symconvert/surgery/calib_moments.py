@@ -328,8 +328,9 @@ GRAM_BAND = 512
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx of x [g, rows, d]: a wide one band of rows at a time, each band only from the
-    diagonal on (the rest is its mirror), which is about half the products of one matmul."""
+    """xᵀx of x [g, rows, d]. When d is wide, it is computed one band of ``GRAM_BAND`` rows
+    of the result at a time, each band only from the diagonal on (the part below is its
+    mirror): about half the products of one matmul."""
     g, _, d = x.shape
     if d < 2 * GRAM_BAND:
         return x.transpose(1, 2) @ x
