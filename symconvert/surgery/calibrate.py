@@ -16,9 +16,8 @@ conjugate gradients in the scheme's own packed space, the adjoint Jᵀ of ``unpa
 autograd's vector-Jacobian product; ``eigen:K`` takes L-BFGS steps on the same objective.
 
 Convolutions (1d/2d/3d, grouped and depthwise) are seen through their im2col columns
-(one moment matrix per group), linears with every token/position as a row, and LSTM/GRU
-gate blocks with the layer's input sequence (``weight_ih``) or previous hidden states
-(``weight_hh``) as inputs.
+(one moment matrix per group), linears with every token/position as a row, LSTM/GRU gate
+blocks with the input sequence (``weight_ih``) or previous hidden states (``weight_hh``).
 
 Then, block by block (``steps`` > 0, the default), every *block* (a residual block, a
 transformer layer) whose layers have just been fitted is refined as a whole to reproduce the
@@ -27,11 +26,10 @@ other's error. BatchNorm running statistics outside the refined blocks are re-es
 the calibration set afterwards (inside them, the refined affine parameters were fitted to
 the source's statistics).
 
-This module is the public API; the hooks, fit units and moment accumulation live in
-``symconvert.surgery.calib_moments``, the solvers and per-layer fits in
-``symconvert.surgery.calib_solve``, the block refinement in
-``symconvert.surgery.calib_blocks`` and the costs and calibrated conversion in
-``symconvert.surgery.calib_costs``.
+Before the fits, square ``channel`` convs feeding a BatchNorm get the output signs that
+bring them nearest symmetric (``calib_gauge``: a function-preserving flip of the source).
+This module is the public API; hooks, units and moments: ``calib_moments``; solvers:
+``calib_solve``; blocks: ``calib_blocks``; costs: ``calib_costs``.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ from symconvert.surgery.calib_blocks import (
     probe_chains,
     refine_block,
 )
+from symconvert.surgery.calib_gauge import sign_gauge
 from symconvert.surgery.calib_moments import (
     CalibrationError,
     Feed,
@@ -201,11 +200,12 @@ class CalibrationResult:
     blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"  # where it computed
     cache_mib: float = 0.0  # the largest block-input cache held in memory (both models)
+    gauge: dict[str, Any] = field(default_factory=dict)  # calib_gauge.sign_gauge's record
 
     def to_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "data": self.data, "damp": self.damp,
                 "steps": self.steps, "batchnorm_reestimated": self.batchnorm,
-                "seconds": round(self.seconds, 2), "device": self.device,
+                "seconds": round(self.seconds, 2), "device": self.device, "gauge": self.gauge,
                 "cache_mib": self.cache_mib, "blocks": self.blocks, "layers": self.layers}
 
 
@@ -217,7 +217,7 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
               max_iter: int = 50, tol: float = 1e-9, rel_tol: float = 5e-3, eigen_steps: int = 60,
               damp: float = DEFAULT_DAMP, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
               device: str | torch.device | None = None, blocks: str | None = None,
-              progress: bool | None = None, seed: int = 0) -> CalibrationResult:
+              progress: bool | None = None, seed: int = 0, gauge: bool = True) -> CalibrationResult:
     """Fit the converted layers of ``model`` (in place) to reproduce ``source_model``'s
     layer outputs on ``samples`` calibration inputs, layer after layer in forward order;
     refine every block (``steps`` Adam steps each; 0: layer-wise only) to reproduce the
@@ -233,7 +233,8 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
     residual under ``tol`` × its start, or ``max_iter`` steps. ``device``: where to compute
     (``"auto"``: CUDA when available; ``None``: where ``model`` is); both models are moved
     there for the calibration and back after. ``blocks`` (a glob or ``re:REGEX``): the
-    modules to refine as blocks instead of those found. Returns a ``CalibrationResult``."""
+    modules to refine as blocks instead of those found. ``gauge``: first flip the output signs
+    of square ``channel`` convs feeding a BatchNorm (``calib_gauge``). Returns a ``CalibrationResult``."""
     if not (math.isfinite(damp) and damp >= 0):
         raise CalibrationError(f"--calibration-damp must be a finite number >= 0, got {damp}.")
     if steps < 0:
@@ -260,7 +261,9 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
     stats: dict[str, Any] = {}
     with _on_device(device, model, source_model):
         with calibration_mode(model, source_model):
-            todo = _fit_all(model, source_model, units, batches, device, opts, refine, progress,
+            target, stats["gauge"] = (sign_gauge(model, source_model, units, batches[0], device)
+                                      if gauge else (source_model, {}))
+            todo = _fit_all(model, target, units, batches, device, opts, refine, progress,
                             layers, blocks, stats)
         skip = {id(m) for b in todo for m in b.module.modules()}
         bn = (reestimate_batchnorm(model, batches, device, skip=skip,
@@ -268,7 +271,7 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
     result = CalibrationResult(samples=sum(len(b) for b in batches), data=_data_text(data_or_loader),
                                layers=layers, batchnorm=bn, seconds=time.perf_counter() - start,
                                damp=damp, steps=steps, blocks=blocks, device=device.type,
-                               cache_mib=stats.get("cache_mib", 0.0))
+                               cache_mib=stats.get("cache_mib", 0.0), gauge=stats["gauge"])
     if plan is not None:
         annotate_plan(plan, result)
     return result
