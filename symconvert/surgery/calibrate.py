@@ -219,22 +219,19 @@ def calibrate(model: nn.Module, source_model: nn.Module, data_or_loader: Any, sa
               device: str | torch.device | None = None, blocks: str | None = None,
               progress: bool | None = None, seed: int = 0, gauge: bool = True) -> CalibrationResult:
     """Fit the converted layers of ``model`` (in place) to reproduce ``source_model``'s
-    layer outputs on ``samples`` calibration inputs, layer after layer in forward order;
-    refine every block (``steps`` Adam steps each; 0: layer-wise only) to reproduce the
-    source block's output; then re-estimate the BatchNorm statistics outside the refined
-    blocks. ``source_model`` is the unconverted model of the same architecture (not
-    changed). ``plan`` (the ``Plan`` of ``convert``), if given, gets ``output_error`` /
-    ``output_error_naive`` per converted layer and a ``calibration`` record. ``damp`` pulls
-    each least-squares fit towards the nearest symmetric weight (``damp`` × the layer's mean
-    input energy × ‖W − W₀‖²; 0 is plain least squares), which keeps a few hundred samples
-    from being over-fitted. ``channel`` on linear and 1 × 1 layers (and ``block`` stacked
-    along the output) is solved exactly; other fits run conjugate gradients until the
-    estimated distance to the optimum is under ``rel_tol`` × the current squared error, the
-    residual under ``tol`` × its start, or ``max_iter`` steps. ``device``: where to compute
-    (``"auto"``: CUDA when available; ``None``: where ``model`` is); both models are moved
-    there for the calibration and back after. ``blocks`` (a glob or ``re:REGEX``): the
-    modules to refine as blocks instead of those found. ``gauge``: first flip the output signs
-    of square ``channel`` convs feeding a BatchNorm (``calib_gauge``). Returns a ``CalibrationResult``."""
+    layer outputs on ``samples`` inputs, in forward order; refine every block (``steps`` Adam
+    steps each; 0: layer-wise only) to reproduce the source block's output; re-estimate the
+    BatchNorm statistics outside the refined blocks. ``source_model``: the unconverted model
+    (not changed). ``plan``, if given, gets ``output_error`` / ``output_error_naive`` per
+    layer and a ``calibration`` record. ``damp`` pulls each fit towards the nearest symmetric
+    weight (``damp`` × the layer's mean input energy × ‖W − W₀‖²; 0: plain least squares).
+    ``channel`` on linear and 1 × 1 layers (and stacked ``block``) is solved exactly; other
+    fits run conjugate gradients until the estimated distance to the optimum is under
+    ``rel_tol`` × the squared error, the residual under ``tol`` × its start, or ``max_iter``
+    steps. ``device``: where to compute (``"auto"``: CUDA when available; ``None``: where
+    ``model`` is). ``blocks`` (a glob or ``re:REGEX``): the modules to refine as blocks.
+    ``gauge``: first flip the output signs of square ``channel`` convs feeding a BatchNorm
+    (``calib_gauge``). Returns a ``CalibrationResult``."""
     if not (math.isfinite(damp) and damp >= 0):
         raise CalibrationError(f"--calibration-damp must be a finite number >= 0, got {damp}.")
     if steps < 0:
