@@ -72,11 +72,11 @@ def _pairs(model: nn.Module, units: list[Unit], x: torch.Tensor, device) -> list
     return [(candidates[c], n) for c, n in found.items() if c in candidates]
 
 
-def _flip(conv: nn.Module, norm: nn.Module, s: torch.Tensor, weight: torch.Tensor | None) -> None:
+def _flip(norm: nn.Module, s: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """Flip the channels ``s`` < 0 of a norm's running mean and scale (and of ``weight``)."""
     with torch.no_grad():
-        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
         if weight is not None:
-            weight.mul_(s.view(shape))
+            weight.mul_(s.view((-1,) + (1,) * (weight.dim() - 1)))
         norm.running_mean.mul_(s)
         norm.weight.mul_(s)
 
@@ -96,7 +96,7 @@ def sign_gauge(model: nn.Module, source_model: nn.Module, units: list[Unit], x: 
     for unit, norm in pairs:
         conv = mods[unit.sites[0]]
         signs[unit.name] = s = best_signs(conv.weight)
-        _flip(conv, mods[norm], s, conv.weight)
+        _flip(mods[norm], s, conv.weight)
     with torch.no_grad():
         ref, out = source_model(x.to(device)), gauged(x.to(device))
     ref, out = (t[0] if isinstance(t, (tuple, list)) else t for t in (ref, out))
@@ -105,13 +105,11 @@ def sign_gauge(model: nn.Module, source_model: nn.Module, units: list[Unit], x: 
                               "note": "flips changed the output: not used"}
     converted = dict(model.named_modules())
     for unit, norm in pairs:
-        s = signs[unit.name]
-        _flip(unit.module, converted[norm], s, None)
+        _flip(converted[norm], signs[unit.name])
         with torch.no_grad():
             packed_of(unit).copy_(unit.sym.scheme.pack(mods[unit.sites[0]].weight.detach(), unit.sym.groups))
-    flipped = sum(int((s < 0).sum()) for s in signs.values())
     return gauged, {"flipped_layers": sum(int((s < 0).any()) for s in signs.values()),
-                    "flipped_channels": flipped}
+                    "flipped_channels": sum(int((s < 0).sum()) for s in signs.values())}
 
 
 __all__ = ["best_signs", "sign_gauge", "TOLERANCE"]

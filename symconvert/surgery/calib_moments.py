@@ -134,7 +134,10 @@ class BlockFeed(Feed):
         # ``outputs``: the source block's output is appended there (the block's targets,
         # taken in the same run as the fit's instead of running the source block again)
         self.outputs = outputs
-        self.source_to_end = outputs is not None
+
+    @property
+    def source_to_end(self) -> bool:  # type: ignore[override]
+        return self.outputs is not None
 
     def __call__(self, handles: list) -> None:
         try:
